@@ -1,0 +1,39 @@
+# Two commands do all set-up: `make demo` and `make test`.
+# A virtual environment is created in .venv if missing. On a machine with no torch, the CPU build is installed
+# first (TORCH_SPEC); a python that already has torch (a GPU box) gets a venv that sees it and keeps it.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.sdebatch-installed
+
+.PHONY: install demo test test-all bench clean
+
+$(BIN)/python:
+	@if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
+	  echo "creating $(VENV) (sees the torch already installed)"; $(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+	  echo "creating $(VENV)"; $(PYTHON) -m venv $(VENV); \
+	fi
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	@$(BIN)/python -c "import torch" >/dev/null 2>&1 || $(BIN)/python -m pip install "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m experiments.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.wrapper_overhead
+
+clean:
+	rm -rf $(VENV) *.egg-info

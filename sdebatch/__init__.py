@@ -1,0 +1,21 @@
+"""sdebatch: separate the logical batch size (the dynamics) from the physical one (the hardware).
+
+Public API:
+    kappa, rescale, ema_decay, lr_factor          the SDE scaling rules (pure functions)
+    LogicalBatchOptimizer                          accumulation + rescaling around any torch optimizer
+    Clock                                          samples_seen / tokens_seen / updates
+    ClockSchedule, warmup_cosine, linear, constant, warmup_stable_decay   schedules in samples or tokens
+    ModelEMA, ema_avg_fn                           model EMA with decay rho**kappa
+    LogicalChunker                                 exact split of a physical batch into logical chunks
+"""
+from .rules import kappa, rescale, ema_decay, lr_factor
+from .clock import Clock
+from .optimizer import LogicalBatchOptimizer
+from .schedules import ClockSchedule, constant, linear, warmup_cosine, warmup_stable_decay
+from .ema import ModelEMA, ema_avg_fn
+from .chunking import LogicalChunker
+
+__version__ = "0.1.0"
+
+__all__ = ["kappa", "rescale", "ema_decay", "lr_factor", "Clock", "LogicalBatchOptimizer", "ClockSchedule",
+           "constant", "linear", "warmup_cosine", "warmup_stable_decay", "ModelEMA", "ema_avg_fn", "LogicalChunker"]

@@ -1,0 +1,98 @@
+"""Command line: ``sdebatch rules`` prints the effective hyperparameters for a list of physical batch sizes."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import rules
+
+# optimizer name -> (family, weight-decay form, torch defaults)
+OPTIMIZERS = {
+    "sgd": ("sgd", "l2", {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0}),
+    "adam": ("adam", "l2", {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}),
+    "adamw": ("adam", "lr_coupled", {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2}),
+    "rmsprop": ("adam", "l2", {"lr": 1e-2, "alpha": 0.99, "eps": 1e-8, "weight_decay": 0.0}),
+    "nadam": ("adam", "l2", {"lr": 2e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}),
+    "radam": ("adam", "l2", {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}),
+}
+
+
+def _fmt(v) -> str:
+    if isinstance(v, tuple):
+        return "(" + ", ".join(_fmt(x) for x in v) + ")"
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def rules_table(optimizer: str, hparams: dict, logical_batch_size: int, physical_batch_sizes: list[int], *,
+                ema: float | None = None, beta_form: str = "exact", momentum_mode: str = "fixed",
+                horizon: float | None = None, reference_horizon: float | None = None, gamma: float = 0.0) -> str:
+    """A text table of the effective hyperparameters when one update is taken per physical batch.
+
+    Args:
+        optimizer: one of ``OPTIMIZERS`` (sgd, adam, adamw, rmsprop, nadam, radam).
+        hparams: reference values at the logical batch (missing keys take torch's defaults).
+        logical_batch_size: B_L, samples.
+        physical_batch_sizes: samples per update to tabulate (kappa = B / B_L).
+        ema: optional model-EMA decay at the logical batch, shown as rho**kappa.
+        beta_form, momentum_mode, horizon, reference_horizon, gamma: as in :func:`sdebatch.rescale` / :func:`kappa`.
+    """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}")
+    family, wd_form, defaults = OPTIMIZERS[optimizer]
+    ref = {**defaults, **hparams}
+    keys = list(ref)
+    header = ["batch", "kappa"] + keys + (["ema"] if ema is not None else [])
+    rows = []
+    for b in physical_batch_sizes:
+        k = rules.kappa(b, logical_batch_size, horizon=horizon, reference_horizon=reference_horizon, gamma=gamma)
+        try:
+            new = rules.rescale(family, ref, k, beta_form=beta_form, momentum_mode=momentum_mode,
+                                weight_decay_form=wd_form)
+            cells = [_fmt(new[key]) for key in keys]
+        except ValueError as e:  # e.g. the linear beta form outside its range
+            cells = [f"invalid: {e}"[:40]] + [""] * (len(keys) - 1)
+        rows.append([str(b), f"{k:.4g}"] + cells + ([_fmt(rules.ema_decay(ema, k))] if ema is not None else []))
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    lines = [f"{optimizer} ({family} rule, weight decay {wd_form}), reference values at logical batch "
+             f"{logical_batch_size}; one update per batch:"]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [header] + rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sdebatch", description="sdebatch: logical vs physical batch size")
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("rules", help="effective hyperparameters for a list of physical batch sizes")
+    r.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZERS))
+    r.add_argument("--logical", type=int, required=True, help="logical batch size (samples)")
+    r.add_argument("--physical", type=int, nargs="+", required=True, help="batch sizes per update (samples)")
+    r.add_argument("--lr", type=float)
+    r.add_argument("--momentum", type=float)
+    r.add_argument("--betas", type=float, nargs=2)
+    r.add_argument("--alpha", type=float)
+    r.add_argument("--eps", type=float)
+    r.add_argument("--weight-decay", type=float)
+    r.add_argument("--ema", type=float, help="model EMA decay at the logical batch")
+    r.add_argument("--beta-form", default="exact", choices=rules.BETA_FORMS)
+    r.add_argument("--momentum-mode", default="fixed", choices=rules.MOMENTUM_MODES)
+    args = parser.parse_args(argv)
+    if args.command == "rules":
+        given = {"lr": args.lr, "momentum": args.momentum, "alpha": args.alpha, "eps": args.eps,
+                 "weight_decay": args.weight_decay, "betas": tuple(args.betas) if args.betas else None}
+        allowed = OPTIMIZERS[args.optimizer][2]
+        bad = [k for k, v in given.items() if v is not None and k not in allowed]
+        if bad:
+            parser.error(f"{args.optimizer} has no {', '.join(bad)} (it takes {', '.join(allowed)})")
+        hp = {k: v for k, v in given.items() if v is not None}
+        try:
+            print(rules_table(args.optimizer, hp, args.logical, args.physical, ema=args.ema,
+                              beta_form=args.beta_form, momentum_mode=args.momentum_mode))
+        except ValueError as e:
+            parser.error(str(e))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,559 @@
+"""LogicalBatchOptimizer: accumulation plus SDE rescaling around any torch optimizer.
+
+The hyperparameters on the inner optimizer (and whatever a scheduler writes there) are the *reference* values,
+tuned for ``logical_batch_size``. Each call to :meth:`LogicalBatchOptimizer.step` is one micro-step; every
+``accumulation_steps`` micro-steps the window's gradient is normalised, clipped, and one update is taken with the
+rule applied for kappa = (samples in the window, all ranks) / logical_batch_size (times the horizon term). The
+rescaled values are written into the param groups only for the inner step and restored afterwards, so schedulers
+and loggers always see the reference values (the petuum/adaptdl approach).
+
+Two protocols, both exact:
+
+    loss = loss_fn(model(x), y)                  # mean over the micro-batch (equal-size micro-batches)
+    loss.backward(); opt.step(); opt.zero_grad()
+
+    opt.backward(loss_sum, num_items=n)          # sum-reduced; the window is divided by its total item count
+    opt.step(); opt.zero_grad()
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections import OrderedDict
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from . import rules
+from .clock import Clock
+from .families import KNOWN_OPTIMIZERS, family_of, uses_step_bias_correction, weight_decay_form_of
+
+# param-group keys a rule may change; everything else passes through untouched.
+_RULE_KEYS = ("lr", "momentum", "betas", "alpha", "eps", "weight_decay", "momentum_decay")
+
+
+def _count(name: str, value: Any, *, allow_zero: bool = False) -> float:
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} finite number, got {value!r}")
+    return v
+
+
+class LogicalBatchOptimizer(torch.optim.Optimizer):
+    """Wrap a torch optimizer so its hyperparameters belong to a logical batch, whatever the physical one.
+
+    Args:
+        optimizer: the inner ``torch.optim.Optimizer``; its param-group values are the reference values.
+        logical_batch_size: B_L, samples per update the reference hyperparameters were tuned for.
+        physical_batch_size: samples per micro-batch on one rank. Default None: equal to ``logical_batch_size``
+            divided by the data-parallel world size (no accumulation, kappa = 1).
+        accumulation_steps: micro-steps per update. Default None: ceil(B_L / (physical x world size)) when that
+            is below B_L, else 1 (the paper's reparameterization: one update per physical batch, kappa > 1).
+        rule: "auto" (default: SGD -> "sgd"; Adam, AdamW, RMSprop, NAdam, RAdam -> "adam"), "sgd", "adam", or
+            "none" (accumulation only; also the naive baseline). "auto" on another optimizer is an error.
+        beta_form: "exact" (default, beta**kappa) or "linear" (1 - kappa (1 - beta)); see :func:`sdebatch.rescale`.
+        momentum_mode: "fixed" (default) or "timescale", for a ``momentum`` key (SGD, RMSprop).
+        weight_decay_form: None (default: from the optimizer: AdamW's decay is "lr_coupled", Adam's and SGD's are
+            "l2"), or "l2", "lr_coupled", "independent".
+        horizon, reference_horizon, gamma: horizon term of kappa (see :func:`sdebatch.kappa`); default off.
+        max_grad_norm: clip the window's normalised (unscaled) gradient to this 2-norm once per update.
+            Default None (no clipping).
+        grad_scaler: a ``torch.amp.GradScaler``; the window is unscaled before clipping, and a window with
+            inf/nan is dropped (clock not advanced, counted in ``clock.skipped_updates``). Default None.
+        model: the model (optionally DDP-wrapped). Used to warn about BatchNorm and by :meth:`accumulate`.
+        ema: an object with ``update(kappa)`` (e.g. :class:`sdebatch.ModelEMA`), updated after each update.
+        process_group: data-parallel group for counting samples across ranks. Default: the world, when
+            ``torch.distributed`` is initialised.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, logical_batch_size: int,
+                 physical_batch_size: int | None = None, *, accumulation_steps: int | None = None,
+                 rule: str = "auto", beta_form: str = "exact", momentum_mode: str = "fixed",
+                 weight_decay_form: str | None = None, horizon: float | None = None,
+                 reference_horizon: float | None = None, gamma: float = 0.0, max_grad_norm: float | None = None,
+                 grad_scaler: "torch.amp.GradScaler | None" = None, model: torch.nn.Module | None = None,
+                 ema: Any = None, process_group: Any = None) -> None:
+        # --- validate everything before touching any state ---
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(optimizer, LogicalBatchOptimizer):
+            raise TypeError("optimizer is already a LogicalBatchOptimizer; wrap the inner optimizer once")
+        for name, v in (("logical_batch_size", logical_batch_size), ("physical_batch_size", physical_batch_size),
+                        ("accumulation_steps", accumulation_steps)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive int{' or None' if name != 'logical_batch_size' else ''},"
+                                 f" got {v!r}")
+        if rule not in ("auto",) + rules.FAMILIES:
+            raise ValueError(f"rule must be one of 'auto', 'sgd', 'adam', 'none'; got {rule!r}")
+        family = family_of(optimizer) if rule == "auto" else rule
+        if family is None:
+            raise ValueError(
+                f"rule='auto' knows no scaling rule for {type(optimizer).__name__} (known: {', '.join(KNOWN_OPTIMIZERS)}). "
+                "Pass rule='none' (accumulation only, no rescaling) or a family: rule='adam' (square-root rule) or "
+                "rule='sgd' (linear rule); for optimizers outside the known list these are heuristics to measure.")
+        if rule != "auto" and rule != "none" and family_of(optimizer) is None:
+            warnings.warn(f"rule={rule!r} on {type(optimizer).__name__} is a heuristic (the SDE rules are derived for "
+                          f"{', '.join(KNOWN_OPTIMIZERS)}); measure it, e.g. with a batch sweep.", stacklevel=2)
+        rules._choice("beta_form", beta_form, rules.BETA_FORMS)
+        rules._choice("momentum_mode", momentum_mode, rules.MOMENTUM_MODES)
+        if weight_decay_form is not None:
+            rules._choice("weight_decay_form", weight_decay_form, rules.WEIGHT_DECAY_FORMS)
+        if max_grad_norm is not None:
+            rules._positive_finite("max_grad_norm", max_grad_norm)
+        rules.kappa(1, 1, horizon=horizon, reference_horizon=reference_horizon, gamma=gamma)  # validates
+        if ema is not None and not callable(getattr(ema, "update", None)):
+            raise TypeError("ema must have an update(kappa) method (for example sdebatch.ModelEMA)")
+
+        self.process_group = process_group
+        self.world_size = dist.get_world_size(process_group) if dist.is_available() and dist.is_initialized() else 1
+        if physical_batch_size is None:
+            physical_batch_size = max(1, logical_batch_size // self.world_size)
+        if accumulation_steps is None:
+            per_pass = physical_batch_size * self.world_size
+            accumulation_steps = math.ceil(logical_batch_size / per_pass) if per_pass < logical_batch_size else 1
+
+        self.optimizer = optimizer
+        self.logical_batch_size = logical_batch_size
+        self.physical_batch_size = physical_batch_size
+        self.accumulation_steps = accumulation_steps
+        self.rule = family
+        self.beta_form = beta_form
+        self.momentum_mode = momentum_mode
+        self.weight_decay_form = weight_decay_form
+        self.horizon, self.reference_horizon, self.gamma = horizon, reference_horizon, gamma
+        self.max_grad_norm = max_grad_norm
+        self.grad_scaler = grad_scaler
+        self.model = model
+        self.ema = ema
+        self.clock = Clock()
+        self.last_kappa: float | None = None
+        self.last_grad_norm: float | None = None
+        self.did_update = False
+        self._effective: list[dict] = []
+        self._pre_update_hooks: "OrderedDict[int, Callable]" = OrderedDict()
+        self._post_update_hooks: "OrderedDict[int, Callable]" = OrderedDict()
+        # torch.optim.Optimizer hook registries, so its public hook methods keep working.
+        self._optimizer_step_pre_hooks: "OrderedDict[int, Callable]" = OrderedDict()
+        self._optimizer_step_post_hooks: "OrderedDict[int, Callable]" = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: "OrderedDict[int, Callable]" = OrderedDict()
+        self._optimizer_state_dict_post_hooks: "OrderedDict[int, Callable]" = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: "OrderedDict[int, Callable]" = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: "OrderedDict[int, Callable]" = OrderedDict()
+        self._reset_window()
+        self._backward_synced = True
+        if model is not None and accumulation_steps > 1:
+            _warn_batchnorm(model)
+
+    # --- torch.optim.Optimizer surface, proxied so nothing goes stale after load_state_dict ---
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict:
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict) -> None:
+        self.optimizer.defaults = value
+
+    def __getstate__(self) -> dict:  # torch.optim.Optimizer's would drop the wrapper's own attributes
+        return self.__dict__
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    def add_param_group(self, param_group: dict) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    def __repr__(self) -> str:
+        return (f"LogicalBatchOptimizer(rule={self.rule!r}, logical_batch_size={self.logical_batch_size}, "
+                f"physical_batch_size={self.physical_batch_size}, accumulation_steps={self.accumulation_steps}, "
+                f"world_size={self.world_size})\n{self.optimizer!r}")
+
+    # --- the batch arithmetic ---
+    @property
+    def batch_per_update(self) -> int:
+        """Samples per full window: physical x accumulation x world size (B_step)."""
+        return self.physical_batch_size * self.accumulation_steps * self.world_size
+
+    @property
+    def kappa(self) -> float:
+        """kappa of a full window (a short last window has its own, see ``last_kappa``)."""
+        return rules.kappa(self.batch_per_update, self.logical_batch_size, horizon=self.horizon,
+                           reference_horizon=self.reference_horizon, gamma=self.gamma)
+
+    def describe(self) -> str:
+        """The batch arithmetic as one line, e.g. "32 per device x 4 accumulation x 2 devices = 256 = logical ..."."""
+        b = self.batch_per_update
+        rel = "=" if b == self.logical_batch_size else ("<" if b < self.logical_batch_size else ">")
+        return (f"{self.physical_batch_size} per device x {self.accumulation_steps} accumulation x {self.world_size} "
+                f"device(s) = {b} samples per update {rel} logical batch {self.logical_batch_size}, "
+                f"kappa = {self.kappa:.4g}, rule = {self.rule}")
+
+    @property
+    def samples_seen(self) -> int:
+        return self.clock.samples_seen
+
+    @property
+    def tokens_seen(self) -> int:
+        return self.clock.tokens_seen
+
+    @property
+    def updates(self) -> int:
+        return self.clock.updates
+
+    @property
+    def in_window(self) -> bool:
+        """True while micro-steps of an unfinished window hold gradients."""
+        return self._window["micro_steps"] > 0
+
+    @property
+    def next_step_updates(self) -> bool:
+        """Whether the next micro-step completes a window (use it to sync gradients only then)."""
+        return self._window["micro_steps"] + 1 >= self.accumulation_steps
+
+    def effective_hyperparameters(self) -> list[dict]:
+        """Per param group, the hyperparameters the last update actually used (after the rule)."""
+        return [dict(g) for g in self._effective]
+
+    # --- hooks ---
+    def register_pre_update_hook(self, hook: Callable[["LogicalBatchOptimizer", dict], None]):
+        """``hook(opt, window)`` runs before each update; ``window`` has the samples/tokens the update adds.
+
+        Schedules use it to set the reference lr from the clock. Returns a handle with ``remove()``.
+        """
+        return _Handle(self._pre_update_hooks, hook)
+
+    def register_post_update_hook(self, hook: Callable[["LogicalBatchOptimizer"], None]):
+        """``hook(opt)`` runs after each applied update. Returns a handle with ``remove()``."""
+        return _Handle(self._post_update_hooks, hook)
+
+    # --- micro-steps ---
+    def _reset_window(self) -> None:
+        self._window = {"micro_steps": 0, "samples": 0.0, "tokens": 0.0, "items": 0.0, "protocol": None}
+        self._pending: dict | None = None
+
+    def _set_protocol(self, protocol: str) -> None:
+        current = self._window["protocol"]
+        if current is not None and current != protocol:
+            raise RuntimeError("a window mixed mean-reduced micro-steps (loss.backward() or opt.backward(loss)) with "
+                               "sum-reduced ones (opt.backward(loss_sum, num_items=n)); use one protocol per window")
+        self._window["protocol"] = protocol
+
+    def backward(self, loss: torch.Tensor, num_items: float | torch.Tensor | None = None, *,
+                 num_samples: int | None = None, num_tokens: int | None = None, reduction: str = "sum",
+                 **backward_kwargs: Any) -> None:
+        """Backward one micro-batch's loss (scaled by ``grad_scaler`` if one is set).
+
+        Args:
+            loss: scalar loss of the micro-batch.
+            num_items: what the loss is a sum over (samples, tokens, masked tokens). Given: the window's gradient
+                is divided by the window's total, summed over ranks (exact for varying counts). Default None:
+                ``loss`` is a micro-batch mean and micro-batches weigh equally.
+            num_samples: samples in this micro-batch, for the clock and kappa. Default: ``physical_batch_size``.
+            num_tokens: tokens in this micro-batch, for the clock. Default: not counted.
+            reduction: "sum" (default; ``loss`` is a sum over ``num_items``) or "mean" (``loss`` is a mean over
+                ``num_items``; it is multiplied back to a sum, so unequal micro-batches still weigh by size).
+        """
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+        n = None if num_items is None else _count("num_items", num_items, allow_zero=True)
+        self._check_counts(num_samples, num_tokens)
+        self._set_protocol("mean" if n is None else "sum")
+        if n is not None and reduction == "mean":
+            loss = loss * n
+        if self.grad_scaler is not None:
+            loss = self.grad_scaler.scale(loss)
+        loss.backward(**backward_kwargs)
+        p = self._pending or {"items": 0.0, "samples": None, "tokens": None}
+        p["items"] += n or 0.0
+        if num_samples is not None:
+            p["samples"] = (p["samples"] or 0) + num_samples
+        if num_tokens is not None:
+            p["tokens"] = (p["tokens"] or 0) + num_tokens
+        self._pending = p
+
+    @staticmethod
+    def _check_counts(num_samples, num_tokens) -> None:
+        if num_samples is not None:
+            _count("num_samples", num_samples)
+        if num_tokens is not None:
+            _count("num_tokens", num_tokens, allow_zero=True)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, *, num_samples: int | None = None,
+             num_tokens: int | None = None) -> Any:
+        """End one micro-step; every ``accumulation_steps`` micro-steps, take one update.
+
+        Args:
+            closure: optional; re-evaluates the micro-batch loss and calls backward (torch convention). It runs
+                once: accumulation does not re-evaluate.
+            num_samples: samples in this micro-batch. Default: what :meth:`backward` was told, else
+                ``physical_batch_size``.
+            num_tokens: tokens in this micro-batch, for the clock. Default: what :meth:`backward` was told, else 0.
+
+        Returns:
+            The closure's loss, or None.
+        """
+        self._check_counts(num_samples, num_tokens)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        pending = self._pending
+        if pending is None:
+            self._set_protocol("mean")  # plain loss.backward()
+            pending = {"items": 0.0, "samples": None, "tokens": None}
+        w = self._window
+        w["samples"] += num_samples if num_samples is not None else (pending["samples"] or self.physical_batch_size)
+        w["tokens"] += num_tokens if num_tokens is not None else (pending["tokens"] or 0)
+        w["items"] += pending["items"]
+        w["micro_steps"] += 1
+        self._pending = None
+        self.did_update = False
+        if w["micro_steps"] >= self.accumulation_steps:
+            self._update()
+        return loss
+
+    @torch.no_grad()
+    def flush(self) -> bool:
+        """Apply a short last window (end of data) with its own normalisation and kappa. Returns whether an update
+        was applied (False if the window was empty or AMP skipped it)."""
+        self.did_update = False
+        if self._window["micro_steps"] > 0:
+            self._update()
+        return self.did_update
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear gradients, except inside an unfinished window (there it does nothing)."""
+        if not self.in_window:
+            self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    @contextlib.contextmanager
+    def accumulate(self, model: torch.nn.Module | None = None) -> Iterator[None]:
+        """Context for one micro-step's forward and backward: under DDP, skips the gradient all-reduce
+        (``model.no_sync()``) unless this micro-step completes the window.
+
+        Args:
+            model: the DDP-wrapped model. Default: the ``model`` given to the constructor.
+        """
+        model = model if model is not None else self.model
+        sync = self.next_step_updates or not hasattr(model, "no_sync")
+        self._backward_synced = sync
+        with (contextlib.nullcontext() if sync else model.no_sync()):
+            yield
+
+    # --- the update ---
+    def _params_with_grad(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+
+    def _global_window(self) -> tuple[float, float, float]:
+        w = self._window
+        if self.world_size == 1:
+            return w["samples"], w["tokens"], w["items"]
+        device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+        if dist.get_backend(self.process_group) == "nccl" and device.type != "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+        t = torch.tensor([w["samples"], w["tokens"], w["items"]], dtype=torch.float64, device=device)
+        dist.all_reduce(t, group=self.process_group)
+        return tuple(float(x) for x in t.tolist())
+
+    def _update(self) -> None:
+        w = self._window
+        samples, tokens, items = self._global_window()
+        params = self._params_with_grad()
+        grads = [p.grad for p in params]
+        if self.world_size > 1 and not self._backward_synced:
+            # The window ended on a micro-step that skipped DDP's all-reduce (a flushed short window): average here.
+            for g in grads:
+                dist.all_reduce(g, group=self.process_group)
+                g.div_(self.world_size)
+        # Normalise the window: DDP/FSDP average over ranks, so a sum protocol multiplies back by the world size.
+        if w["protocol"] == "sum":
+            if items <= 0:
+                raise RuntimeError("the window's num_items add up to 0 across ranks: nothing to normalise by")
+            scale = self.world_size / items
+        else:
+            scale = 1.0 / w["micro_steps"]
+        if grads and scale != 1.0:
+            torch._foreach_mul_(grads, scale)
+
+        if self.grad_scaler is not None:
+            self.grad_scaler.unscale_(self.optimizer)
+            found_inf = sum(v.item() for v in self.grad_scaler._found_inf_per_device(self.optimizer).values())
+            if found_inf:
+                self.grad_scaler.update()  # backs the scale off; the window is dropped, the clock does not move
+                self.clock.skipped_updates += 1
+                self._reset_window()
+                self._backward_synced = True
+                return
+        if self.max_grad_norm is not None and params:
+            self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+
+        k = rules.kappa(samples, self.logical_batch_size, horizon=self.horizon,
+                        reference_horizon=self.reference_horizon, gamma=self.gamma)
+        window = {"samples": samples, "tokens": tokens, "items": items, "kappa": k}
+        for hook in list(self._pre_update_hooks.values()):
+            hook(self, window)
+        self._apply_rule_and_step(k)
+
+        c = self.clock
+        c.updates += 1
+        c.samples_seen += int(round(samples))
+        c.tokens_seen += int(round(tokens))
+        c.kappa_sum += k
+        self.last_kappa = k
+        self.did_update = True
+        self._reset_window()
+        self._backward_synced = True
+        if self.ema is not None:
+            self.ema.update(k)
+        for hook in list(self._post_update_hooks.values()):
+            hook(self)
+
+    def _apply_rule_and_step(self, k: float) -> None:
+        saved = []
+        effective = []
+        fix_bias = self.rule == "adam" and uses_step_bias_correction(self.optimizer)
+        steps_saved = []
+        for group in self.param_groups:
+            ref = {key: group[key] for key in _RULE_KEYS if key in group}
+            wd_form = self.weight_decay_form or weight_decay_form_of(self.optimizer, group)
+            new = rules.rescale(self.rule, _as_floats(ref), k, beta_form=self.beta_form,
+                                momentum_mode=self.momentum_mode, weight_decay_form=wd_form)
+            saved.append(ref)
+            for key in ref:
+                group[key] = _like(ref[key], new[key])
+            effective.append({key: new[key] for key in ref})
+            if fix_bias and "betas" in group:
+                steps_saved.append(self._fake_adam_steps(group, k))
+        try:
+            if self.grad_scaler is not None:
+                self.grad_scaler.step(self.optimizer)
+                self.grad_scaler.update()
+            else:
+                self.optimizer.step()
+        finally:
+            for group, ref in zip(self.param_groups, saved):
+                group.update(ref)
+            for fixes in steps_saved:
+                for step_t, true_step in fixes:
+                    _set_step(step_t, true_step)
+        self._effective = effective
+
+    def _fake_adam_steps(self, group: dict, k: float) -> list:
+        """Make Adam's 1 - beta_eff**step equal 1 - prod_s beta**kappa_s = 1 - beta**(kappa_sum + k).
+
+        With beta_eff = beta**k, that needs step = (kappa_sum + k) / k after Adam's increment. It only differs
+        from the plain count when kappa changed between updates (a short last window). Params that missed an
+        update (no grad) keep torch's count.
+        """
+        fixes = []
+        for p in group["params"]:
+            st = self.state.get(p)
+            if p.grad is None or not st or "step" not in st:
+                continue
+            n = float(st["step"])
+            if n != self.clock.updates or math.isclose(self.clock.kappa_sum, n * k, rel_tol=1e-12):
+                continue  # missed an update, or kappa never changed: torch's count is already right
+            _set_step(st["step"], self.clock.kappa_sum / k)
+            fixes.append((st["step"], n + 1))  # set back to the true count after the inner step
+        return fixes
+
+    # --- checkpointing ---
+    def state_dict(self) -> dict:
+        """Inner optimizer state, the clock and, when stopped inside a window, its counts and gradients."""
+        window_grads = None
+        if self.in_window:
+            window_grads = [None if p.grad is None else p.grad.detach().clone()
+                            for g in self.param_groups for p in g["params"]]
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "sdebatch": {
+                "clock": self.clock.state_dict(),
+                "last_kappa": self.last_kappa,
+                "window": dict(self._window),
+                "window_grads": window_grads,
+                "config": {"logical_batch_size": self.logical_batch_size, "rule": self.rule},
+            },
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore what :meth:`state_dict` saved; a run resumed inside a window continues the same trajectory."""
+        if not isinstance(state_dict, dict) or "optimizer" not in state_dict or "sdebatch" not in state_dict:
+            raise ValueError("state_dict must come from LogicalBatchOptimizer.state_dict() "
+                             "(keys 'optimizer' and 'sdebatch')")
+        ours = state_dict["sdebatch"]
+        grads = ours.get("window_grads")
+        params = [p for g in self.param_groups for p in g["params"]]
+        if grads is not None and len(grads) != len(params):
+            raise ValueError(f"state_dict holds window gradients for {len(grads)} parameters, "
+                             f"the optimizer has {len(params)}")
+        clock = Clock()
+        clock.load_state_dict(ours["clock"])  # validates before anything changes
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self.clock = clock
+        self.last_kappa = ours.get("last_kappa")
+        self._reset_window()
+        self._window.update(ours["window"])
+        if grads is not None:
+            for p, g in zip(params, grads):
+                p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype).clone()
+
+
+def _as_floats(hp: dict) -> dict:
+    return {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in hp.items()}
+
+
+def _like(ref: Any, value: Any) -> Any:
+    """``value`` in the type of ``ref`` (a tensor lr stays a tensor on its device)."""
+    if isinstance(ref, torch.Tensor):
+        return torch.as_tensor(value, dtype=ref.dtype, device=ref.device)
+    if isinstance(ref, tuple):
+        return tuple(value)
+    return value
+
+
+def _set_step(step: Any, value: float) -> None:
+    if isinstance(step, torch.Tensor):
+        step.fill_(value)
+    # a python-number step (very old torch) cannot be faked in place; torch's count is then used.
+
+
+def _warn_batchnorm(model: torch.nn.Module) -> None:
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        warnings.warn("the model has BatchNorm layers: with gradient accumulation they normalise over the micro-batch "
+                      "only, so accumulation is not the same as one big batch (consider GroupNorm/LayerNorm or "
+                      "SyncBatchNorm with a larger physical batch)", stacklevel=3)
+
+
+class _Handle:
+    _next_id = 0
+
+    def __init__(self, registry: "OrderedDict[int, Callable]", hook: Callable) -> None:
+        self.registry, self.id = registry, _Handle._next_id
+        _Handle._next_id += 1
+        registry[self.id] = hook
+
+    def remove(self) -> None:
+        self.registry.pop(self.id, None)
