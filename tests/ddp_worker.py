@@ -1,0 +1,46 @@
+"""Worker for test_ddp.py: one rank of a 2-process gloo run (spawned, so it lives in its own module)."""
+import os
+
+import torch
+import torch.distributed as dist
+
+import sdebatch
+from reference import OPTIMIZERS, make_data, make_model, sample_loss_mean, token_loss_sum
+
+
+def run(rank, world, port, opt_name, protocol, n, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        x, y, mask = make_data(n=n)
+        model = make_model()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        cls, kw = OPTIMIZERS[opt_name]
+        # a ragged run compares with a short last big batch, so it checks normalisation with no rescaling
+        opt = sdebatch.LogicalBatchOptimizer(cls(ddp.parameters(), **kw), 16, 4, model=ddp,
+                                             rule="auto" if n % 16 == 0 else "none")
+        assert opt.world_size == world and opt.accumulation_steps == 2, opt.describe()
+        for _ in range(2):
+            for w in range(0, n, 16):
+                for j in range(opt.accumulation_steps):
+                    start = w + 8 * j + 4 * rank
+                    if start >= n:
+                        break
+                    sl = slice(start, start + 4)
+                    with opt.accumulate():
+                        if protocol == "mean":
+                            sample_loss_mean(ddp, x[sl], y[sl]).backward()
+                        else:
+                            s, c = token_loss_sum(ddp, x[sl], y[sl], mask[sl])
+                            opt.backward(s, num_items=c, num_tokens=int(c))
+                    opt.step()
+                    opt.zero_grad()
+            opt.flush()  # a short last window (n not a multiple of 16) ends on a no_sync micro-step
+            opt.zero_grad()
+        if rank == 0:
+            torch.save({"params": torch.cat([p.detach().flatten() for p in model.parameters()]),
+                        "clock": opt.clock.state_dict()}, out)
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,123 @@
+"""Invalid configurations fail before any state changes; the torch optimizer surface behaves."""
+import copy
+import warnings
+
+import pytest
+import torch
+
+import sdebatch
+from reference import flat, make_data, make_model, sample_loss_mean
+
+
+class Lion(torch.optim.Optimizer):  # stand-in for an optimizer with no known rule
+    def __init__(self, params, lr=1e-4):
+        super().__init__(params, {"lr": lr})
+
+    def step(self, closure=None):
+        pass
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"logical_batch_size": 0}, "logical_batch_size"),
+    ({"logical_batch_size": 8, "physical_batch_size": -1}, "physical_batch_size"),
+    ({"logical_batch_size": 8, "accumulation_steps": 0}, "accumulation_steps"),
+    ({"logical_batch_size": 8, "rule": "lamb"}, "'auto', 'sgd', 'adam', 'none'"),
+    ({"logical_batch_size": 8, "beta_form": "x"}, "beta_form"),
+    ({"logical_batch_size": 8, "max_grad_norm": -1.0}, "max_grad_norm"),
+    ({"logical_batch_size": 8, "gamma": 0.44}, "horizon"),
+])
+def test_invalid_configuration(kwargs, needle):
+    model = make_model()
+    inner = torch.optim.Adam(model.parameters())
+    before = copy.deepcopy(inner.state_dict())
+    with pytest.raises(ValueError) as e:
+        sdebatch.LogicalBatchOptimizer(inner, **kwargs)
+    assert needle in str(e.value)
+    assert inner.state_dict() == before
+
+
+def test_unknown_optimizer_with_auto_rule():
+    model = make_model()
+    with pytest.raises(ValueError, match="rule='none'"):
+        sdebatch.LogicalBatchOptimizer(Lion(model.parameters()), 8)
+    sdebatch.LogicalBatchOptimizer(Lion(model.parameters()), 8, rule="none")
+    with pytest.warns(UserWarning, match="heuristic"):
+        sdebatch.LogicalBatchOptimizer(Lion(model.parameters()), 8, rule="adam")
+    with pytest.raises(TypeError):
+        sdebatch.LogicalBatchOptimizer(model, 8)
+
+
+def test_mixed_protocols_in_one_window_is_an_error():
+    model = make_model()
+    x, y, _ = make_data()
+    opt = sdebatch.LogicalBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 8, 4)
+    sample_loss_mean(model, x[:4], y[:4]).backward()
+    opt.step()
+    with pytest.raises(RuntimeError, match="protocol"):
+        opt.backward(sample_loss_mean(model, x[4:8], y[4:8]) * 4, num_items=4)
+
+
+def test_bad_load_state_dict_changes_nothing():
+    model = make_model()
+    x, y, _ = make_data()
+    opt = sdebatch.LogicalBatchOptimizer(torch.optim.Adam(model.parameters()), 8, 8)
+    sample_loss_mean(model, x[:8], y[:8]).backward()
+    opt.step()
+    good = copy.deepcopy(opt.state_dict())
+    bad = copy.deepcopy(good)
+    del bad["sdebatch"]["clock"]["samples_seen"]
+    with pytest.raises(ValueError, match="samples_seen"):
+        opt.load_state_dict(bad)
+    with pytest.raises(ValueError, match="LogicalBatchOptimizer.state_dict"):
+        opt.load_state_dict(good["optimizer"])
+    assert opt.clock.updates == 1 and opt.state_dict()["sdebatch"] == good["sdebatch"]
+
+
+def test_batch_arithmetic_and_defaults():
+    model = make_model()
+    opt = sdebatch.LogicalBatchOptimizer(torch.optim.Adam(model.parameters()), 256, 96)
+    assert opt.accumulation_steps == 3 and opt.batch_per_update == 288 and opt.kappa == pytest.approx(288 / 256)
+    assert "96 per device x 3 accumulation x 1 device(s) = 288" in opt.describe()
+    big = sdebatch.LogicalBatchOptimizer(torch.optim.Adam(model.parameters()), 256, 1024)
+    assert big.accumulation_steps == 1 and big.kappa == 4.0
+    same = sdebatch.LogicalBatchOptimizer(torch.optim.Adam(model.parameters()), 256)
+    assert same.physical_batch_size == 256 and same.kappa == 1.0
+    assert isinstance(same, torch.optim.Optimizer)
+
+
+def test_batchnorm_warning():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    with pytest.warns(UserWarning, match="BatchNorm"):
+        sdebatch.LogicalBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 8, 2, model=model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sdebatch.LogicalBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 8, 8, model=model)
+
+
+def test_deepcopy_keeps_the_wrapper_state():
+    model = make_model()
+    x, y, _ = make_data()
+    opt = sdebatch.LogicalBatchOptimizer(torch.optim.Adam(model.parameters()), 8, 8)
+    sample_loss_mean(model, x[:8], y[:8]).backward()
+    opt.step()
+    clone = copy.deepcopy(opt)
+    assert clone.clock == opt.clock and clone.logical_batch_size == 8
+
+
+def test_swa_avg_fn_uses_kappa():
+    from torch.optim.swa_utils import AveragedModel
+    model = make_model()
+    x, y, _ = make_data()
+    opt = sdebatch.LogicalBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 8, 32, accumulation_steps=1)
+    avg = AveragedModel(model, avg_fn=sdebatch.ema_avg_fn(0.9, opt))
+    start = flat(avg.module).clone()
+    sample_loss_mean(model, x[:32], y[:32]).backward()
+    opt.step()
+    avg.update_parameters(model)  # the first call copies
+    first = flat(model).clone()
+    sample_loss_mean(model, x[32:64], y[32:64]).backward()
+    opt.step()
+    avg.update_parameters(model)
+    d = 0.9 ** 4
+    assert torch.allclose(flat(avg.module), d * first + (1 - d) * flat(model), atol=1e-14)
+    assert not torch.equal(start, first)
