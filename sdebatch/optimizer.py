@@ -285,8 +285,22 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
         if self.grad_scaler is not None:
             loss = self.grad_scaler.scale(loss)
         loss.backward(**backward_kwargs)
-        p = self._pending or {"items": 0.0, "samples": None, "tokens": None}
+        self.count(num_items=n, num_samples=num_samples, num_tokens=num_tokens)
+
+    def count(self, num_items: float | torch.Tensor | None = None, *, num_samples: int | None = None,
+              num_tokens: int | None = None) -> None:
+        """Report counts for the current micro-step when something else runs the backward (e.g. Lightning).
+
+        Same arguments as :meth:`backward`: ``num_items`` given means the loss is sum-reduced over that many items.
+        Calls add up within a micro-step.
+        """
+        n = None if num_items is None else _count("num_items", num_items, allow_zero=True)
+        self._check_counts(num_samples, num_tokens)
+        if n is not None:
+            self._set_protocol("sum")
+        p = self._pending or {"items": 0.0, "samples": None, "tokens": None, "sum": False}
         p["items"] += n or 0.0
+        p["sum"] = p["sum"] or n is not None
         if num_samples is not None:
             p["samples"] = (p["samples"] or 0) + num_samples
         if num_tokens is not None:
@@ -320,10 +334,9 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        pending = self._pending
-        if pending is None:
-            self._set_protocol("mean")  # plain loss.backward()
-            pending = {"items": 0.0, "samples": None, "tokens": None}
+        pending = self._pending or {"items": 0.0, "samples": None, "tokens": None, "sum": False}
+        # a micro-step that reported no num_items was mean-reduced (plain loss.backward()); mixing is an error
+        self._set_protocol("sum" if pending["sum"] else "mean")
         w = self._window
         w["samples"] += num_samples if num_samples is not None else (pending["samples"] or self.physical_batch_size)
         w["tokens"] += num_tokens if num_tokens is not None else (pending["tokens"] or 0)
@@ -359,9 +372,14 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
         """
         model = model if model is not None else self.model
         sync = self.next_step_updates or not hasattr(model, "no_sync")
-        self._backward_synced = sync
+        self.mark_backward_sync(sync)
         with (contextlib.nullcontext() if sync else model.no_sync()):
             yield
+
+    def mark_backward_sync(self, synced: bool) -> None:
+        """Tell the optimizer whether this micro-step's backward all-reduces gradients across ranks (DDP). A window
+        that ends unsynced (a flushed short window) is then averaged across ranks before the update."""
+        self._backward_synced = bool(synced)
 
     # --- the update ---
     def _params_with_grad(self) -> list[torch.Tensor]:

@@ -121,3 +121,34 @@ def test_swa_avg_fn_uses_kappa():
     d = 0.9 ** 4
     assert torch.allclose(flat(avg.module), d * first + (1 - d) * flat(model), atol=1e-14)
     assert not torch.equal(start, first)
+
+
+def test_forgetting_num_items_inside_a_sum_window_is_an_error():
+    model = make_model()
+    x, y, _ = make_data()
+    opt = sdebatch.LogicalBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 8, 4)
+    opt.backward(sample_loss_mean(model, x[:4], y[:4]) * 4, num_items=4)
+    opt.step()
+    sample_loss_mean(model, x[4:8], y[4:8]).backward()
+    with pytest.raises(RuntimeError, match="protocol"):
+        opt.step()
+
+
+def test_count_then_framework_backward_equals_backward():
+    """opt.count(...) + a backward run elsewhere (as Lightning does) is the sum protocol."""
+    x, y, mask = make_data()
+    from reference import token_loss_sum
+    models = [make_model(), make_model()]
+    opts = [sdebatch.LogicalBatchOptimizer(torch.optim.Adam(m.parameters(), lr=0.01), 16, 4) for m in models]
+    for i in range(0, 32, 4):
+        s, n = token_loss_sum(models[0], x[i:i + 4], y[i:i + 4], mask[i:i + 4])
+        opts[0].backward(s, num_items=n)
+        opts[0].step()
+        opts[0].zero_grad()
+        s, n = token_loss_sum(models[1], x[i:i + 4], y[i:i + 4], mask[i:i + 4])
+        opts[1].count(num_samples=4)
+        opts[1].count(n)
+        s.backward()
+        opts[1].step()
+        opts[1].zero_grad()
+    assert torch.equal(flat(models[0]), flat(models[1]))
