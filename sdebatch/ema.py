@@ -1,7 +1,7 @@
 """Model EMA whose decay follows rho**kappa, so its half-life is fixed in samples (Busbridge et al. 2023)."""
 from __future__ import annotations
 
-import copy
+import contextlib
 from typing import Any, Callable
 
 import torch
@@ -10,39 +10,57 @@ from .rules import ema_decay
 
 
 class ModelEMA:
-    """Exponential moving average of a model's parameters (buffers are copied).
+    """Exponential moving average of a model's parameters.
 
     Args:
-        model: the model to average (the unwrapped module; DDP's ``.module``).
+        model: the model to average (the unwrapped module, not DDP's wrapper).
         decay: rho, the per-update decay at the logical batch size (kappa = 1), in [0, 1). Default 0.999.
             An update covering kappa logical batches uses rho**kappa.
 
-    Pass it as ``LogicalBatchOptimizer(..., ema=ema)`` and it is updated after every applied update. The averaged
-    copy is ``ema.module``.
+    Pass it as ``LogicalBatchOptimizer(..., ema=ema)`` and it is updated after every applied update. The averages
+    are ``ema.params`` (in ``model.parameters()`` order); ``ema.copy_to(model)`` writes them into a model and
+    ``with ema.swapped(model):`` evaluates with them and puts the training weights back.
     """
 
     def __init__(self, model: torch.nn.Module, decay: float = 0.999) -> None:
         ema_decay(decay, 1.0)  # validates
         self.decay = float(decay)
         self.model = model
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.params = [p.detach().clone() for p in model.parameters()]
         self.updates = 0
 
     @torch.no_grad()
     def update(self, kappa: float = 1.0) -> None:
         d = ema_decay(self.decay, kappa)
-        ema_p = list(self.module.parameters())
-        src_p = [p.detach() for p in self.model.parameters()]
-        torch._foreach_lerp_(ema_p, src_p, 1.0 - d)
-        for b_ema, b in zip(self.module.buffers(), self.model.buffers()):
-            b_ema.copy_(b)
+        torch._foreach_lerp_(self.params, [p.detach() for p in self.model.parameters()], 1.0 - d)
         self.updates += 1
 
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module) -> None:
+        for p, e in zip(model.parameters(), self.params):
+            p.copy_(e)
+
+    @contextlib.contextmanager
+    def swapped(self, model: torch.nn.Module):
+        """Evaluate ``model`` with the EMA weights inside the block; its own weights come back afterwards."""
+        saved = [p.detach().clone() for p in model.parameters()]
+        self.copy_to(model)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for p, s in zip(model.parameters(), saved):
+                    p.copy_(s)
+
     def state_dict(self) -> dict:
-        return {"module": self.module.state_dict(), "decay": self.decay, "updates": self.updates}
+        return {"params": [p.clone() for p in self.params], "decay": self.decay, "updates": self.updates}
 
     def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state["module"])
+        if len(state["params"]) != len(self.params):
+            raise ValueError(f"EMA state has {len(state['params'])} tensors, the model {len(self.params)}")
+        with torch.no_grad():
+            for p, s in zip(self.params, state["params"]):
+                p.copy_(s)
         self.decay = float(state["decay"])
         self.updates = int(state["updates"])
 

@@ -113,12 +113,8 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
 
         self.process_group = process_group
         self.world_size = dist.get_world_size(process_group) if dist.is_available() and dist.is_initialized() else 1
-        if physical_batch_size is None:
-            physical_batch_size = max(1, logical_batch_size // self.world_size)
-        if accumulation_steps is None:
-            per_pass = physical_batch_size * self.world_size
-            accumulation_steps = math.ceil(logical_batch_size / per_pass) if per_pass < logical_batch_size else 1
-
+        physical_batch_size, accumulation_steps = self._batch_arithmetic(logical_batch_size, physical_batch_size,
+                                                                         accumulation_steps)
         self.optimizer = optimizer
         self.logical_batch_size = logical_batch_size
         self.physical_batch_size = physical_batch_size
@@ -191,6 +187,25 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
                 f"world_size={self.world_size})\n{self.optimizer!r}")
 
     # --- the batch arithmetic ---
+    def _batch_arithmetic(self, logical: int, physical: int | None, accumulation: int | None) -> tuple[int, int]:
+        if physical is None:
+            physical = max(1, logical // self.world_size)
+        if accumulation is None:
+            per_pass = physical * self.world_size
+            accumulation = math.ceil(logical / per_pass) if per_pass < logical else 1
+        return physical, accumulation
+
+    def configure_batch(self, physical_batch_size: int, accumulation_steps: int | None = None) -> None:
+        """Set the physical batch (and accumulation, default derived as in the constructor) before training, e.g.
+        once the data loader is known. Not allowed inside a window."""
+        for name, v in (("physical_batch_size", physical_batch_size), ("accumulation_steps", accumulation_steps)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if self.in_window:
+            raise RuntimeError("configure_batch() inside an unfinished window; call it between updates")
+        self.physical_batch_size, self.accumulation_steps = self._batch_arithmetic(
+            self.logical_batch_size, physical_batch_size, accumulation_steps)
+
     @property
     def batch_per_update(self) -> int:
         """Samples per full window: physical x accumulation x world size (B_step)."""

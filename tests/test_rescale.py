@@ -317,5 +317,5 @@ def test_weight_decay_and_ema_are_invariant_in_samples(k):
     n = total // physical
     dk, rk = d ** k, r ** k
     e = dk ** n * 1.0 + (1 - dk) * 2.0 * rk * (rk ** n - dk ** n) / (rk - dk)
-    e0 = next(ema.module.parameters())
+    e0 = ema.params[0]
     assert torch.allclose(e0, torch.full_like(e0, e), rtol=1e-10, atol=0)
