@@ -22,8 +22,9 @@ class ResumableSampler(Sampler[int]):
         data_source_len: number of samples in the dataset.
         shuffle: shuffle each epoch (default True); False keeps dataset order.
         seed: base seed (default 0); the same on every rank.
-        num_replicas: data-parallel world size. Default: from ``torch.distributed`` when initialised, else 1.
-        rank: this rank. Default: from ``torch.distributed`` when initialised, else 0.
+        num_replicas: data-parallel world size. Default: from ``torch.distributed`` when the sampler is iterated
+            (so a loader made before the process group exists still shards), else 1.
+        rank: this rank. Default: likewise from ``torch.distributed``, else 0.
         drop_last: drop the tail that does not divide evenly across ranks (default False: pad by repeating the
             first indices, as ``DistributedSampler`` does, so every rank has the same count).
 
@@ -35,14 +36,25 @@ class ResumableSampler(Sampler[int]):
                  rank: int | None = None, drop_last: bool = False) -> None:
         if isinstance(data_source_len, bool) or not isinstance(data_source_len, int) or data_source_len < 1:
             raise ValueError(f"data_source_len must be a positive int, got {data_source_len!r}")
-        initialised = dist.is_available() and dist.is_initialized()
-        self.num_replicas = num_replicas if num_replicas is not None else (dist.get_world_size() if initialised else 1)
-        self.rank = rank if rank is not None else (dist.get_rank() if initialised else 0)
-        if not 0 <= self.rank < self.num_replicas:
-            raise ValueError(f"rank must be in [0, num_replicas={self.num_replicas}), got {self.rank}")
+        if num_replicas is not None and rank is not None and not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, num_replicas={num_replicas}), got {rank}")
+        self._num_replicas, self._rank = num_replicas, rank
         self.n, self.shuffle, self.seed, self.drop_last = data_source_len, shuffle, seed, drop_last
         self.epoch = 0
         self.start = 0  # samples of this rank's share already consumed in this epoch
+
+    # Resolved when used, not when made: a loader is often built before the process group exists.
+    @property
+    def num_replicas(self) -> int:
+        if self._num_replicas is not None:
+            return self._num_replicas
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    @property
+    def rank(self) -> int:
+        if self._rank is not None:
+            return self._rank
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
     def __len__(self) -> int:
         if self.drop_last:

@@ -144,6 +144,7 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
         self._optimizer_load_state_dict_post_hooks: "OrderedDict[int, Callable]" = OrderedDict()
         self._reset_window()
         self._backward_synced = True
+        self._restore_grads: list | None = None
         if model is not None and accumulation_steps > 1:
             _warn_batchnorm(model)
 
@@ -178,6 +179,14 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
 
+    @property
+    def _opt_called(self) -> bool:  # read by torch schedulers re-pointed at the wrapper (see sdebatch.lightning)
+        return getattr(self.optimizer, "_opt_called", False)
+
+    @_opt_called.setter
+    def _opt_called(self, value: bool) -> None:
+        self.optimizer._opt_called = value
+
     def add_param_group(self, param_group: dict) -> None:
         self.optimizer.add_param_group(param_group)
 
@@ -201,10 +210,11 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
         for name, v in (("physical_batch_size", physical_batch_size), ("accumulation_steps", accumulation_steps)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if self.in_window:
-            raise RuntimeError("configure_batch() inside an unfinished window; call it between updates")
-        self.physical_batch_size, self.accumulation_steps = self._batch_arithmetic(
-            self.logical_batch_size, physical_batch_size, accumulation_steps)
+        new = self._batch_arithmetic(self.logical_batch_size, physical_batch_size, accumulation_steps)
+        if self.in_window and new != (self.physical_batch_size, self.accumulation_steps):
+            raise RuntimeError(f"configure_batch{new} inside an unfinished window of "
+                               f"{(self.physical_batch_size, self.accumulation_steps)}; change it between updates")
+        self.physical_batch_size, self.accumulation_steps = new
 
     @property
     def batch_per_update(self) -> int:
@@ -345,10 +355,14 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
             The closure's loss, or None.
         """
         self._check_counts(num_samples, num_tokens)
+        for hook in list(self._optimizer_step_pre_hooks.values()):  # torch's step hooks: once per step() call
+            hook(self, (), {})
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._restore_grads is not None:
+            self._add_restored_grads()
         pending = self._pending or {"items": 0.0, "samples": None, "tokens": None, "sum": False}
         # a micro-step that reported no num_items was mean-reduced (plain loss.backward()); mixing is an error
         self._set_protocol("sum" if pending["sum"] else "mean")
@@ -361,6 +375,8 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
         self.did_update = False
         if w["micro_steps"] >= self.accumulation_steps:
             self._update()
+        for hook in list(self._optimizer_step_post_hooks.values()):
+            hook(self, (), {})
         return loss
 
     @torch.no_grad()
@@ -395,6 +411,13 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
         """Tell the optimizer whether this micro-step's backward all-reduces gradients across ranks (DDP). A window
         that ends unsynced (a flushed short window) is then averaged across ranks before the update."""
         self._backward_synced = bool(synced)
+
+    def _add_restored_grads(self) -> None:
+        params = [p for g in self.param_groups for p in g["params"]]
+        for p, g in zip(params, self._restore_grads):
+            if g is not None:
+                p.grad = g.clone() if p.grad is None else p.grad.add_(g)
+        self._restore_grads = None
 
     # --- the update ---
     def _params_with_grad(self) -> list[torch.Tensor]:
@@ -518,8 +541,9 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
         """Inner optimizer state, the clock and, when stopped inside a window, its counts and gradients."""
         window_grads = None
         if self.in_window:
-            window_grads = [None if p.grad is None else p.grad.detach().clone()
-                            for g in self.param_groups for p in g["params"]]
+            params = [p for g in self.param_groups for p in g["params"]]
+            restored = self._restore_grads or [None] * len(params)
+            window_grads = [_sum_or_none(p.grad, r) for p, r in zip(params, restored)]
         return {
             "optimizer": self.optimizer.state_dict(),
             "sdebatch": {
@@ -527,7 +551,9 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
                 "last_kappa": self.last_kappa,
                 "window": dict(self._window),
                 "window_grads": window_grads,
-                "config": {"logical_batch_size": self.logical_batch_size, "rule": self.rule},
+                "config": {"logical_batch_size": self.logical_batch_size, "rule": self.rule,
+                           "physical_batch_size": self.physical_batch_size,
+                           "accumulation_steps": self.accumulation_steps},
             },
         }
 
@@ -549,9 +575,20 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
         self.last_kappa = ours.get("last_kappa")
         self._reset_window()
         self._window.update(ours["window"])
-        if grads is not None:
-            for p, g in zip(params, grads):
-                p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype).clone()
+        if self.in_window:  # the saved window only makes sense with the arithmetic it was saved with
+            config = ours.get("config", {})
+            self.physical_batch_size = config.get("physical_batch_size", self.physical_batch_size)
+            self.accumulation_steps = config.get("accumulation_steps", self.accumulation_steps)
+        # The window's gradients are added at the next micro-step, not now: trainers clear .grad when they start
+        # (Lightning's fit does), and a sum does not care about order.
+        self._restore_grads = None if grads is None else [
+            None if g is None else g.to(device=p.device, dtype=p.dtype) for p, g in zip(params, grads)]
+
+
+def _sum_or_none(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if a is None:
+        return None if b is None else b.detach().clone()
+    return a.detach().clone() if b is None else a.detach() + b
 
 
 def _as_floats(hp: dict) -> dict:

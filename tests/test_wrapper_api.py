@@ -152,3 +152,16 @@ def test_count_then_framework_backward_equals_backward():
         opts[1].step()
         opts[1].zero_grad()
     assert torch.equal(flat(models[0]), flat(models[1]))
+
+
+def test_torch_step_hooks_run_once_per_step_call():
+    model = make_model()
+    x, y, _ = make_data()
+    opt = sdebatch.LogicalBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 8, 4)
+    calls = []
+    opt.register_step_pre_hook(lambda o, a, kw: calls.append(("pre", o.updates)))
+    opt.register_step_post_hook(lambda o, a, kw: calls.append(("post", o.updates)))
+    for i in (0, 4):
+        sample_loss_mean(model, x[i:i + 4], y[i:i + 4]).backward()
+        opt.step()
+    assert calls == [("pre", 0), ("post", 0), ("pre", 0), ("post", 1)]

@@ -1,0 +1,294 @@
+"""Lightning integration: one callback gives a LightningModule a logical batch size.
+
+    trainer = L.Trainer(callbacks=[sdebatch.lightning.LogicalBatch(logical_batch_size=256)], devices=4, ...)
+
+The callback wraps the optimizer returned by ``configure_optimizers`` in a :class:`LogicalBatchOptimizer`:
+Lightning then calls ``step`` once per batch (``accumulate_grad_batches`` stays 1) and the wrapper does the
+accumulation, the token-weighted normalisation, the SDE rescaling and the sample/token clock. Global batch =
+per-device batch x devices x nodes x accumulation. The callback also
+
+- counts the samples of every batch (``batch_size_fn``) and, under DDP, skips the gradient all-reduce on
+  micro-steps that do not end a window (``require_backward_grad_sync``);
+- applies a short last window at the end of each epoch with its own normalisation and kappa;
+- drives the lr from the clock (``lr_schedule``, in samples or tokens) and gates torch schedulers with
+  ``interval="step"`` to updates (their frequency is multiplied by the accumulation);
+- logs ``samples_seen``, ``tokens_seen``, ``updates``, ``kappa``, the effective ``lr`` (and betas) per update;
+- keeps the window's gradients and the clock in checkpoints, and fixes the data position of a
+  :class:`sdebatch.data.ResumableDataLoader` (Lightning fetches one batch ahead), so a run resumed mid-epoch and
+  mid-window follows the uninterrupted trajectory.
+
+For a loss whose item count varies, return the sum-reduced loss from ``training_step`` and report the count with
+:func:`count` (``count(self, num_items=n_tokens, num_tokens=n_tokens)``).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.data import extract_batch_size
+
+from .ema import ModelEMA
+from .optimizer import LogicalBatchOptimizer
+from .rules import _positive_finite
+from .rules import kappa as kappa_fn
+from .schedules import ClockSchedule
+
+__all__ = ["LogicalBatch", "count", "find_optimizer"]
+
+
+def find_optimizer(module: pl.LightningModule) -> LogicalBatchOptimizer:
+    """The LogicalBatchOptimizer the callback installed for ``module``."""
+    for opt in module.trainer.optimizers:
+        if isinstance(opt, LogicalBatchOptimizer):
+            return opt
+    raise RuntimeError("no LogicalBatchOptimizer on this trainer: add sdebatch.lightning.LogicalBatch to callbacks")
+
+
+def count(module: pl.LightningModule, num_items: float | torch.Tensor | None = None, *,
+          num_tokens: int | torch.Tensor | None = None) -> None:
+    """Call from ``training_step``: the loss it returns is a sum over ``num_items`` items (tokens, masked tokens);
+    the window is then divided by its total over micro-batches and ranks. ``num_tokens`` feeds the token clock."""
+    if isinstance(num_tokens, torch.Tensor):
+        num_tokens = int(num_tokens.item())
+    find_optimizer(module).count(num_items, num_tokens=num_tokens)
+
+
+class LogicalBatch(pl.Callback):
+    """Logical batch size, accumulation, SDE rescaling and a sample/token clock for any LightningModule.
+
+    Args:
+        logical_batch_size: B_L, samples per update the module's hyperparameters were tuned for.
+        physical_batch_size: samples per device per batch. Default None: the train dataloader's ``batch_size``.
+        accumulation_steps: batches per update. Default None: ceil(B_L / (physical x devices x nodes)), or 1 when
+            that product is already >= B_L.
+        reparameterize: allow physical x devices x nodes > B_L, taking one update per batch with kappa > 1 (the
+            paper's reparameterization, valid below the critical batch). Default False: that is an error.
+        rule, beta_form, momentum_mode, weight_decay_form, horizon, reference_horizon, gamma, max_grad_norm: as in
+            :class:`LogicalBatchOptimizer`. Use ``max_grad_norm`` instead of the Trainer's ``gradient_clip_val``
+            (which would clip each micro-batch).
+        lr_schedule: optional multiplier t -> factor of the base lr (e.g. ``sdebatch.warmup_cosine(...)``), t in
+            ``schedule_unit``; applied before every update.
+        schedule_unit: "samples" (default) or "tokens".
+        ema_decay: optional model-EMA decay at the logical batch (rho; rho**kappa per update). The EMA is
+            ``callback.ema`` and is saved in checkpoints.
+        max_samples, max_tokens: stop training once the clock reaches this many samples / tokens (at an update).
+        batch_size_fn: batch -> number of samples. Default: Lightning's ``extract_batch_size``.
+        verbose: print the batch arithmetic at the start of training (default True).
+    """
+
+    def __init__(self, logical_batch_size: int, *, physical_batch_size: int | None = None,
+                 accumulation_steps: int | None = None, reparameterize: bool = False, rule: str = "auto",
+                 beta_form: str = "exact", momentum_mode: str = "fixed", weight_decay_form: str | None = None,
+                 horizon: float | None = None, reference_horizon: float | None = None, gamma: float = 0.0,
+                 max_grad_norm: float | None = None, lr_schedule: Callable[[float], float] | None = None,
+                 schedule_unit: str = "samples", ema_decay: float | None = None, max_samples: int | None = None,
+                 max_tokens: int | None = None, batch_size_fn: Callable[[Any], int] | None = None,
+                 verbose: bool = True) -> None:
+        for name, v in (("logical_batch_size", logical_batch_size), ("physical_batch_size", physical_batch_size),
+                        ("accumulation_steps", accumulation_steps), ("max_samples", max_samples),
+                        ("max_tokens", max_tokens)):
+            if (v is not None or name == "logical_batch_size") and (
+                    isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if schedule_unit not in ("samples", "tokens"):
+            raise ValueError(f"schedule_unit must be 'samples' or 'tokens', got {schedule_unit!r}")
+        if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}")
+        if max_grad_norm is not None:
+            _positive_finite("max_grad_norm", max_grad_norm)
+        kappa_fn(1, 1, horizon=horizon, reference_horizon=reference_horizon, gamma=gamma)  # validates
+        self.logical_batch_size = logical_batch_size
+        self.physical_batch_size = physical_batch_size
+        self.accumulation_steps = accumulation_steps
+        self.reparameterize = reparameterize
+        self.optimizer_kwargs = dict(rule=rule, beta_form=beta_form, momentum_mode=momentum_mode,
+                                     weight_decay_form=weight_decay_form, horizon=horizon,
+                                     reference_horizon=reference_horizon, gamma=gamma, max_grad_norm=max_grad_norm)
+        self.lr_schedule, self.schedule_unit = lr_schedule, schedule_unit
+        self.ema_decay, self.ema = ema_decay, None
+        self.max_samples, self.max_tokens = max_samples, max_tokens
+        self.batch_size_fn = batch_size_fn or extract_batch_size
+        self.verbose = verbose
+        self.optimizer: LogicalBatchOptimizer | None = None
+        self._original_configure = None
+        self._ema_state: dict | None = None
+
+    # --- before training: validate, then wrap the optimizer where Lightning makes it ---
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError(f"Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}) conflicts with "
+                             "LogicalBatch, which derives the accumulation from logical_batch_size; leave it at 1")
+        if trainer.gradient_clip_val:
+            raise ValueError("Trainer(gradient_clip_val=...) would clip every micro-batch; pass max_grad_norm= to "
+                             "LogicalBatch instead (it clips the window's gradient once per update)")
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            raise ValueError("precision='16-mixed' uses a GradScaler that Lightning unscales every batch, which breaks "
+                             "accumulation; use precision='bf16-mixed' or '32-true' with LogicalBatch")
+        if not pl_module.automatic_optimization:
+            raise ValueError("LogicalBatch needs automatic optimization; with manual optimization wrap your optimizer "
+                             "in sdebatch.LogicalBatchOptimizer directly")
+        strategy = type(trainer.strategy).__name__
+        if "FSDP" in strategy and self.optimizer_kwargs["max_grad_norm"] is not None:
+            raise ValueError("max_grad_norm with FSDP is not supported yet (the norm of sharded gradients needs "
+                             "FSDP's own clip_grad_norm_); leave it None")
+        original = pl_module.configure_optimizers
+        self._original_configure = original
+
+        def configure_optimizers():
+            return self._wrap(original(), trainer, pl_module)
+
+        pl_module.configure_optimizers = configure_optimizers  # the instance attribute shadows the method
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._original_configure is not None:
+            pl_module.__dict__.pop("configure_optimizers", None)
+            self._original_configure = None
+
+    def _wrap(self, out: Any, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        optimizers = _optimizers_in(out)
+        if len(optimizers) != 1:
+            raise ValueError(f"LogicalBatch supports exactly one optimizer, configure_optimizers returned "
+                             f"{len(optimizers)}")
+        inner = optimizers[0]
+        world = trainer.num_devices * trainer.num_nodes
+        physical = self.physical_batch_size or max(1, self.logical_batch_size // world)
+        self.ema = ModelEMA(pl_module, self.ema_decay) if self.ema_decay is not None else None
+        if self.ema is not None and self._ema_state is not None:
+            self.ema.load_state_dict(self._ema_state)
+        opt = LogicalBatchOptimizer(inner, self.logical_batch_size, physical, accumulation_steps=self.accumulation_steps,
+                                    model=pl_module, ema=self.ema, **self.optimizer_kwargs)
+        if opt.world_size != world:
+            raise ValueError(f"torch.distributed reports {opt.world_size} processes, the Trainer {world} devices x nodes")
+        if self.lr_schedule is not None:
+            ClockSchedule(opt, self.lr_schedule, unit=self.schedule_unit)
+        self.optimizer = opt
+        return _replace_optimizer(out, inner, opt)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        opt = self.optimizer
+        if opt is None:
+            raise RuntimeError("LogicalBatch did not see configure_optimizers; was the callback added after setup?")
+        physical = self.physical_batch_size or _loader_batch_size(trainer.train_dataloader)
+        if physical is None:
+            raise ValueError("cannot read the per-device batch size from the train dataloader; pass "
+                             "LogicalBatch(physical_batch_size=...)")
+        opt.configure_batch(physical, self.accumulation_steps)  # inside a resumed window: must match the saved one
+        if opt.batch_per_update > self.logical_batch_size and opt.accumulation_steps == 1 and not self.reparameterize:
+            raise ValueError(
+                f"{physical} per device x {opt.world_size} devices = {opt.batch_per_update} samples per batch exceeds "
+                f"logical_batch_size={self.logical_batch_size}. Pass reparameterize=True to take one update per batch "
+                f"with kappa = {opt.kappa:.4g} (valid below the critical batch size), or lower the per-device batch.")
+        for config in trainer.lr_scheduler_configs:  # torch schedulers step once per update, not per batch
+            if config.interval == "step":
+                config.frequency *= opt.accumulation_steps
+        if self.verbose:
+            rank_zero_info(f"sdebatch: {physical} per device x {trainer.num_devices} devices x {trainer.num_nodes} "
+                           f"node(s) x {opt.accumulation_steps} accumulation = {opt.batch_per_update} samples per update"
+                           f" (logical batch {self.logical_batch_size}), kappa = {opt.kappa:.4g}, rule = {opt.rule}")
+
+    # --- every batch ---
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        opt = self.optimizer
+        opt.count(num_samples=int(self.batch_size_fn(batch)))
+        model = trainer.strategy.model
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            sync = opt.next_step_updates
+            model.require_backward_grad_sync = sync  # what DDP.no_sync() toggles, across Lightning's hooks
+            opt.mark_backward_sync(sync)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.optimizer.did_update:
+            self._after_update(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        opt = self.optimizer
+        if opt is not None and opt.in_window and opt.flush():
+            self._after_update(trainer, pl_module)
+        if opt is not None:
+            opt.zero_grad()
+
+    def _after_update(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        opt = self.optimizer
+        eff = opt.effective_hyperparameters()[0]
+        metrics = {"samples_seen": float(opt.samples_seen), "tokens_seen": float(opt.tokens_seen),
+                   "updates": float(opt.updates), "kappa": float(opt.last_kappa), "lr": float(eff["lr"])}
+        if "betas" in eff:
+            metrics["beta1"], metrics["beta2"] = (float(b) for b in eff["betas"])
+        if trainer.training and trainer.state.fn == "fit":
+            try:
+                pl_module.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, logger=True,
+                                   batch_size=opt.physical_batch_size, rank_zero_only=True)
+                pl_module.log("samples", metrics["samples_seen"], on_step=True, on_epoch=False, prog_bar=True,
+                              logger=False, batch_size=opt.physical_batch_size, rank_zero_only=True)
+            except Exception as e:  # logging outside a loop hook (e.g. the epoch-end flush) is best-effort
+                warnings.warn(f"sdebatch could not log: {e}", stacklevel=2)
+        if (self.max_samples is not None and opt.samples_seen >= self.max_samples) or \
+                (self.max_tokens is not None and opt.tokens_seen >= self.max_tokens):
+            trainer.should_stop = True
+
+    # --- checkpoints ---
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        # Lightning fetched one batch ahead: record the batches actually trained on as the loader's position.
+        processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        n_batches = trainer.num_training_batches
+        for state in checkpoint.get("loops", {}).get("fit_loop", {}).get("combined_loader", []):
+            if isinstance(state, dict) and state.get("sdebatch_resumable"):
+                if processed >= n_batches:  # the epoch is complete: resume at the start of the next one
+                    state["epoch"], state["batches"] = state["epoch"] + 1, 0
+                else:
+                    state["batches"] = processed
+
+    def state_dict(self) -> dict:
+        return {"ema": self.ema.state_dict() if self.ema is not None else None}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._ema_state = state_dict.get("ema")
+
+
+def _optimizers_in(out: Any) -> list:
+    if isinstance(out, torch.optim.Optimizer):
+        return [out]
+    if isinstance(out, dict):
+        return [out["optimizer"]]
+    if isinstance(out, (list, tuple)):
+        if len(out) == 2 and isinstance(out[0], (list, tuple)):
+            return list(out[0])
+        found = []
+        for item in out:
+            found += _optimizers_in(item)
+        return found
+    raise ValueError(f"configure_optimizers returned {type(out).__name__}; LogicalBatch understands an optimizer, "
+                     "a dict with 'optimizer', or ([optimizer], [schedulers])")
+
+
+def _replace_optimizer(out: Any, inner: torch.optim.Optimizer, opt: LogicalBatchOptimizer) -> Any:
+    """The same structure with the optimizer wrapped. Schedulers are re-pointed at the wrapper (Lightning checks
+    that they belong to a returned optimizer); they drive the same param groups, which the wrapper proxies."""
+    if out is inner:
+        return opt
+    if getattr(out, "optimizer", None) is inner:  # a torch scheduler
+        out.optimizer = opt
+        return out
+    if isinstance(out, dict):
+        return {k: _replace_optimizer(v, inner, opt) for k, v in out.items()}
+    if isinstance(out, (list, tuple)):
+        return type(out)(_replace_optimizer(o, inner, opt) for o in out)
+    return out
+
+
+def _loader_batch_size(loader: Any) -> int | None:
+    if isinstance(loader, (list, tuple)) and len(loader) == 1:
+        loader = loader[0]
+    if isinstance(loader, dict) and len(loader) == 1:
+        loader = next(iter(loader.values()))
+    bs = getattr(loader, "batch_size", None)
+    if bs is None:
+        bs = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+    return bs

@@ -1,0 +1,76 @@
+"""A small LightningModule and the Trainer runs the Lightning tests compare (importable by spawned ranks)."""
+import os
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import TensorDataset
+
+import sdebatch
+import sdebatch.lightning as sl
+from sdebatch.data import ResumableDataLoader, ResumableSampler
+from reference import OPTIMIZERS, make_data, make_model, sample_loss_mean, token_loss_sum
+
+
+class Regression(pl.LightningModule):
+    def __init__(self, opt_name="adamw", protocol="mean", scheduler=None):
+        super().__init__()
+        self.net = make_model()
+        self.opt_name, self.protocol, self.scheduler = opt_name, protocol, scheduler
+        self.lrs = []  # (samples_seen, reference lr, effective lr) after each update
+
+    def training_step(self, batch, batch_idx):
+        x, y, mask = batch
+        if self.protocol == "mean":
+            return sample_loss_mean(self.net, x, y)
+        s, n = token_loss_sum(self.net, x, y, mask)
+        sl.count(self, num_items=n, num_tokens=n)
+        return s
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        opt = sl.find_optimizer(self)
+        if opt.did_update:
+            self.lrs.append((opt.samples_seen, opt.param_groups[0]["lr"], opt.effective_hyperparameters()[0]["lr"]))
+
+    def configure_optimizers(self):
+        cls, kw = OPTIMIZERS[self.opt_name]
+        opt = cls(self.parameters(), **kw)
+        if self.scheduler == "step":
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return opt
+
+
+def loader(n, batch, *, shuffle=False, seed=0, num_replicas=None, rank=None):
+    x, y, mask = make_data(n=n)
+    sampler = ResumableSampler(n, shuffle=shuffle, seed=seed, num_replicas=num_replicas, rank=rank)
+    return ResumableDataLoader(TensorDataset(x, y, mask), batch, sampler=sampler)
+
+
+def trainer(callback, *, devices=1, epochs=2, ckpt_dir=None, every=None, **kw):
+    callbacks = [callback]
+    if every:
+        callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=every, save_top_k=-1,
+                                                      filename="{step}"))
+    return pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+                      max_epochs=epochs, precision="64-true", logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=bool(every), callbacks=callbacks,
+                      use_distributed_sampler=False, **kw)
+
+
+def flat_params(module):
+    return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+
+def ddp_rank(rank, world, port, per_device, logical, opt_name, protocol, n, shuffle, out):
+    """One rank launched like torchrun (env vars), so Lightning's strategy='ddp' runs without re-executing pytest."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank), NODE_RANK="0", LOCAL_WORLD_SIZE=str(world))
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
+    module = Regression(opt_name, protocol)
+    cb = sl.LogicalBatch(logical, verbose=False)
+    t = trainer(cb, devices=world)
+    t.fit(module, train_dataloaders=loader(n, per_device, shuffle=shuffle, seed=3))
+    if rank == 0:
+        torch.save({"params": flat_params(module.net), "clock": cb.optimizer.clock.state_dict(),
+                    "lrs": module.lrs}, out)

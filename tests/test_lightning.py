@@ -1,0 +1,148 @@
+"""The Lightning callback: splits into micro-batches and devices give the same run, to round-off."""
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import sdebatch
+import sdebatch.lightning as sl
+from lightning_helpers import Regression, ddp_rank, flat_params, loader, trainer
+from reference import big_batch_run, flat, make_data
+
+N = 96
+
+
+def fit(per_device, logical, *, opt_name="adamw", protocol="mean", shuffle=False, epochs=2, **cb_kw):
+    module = Regression(opt_name, protocol)
+    cb = sl.LogicalBatch(logical, verbose=False, **cb_kw)
+    trainer(cb, epochs=epochs).fit(module, train_dataloaders=loader(N, per_device, shuffle=shuffle, seed=3))
+    return module, cb
+
+
+@pytest.mark.parametrize("protocol", ["mean", "sum"])
+def test_accumulation_equals_big_batch(protocol):
+    a, cb_a = fit(4, 16, protocol=protocol)       # 4 per device x 4 accumulation
+    b, cb_b = fit(16, 16, protocol=protocol)      # 16 per device, no accumulation
+    ref = big_batch_run("adamw", make_data(n=N), 16, token_weighted=(protocol == "sum"))
+    assert cb_a.optimizer.accumulation_steps == 4 and cb_b.optimizer.accumulation_steps == 1
+    assert torch.allclose(flat_params(a.net), flat(ref), atol=1e-10, rtol=0)
+    assert torch.allclose(flat_params(b.net), flat(ref), atol=1e-10, rtol=0)
+    assert cb_a.optimizer.clock == cb_b.optimizer.clock
+    assert cb_a.optimizer.clock.samples_seen == 2 * N and cb_a.optimizer.clock.updates == 12
+
+
+def test_ragged_epoch_end_is_flushed():
+    """96 samples at 4 per device with logical 40: windows of 40, 40, then 16 flushed with kappa 0.4 each epoch."""
+    a, cb = fit(4, 40, rule="none")
+    ref = big_batch_run("adamw", make_data(n=N), 40, token_weighted=False)
+    assert torch.allclose(flat_params(a.net), flat(ref), atol=1e-10, rtol=0)
+    assert cb.optimizer.clock.updates == 6 and cb.optimizer.last_kappa == 0.4
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("protocol", ["mean", "sum"])
+def test_two_devices_ddp_equals_one_device(tmp_path, protocol):
+    """devices=2 (strategy='ddp' over gloo) at 2 per device x 4 accumulation = one device at 16 = big batch."""
+    out = tmp_path / "rank0.pt"
+    mp.start_processes(ddp_rank, args=(2, _free_port(), 2, 16, "adamw", protocol, N, True, str(out)), nprocs=2,
+                       join=True, start_method="spawn")
+    got = torch.load(out)
+    one, cb = fit(16, 16, protocol=protocol, shuffle=True)
+    two_acc, cb2 = fit(8, 16, protocol=protocol, shuffle=True)
+    assert torch.allclose(flat_params(one.net), flat_params(two_acc.net), atol=1e-10, rtol=0)
+    assert torch.allclose(got["params"], flat_params(one.net), atol=1e-8, rtol=0)
+    assert got["clock"] == cb.optimizer.clock.state_dict()
+    assert [r[:2] for r in got["lrs"]] == [r[:2] for r in one.lrs]
+
+
+def test_resume_mid_window_equals_uninterrupted(tmp_path):
+    """Checkpoint at micro-step 7 (window of 4: mid-window, mid-epoch, shuffled data); resume; same parameters."""
+    full, cb_full = fit(4, 16, protocol="sum", shuffle=True, epochs=3)
+    module = Regression("adamw", "sum")
+    cb = sl.LogicalBatch(16, verbose=False)
+    t = trainer(cb, epochs=3, ckpt_dir=tmp_path, every=7)
+    t.fit(module, train_dataloaders=loader(N, 4, shuffle=True, seed=3))
+    ckpt = tmp_path / "step=7.ckpt"
+    state = torch.load(ckpt, weights_only=False)
+    assert state["optimizer_states"][0]["sdebatch"]["window"]["micro_steps"] == 3  # mid-window
+    resumed = Regression("adamw", "sum")
+    cb2 = sl.LogicalBatch(16, verbose=False)
+    trainer(cb2, epochs=3).fit(resumed, train_dataloaders=loader(N, 4, shuffle=True, seed=3), ckpt_path=str(ckpt))
+    assert torch.allclose(flat_params(resumed.net), flat_params(full.net), atol=1e-10, rtol=0)
+    assert cb2.optimizer.clock == cb_full.optimizer.clock
+    # and a checkpoint at an epoch boundary (step 24 = end of epoch 1) resumes at the next epoch
+    resumed2 = Regression("adamw", "sum")
+    cb3 = sl.LogicalBatch(16, verbose=False)
+    trainer(cb3, epochs=3).fit(resumed2, train_dataloaders=loader(N, 4, shuffle=True, seed=3),
+                               ckpt_path=str(tmp_path / "step=21.ckpt"))
+    assert torch.allclose(flat_params(resumed2.net), flat_params(full.net), atol=1e-10, rtol=0)
+
+
+def test_rescale_path_uses_the_rules():
+    """32 per device with logical 8 and reparameterize=True: one update per batch, kappa 4, AdamW square-root rule."""
+    module, cb = fit(32, 8, reparameterize=True, epochs=1)
+    opt = cb.optimizer
+    assert opt.last_kappa == 4.0 and opt.clock.updates == 3
+    eff = opt.effective_hyperparameters()[0]
+    lr, (b1, b2), wd = 0.01, (0.8, 0.95), 0.1
+    assert eff["lr"] == pytest.approx(2 * lr, rel=1e-12)
+    assert eff["betas"] == pytest.approx((b1 ** 4, b2 ** 4), rel=1e-12)
+    assert 1 - eff["lr"] * eff["weight_decay"] == pytest.approx((1 - lr * wd) ** 4, rel=1e-12)
+    # the same three updates by the plain optimizer with those values
+    x, y, _ = make_data(n=N)
+    ref = Regression().net
+    plain = torch.optim.AdamW(ref.parameters(), lr=eff["lr"], betas=eff["betas"], eps=eff["eps"],
+                              weight_decay=eff["weight_decay"])
+    for i in range(0, N, 32):
+        plain.zero_grad()
+        ((ref(x[i:i + 32]).squeeze(-1) - y[i:i + 32]) ** 2).mean().backward()
+        plain.step()
+    assert torch.allclose(flat_params(module.net), flat(ref), atol=1e-12, rtol=0)
+
+
+def test_schedules_follow_samples_whatever_the_split():
+    f = sdebatch.warmup_cosine(total=2 * N, warmup=32)
+    a, _ = fit(4, 16, lr_schedule=f)
+    b, _ = fit(16, 16, lr_schedule=f)
+    assert a.lrs == b.lrs and len(a.lrs) == 12
+    assert all(ref == pytest.approx(0.01 * f(t), abs=1e-15) for t, ref, _ in a.lrs)
+    # a torch scheduler with interval='step' steps once per update, not per batch
+    c = Regression(scheduler="step")
+    trainer(sl.LogicalBatch(16, verbose=False), epochs=1).fit(c, train_dataloaders=loader(N, 4))
+    assert [r[2] for r in c.lrs] == pytest.approx([0.01 * 0.9 ** i for i in range(6)], rel=1e-12)  # used lr
+
+
+@pytest.mark.parametrize("cb_kw,trainer_kw,needle", [
+    ({}, {"accumulate_grad_batches": 2}, "accumulate_grad_batches"),
+    ({}, {"gradient_clip_val": 1.0}, "max_grad_norm"),
+    ({"rule": "lamb"}, {}, "rule"),
+])
+def test_invalid_configuration_fails_before_training(cb_kw, trainer_kw, needle):
+    module = Regression()
+    before = flat_params(module.net).clone()
+    with pytest.raises(ValueError, match=needle):
+        trainer(sl.LogicalBatch(16, verbose=False, **cb_kw), **trainer_kw).fit(module, train_dataloaders=loader(N, 4))
+    assert torch.equal(flat_params(module.net), before)
+
+
+def test_physical_above_logical_without_reparameterize_fails_before_training():
+    module = Regression()
+    before = flat_params(module.net).clone()
+    with pytest.raises(ValueError, match="reparameterize=True"):
+        trainer(sl.LogicalBatch(8, verbose=False)).fit(module, train_dataloaders=loader(N, 32))
+    assert torch.equal(flat_params(module.net), before)
+
+
+def test_unknown_optimizer_family_fails_before_training():
+    class Odd(Regression):
+        def configure_optimizers(self):
+            return torch.optim.Adagrad(self.parameters(), lr=0.1)
+    module = Odd()
+    with pytest.raises(ValueError, match="rule='none'"):
+        trainer(sl.LogicalBatch(16, verbose=False)).fit(module, train_dataloaders=loader(N, 4))
