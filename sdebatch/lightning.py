@@ -22,7 +22,6 @@ For a loss whose item count varies, return the sum-reduced loss from ``training_
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable
 
 import lightning.pytorch as pl
@@ -210,25 +209,24 @@ class LogicalBatch(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         opt = self.optimizer
         if opt is not None and opt.in_window and opt.flush():
-            self._after_update(trainer, pl_module)
+            self._after_update(trainer, pl_module, in_batch=False)
         if opt is not None:
             opt.zero_grad()
 
-    def _after_update(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _after_update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, in_batch: bool = True) -> None:
         opt = self.optimizer
         eff = opt.effective_hyperparameters()[0]
         metrics = {"samples_seen": float(opt.samples_seen), "tokens_seen": float(opt.tokens_seen),
                    "updates": float(opt.updates), "kappa": float(opt.last_kappa), "lr": float(eff["lr"])}
         if "betas" in eff:
             metrics["beta1"], metrics["beta2"] = (float(b) for b in eff["betas"])
-        if trainer.training and trainer.state.fn == "fit":
-            try:
-                pl_module.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, logger=True,
-                                   batch_size=opt.physical_batch_size, rank_zero_only=True)
-                pl_module.log("samples", metrics["samples_seen"], on_step=True, on_epoch=False, prog_bar=True,
-                              logger=False, batch_size=opt.physical_batch_size, rank_zero_only=True)
-            except Exception as e:  # logging outside a loop hook (e.g. the epoch-end flush) is best-effort
-                warnings.warn(f"sdebatch could not log: {e}", stacklevel=2)
+        if in_batch:
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False, logger=trainer.logger is not None,
+                               batch_size=opt.physical_batch_size, rank_zero_only=True)
+            pl_module.log("samples", metrics["samples_seen"], on_step=True, on_epoch=False, prog_bar=True,
+                          logger=False, batch_size=opt.physical_batch_size, rank_zero_only=True)
+        elif trainer.logger is not None and trainer.is_global_zero:  # self.log(on_step) is not allowed at epoch end
+            trainer.logger.log_metrics(metrics, step=trainer.global_step)
         if (self.max_samples is not None and opt.samples_seen >= self.max_samples) or \
                 (self.max_tokens is not None and opt.tokens_seen >= self.max_tokens):
             trainer.should_stop = True
@@ -275,6 +273,14 @@ def _replace_optimizer(out: Any, inner: torch.optim.Optimizer, opt: LogicalBatch
         return opt
     if getattr(out, "optimizer", None) is inner:  # a torch scheduler
         out.optimizer = opt
+        if not hasattr(opt.step, "_wrapped_by_lr_sched"):
+            # torch schedulers warn unless optimizer.step carries this mark; ours reaches the inner step they patched
+            step = opt.step
+
+            def marked_step(*args: Any, **kwargs: Any) -> Any:
+                return step(*args, **kwargs)
+            marked_step._wrapped_by_lr_sched = True
+            opt.step = marked_step
         return out
     if isinstance(out, dict):
         return {k: _replace_optimizer(v, inner, opt) for k, v in out.items()}

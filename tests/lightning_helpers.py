@@ -46,31 +46,35 @@ def loader(n, batch, *, shuffle=False, seed=0, num_replicas=None, rank=None):
     return ResumableDataLoader(TensorDataset(x, y, mask), batch, sampler=sampler)
 
 
-def trainer(callback, *, devices=1, epochs=2, ckpt_dir=None, every=None, **kw):
+def trainer(callback, *, devices=1, epochs=2, ckpt_dir=None, every=None, strategy=None, **kw):
     callbacks = [callback]
     if every:
         callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=every, save_top_k=-1,
                                                       filename="{step}"))
-    return pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
-                      max_epochs=epochs, precision="64-true", logger=False, enable_progress_bar=False,
+    return pl.Trainer(devices=devices, strategy=strategy or ("ddp" if devices > 1 else "auto"),
+                      max_epochs=epochs, logger=False, enable_progress_bar=False,
                       enable_model_summary=False, enable_checkpointing=bool(every), callbacks=callbacks,
-                      use_distributed_sampler=False, **kw)
+                      use_distributed_sampler=False, **{"precision": "64-true", "accelerator": "cpu", **kw})
 
 
 def flat_params(module):
     return torch.cat([p.detach().flatten() for p in module.parameters()])
 
 
-def ddp_rank(rank, world, port, per_device, logical, opt_name, protocol, n, shuffle, out):
+def ddp_rank(rank, world, port, per_device, logical, opt_name, protocol, n, shuffle, out, strategy="ddp"):
     """One rank launched like torchrun (env vars), so Lightning's strategy='ddp' runs without re-executing pytest."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank), NODE_RANK="0", LOCAL_WORLD_SIZE=str(world))
-    torch.set_default_dtype(torch.float64)
+    torch.set_default_dtype(torch.float32 if strategy == "fsdp" else torch.float64)  # FSDP has no 64-bit mode
     torch.set_num_threads(1)
     module = Regression(opt_name, protocol)
     cb = sl.LogicalBatch(logical, verbose=False)
-    t = trainer(cb, devices=world)
+    if strategy == "fsdp":  # torch's FSDP needs an accelerator: this branch runs on a machine with 2 GPUs
+        t = trainer(cb, devices=world, strategy=strategy, precision="32-true", accelerator="cuda")
+    else:
+        t = trainer(cb, devices=world, strategy=strategy)
     t.fit(module, train_dataloaders=loader(n, per_device, shuffle=shuffle, seed=3))
+    full = t.strategy.lightning_module_state_dict()  # gathers FSDP shards (a collective: every rank calls it)
     if rank == 0:
-        torch.save({"params": flat_params(module.net), "clock": cb.optimizer.clock.state_dict(),
-                    "lrs": module.lrs}, out)
+        params = torch.cat([full[k].flatten() for k in ("net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias")])
+        torch.save({"params": params, "clock": cb.optimizer.clock.state_dict(), "lrs": module.lrs}, out)

@@ -61,6 +61,21 @@ def test_two_devices_ddp_equals_one_device(tmp_path, protocol):
     assert [r[:2] for r in got["lrs"]] == [r[:2] for r in one.lrs]
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="torch's FSDP needs 2 accelerators (none on CPU CI)")
+def test_fsdp_runs_and_equals_one_device(tmp_path):
+    """strategy='fsdp': gradients are reduce-scattered shards; the result matches one device (float32)."""
+    out = tmp_path / "rank0.pt"
+    mp.start_processes(ddp_rank, args=(2, _free_port(), 2, 16, "adamw", "sum", N, True, str(out), "fsdp"),
+                       nprocs=2, join=True, start_method="spawn")
+    got = torch.load(out)
+    torch.set_default_dtype(torch.float32)
+    module = Regression("adamw", "sum")
+    cb = sl.LogicalBatch(16, verbose=False)
+    trainer(cb, precision="32-true").fit(module, train_dataloaders=loader(N, 16, shuffle=True, seed=3))
+    assert got["clock"] == cb.optimizer.clock.state_dict()
+    assert torch.allclose(got["params"], flat_params(module.net), atol=1e-5, rtol=0)
+
+
 def test_resume_mid_window_equals_uninterrupted(tmp_path):
     """Checkpoint at micro-step 7 (window of 4: mid-window, mid-epoch, shuffled data); resume; same parameters."""
     full, cb_full = fit(4, 16, protocol="sum", shuffle=True, epochs=3)
