@@ -28,10 +28,8 @@ import torch.distributed as dist
 
 from . import rules
 from .clock import Clock
-from .families import KNOWN_OPTIMIZERS, family_of, uses_step_bias_correction, weight_decay_form_of
-
-# param-group keys a rule may change; everything else passes through untouched.
-_RULE_KEYS = ("lr", "momentum", "betas", "alpha", "eps", "weight_decay", "momentum_decay")
+from .families import KNOWN_OPTIMIZERS, family_of
+from .stepping import rescaled_step
 
 
 def _count(name: str, value: Any, *, allow_zero: bool = False) -> float:
@@ -471,7 +469,10 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
         window = {"samples": samples, "tokens": tokens, "items": items, "kappa": k}
         for hook in list(self._pre_update_hooks.values()):
             hook(self, window)
-        self._apply_rule_and_step(k)
+        self._effective = rescaled_step(self.optimizer, self.rule, k, kappa_sum=self.clock.kappa_sum,
+                                        updates=self.clock.updates, beta_form=self.beta_form,
+                                        momentum_mode=self.momentum_mode, weight_decay_form=self.weight_decay_form,
+                                        grad_scaler=self.grad_scaler)
 
         c = self.clock
         c.updates += 1
@@ -486,55 +487,6 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
             self.ema.update(k)
         for hook in list(self._post_update_hooks.values()):
             hook(self)
-
-    def _apply_rule_and_step(self, k: float) -> None:
-        saved = []
-        effective = []
-        fix_bias = self.rule == "adam" and uses_step_bias_correction(self.optimizer)
-        steps_saved = []
-        for group in self.param_groups:
-            ref = {key: group[key] for key in _RULE_KEYS if key in group}
-            wd_form = self.weight_decay_form or weight_decay_form_of(self.optimizer, group)
-            new = rules.rescale(self.rule, _as_floats(ref), k, beta_form=self.beta_form,
-                                momentum_mode=self.momentum_mode, weight_decay_form=wd_form)
-            saved.append(ref)
-            for key in ref:
-                group[key] = _like(ref[key], new[key])
-            effective.append({key: new[key] for key in ref})
-            if fix_bias and "betas" in group:
-                steps_saved.append(self._fake_adam_steps(group, k))
-        try:
-            if self.grad_scaler is not None:
-                self.grad_scaler.step(self.optimizer)
-                self.grad_scaler.update()
-            else:
-                self.optimizer.step()
-        finally:
-            for group, ref in zip(self.param_groups, saved):
-                group.update(ref)
-            for fixes in steps_saved:
-                for step_t, true_step in fixes:
-                    _set_step(step_t, true_step)
-        self._effective = effective
-
-    def _fake_adam_steps(self, group: dict, k: float) -> list:
-        """Make Adam's 1 - beta_eff**step equal 1 - prod_s beta**kappa_s = 1 - beta**(kappa_sum + k).
-
-        With beta_eff = beta**k, that needs step = (kappa_sum + k) / k after Adam's increment. It only differs
-        from the plain count when kappa changed between updates (a short last window). Params that missed an
-        update (no grad) keep torch's count.
-        """
-        fixes = []
-        for p in group["params"]:
-            st = self.state.get(p)
-            if p.grad is None or not st or "step" not in st:
-                continue
-            n = float(st["step"])
-            if n != self.clock.updates or math.isclose(self.clock.kappa_sum, n * k, rel_tol=1e-12):
-                continue  # missed an update, or kappa never changed: torch's count is already right
-            _set_step(st["step"], self.clock.kappa_sum / k)
-            fixes.append((st["step"], n + 1))  # set back to the true count after the inner step
-        return fixes
 
     # --- checkpointing ---
     def state_dict(self) -> dict:
@@ -589,25 +541,6 @@ def _sum_or_none(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor
     if a is None:
         return None if b is None else b.detach().clone()
     return a.detach().clone() if b is None else a.detach() + b
-
-
-def _as_floats(hp: dict) -> dict:
-    return {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in hp.items()}
-
-
-def _like(ref: Any, value: Any) -> Any:
-    """``value`` in the type of ``ref`` (a tensor lr stays a tensor on its device)."""
-    if isinstance(ref, torch.Tensor):
-        return torch.as_tensor(value, dtype=ref.dtype, device=ref.device)
-    if isinstance(ref, tuple):
-        return tuple(value)
-    return value
-
-
-def _set_step(step: Any, value: float) -> None:
-    if isinstance(step, torch.Tensor):
-        step.fill_(value)
-    # a python-number step (very old torch) cannot be faked in place; torch's count is then used.
 
 
 def _warn_batchnorm(model: torch.nn.Module) -> None:
