@@ -75,6 +75,8 @@ class LogicalBatch(pl.Callback):
             ``callback.ema`` and is saved in checkpoints.
         max_samples, max_tokens: stop training once the clock reaches this many samples / tokens (at an update).
         batch_size_fn: batch -> number of samples. Default: Lightning's ``extract_batch_size``.
+        noise_scale: estimate the gradient noise scale B_simple and log it as ``noise_scale`` (needs accumulation or
+            several devices); warns once if the batch per update exceeds it. Default False.
         verbose: print the batch arithmetic at the start of training (default True).
     """
 
@@ -85,7 +87,7 @@ class LogicalBatch(pl.Callback):
                  max_grad_norm: float | None = None, lr_schedule: Callable[[float], float] | None = None,
                  schedule_unit: str = "samples", ema_decay: float | None = None, max_samples: int | None = None,
                  max_tokens: int | None = None, batch_size_fn: Callable[[Any], int] | None = None,
-                 verbose: bool = True) -> None:
+                 noise_scale: bool = False, verbose: bool = True) -> None:
         for name, v in (("logical_batch_size", logical_batch_size), ("physical_batch_size", physical_batch_size),
                         ("accumulation_steps", accumulation_steps), ("max_samples", max_samples),
                         ("max_tokens", max_tokens)):
@@ -105,7 +107,8 @@ class LogicalBatch(pl.Callback):
         self.reparameterize = reparameterize
         self.optimizer_kwargs = dict(rule=rule, beta_form=beta_form, momentum_mode=momentum_mode,
                                      weight_decay_form=weight_decay_form, horizon=horizon,
-                                     reference_horizon=reference_horizon, gamma=gamma, max_grad_norm=max_grad_norm)
+                                     reference_horizon=reference_horizon, gamma=gamma, max_grad_norm=max_grad_norm,
+                                     noise_scale=noise_scale)
         self.lr_schedule, self.schedule_unit = lr_schedule, schedule_unit
         self.ema_decay, self.ema = ema_decay, None
         self.max_samples, self.max_tokens = max_samples, max_tokens
@@ -220,6 +223,8 @@ class LogicalBatch(pl.Callback):
                    "updates": float(opt.updates), "kappa": float(opt.last_kappa), "lr": float(eff["lr"])}
         if "betas" in eff:
             metrics["beta1"], metrics["beta2"] = (float(b) for b in eff["betas"])
+        if opt.noise_scale is not None:
+            metrics["noise_scale"] = float(opt.noise_scale)
         if in_batch:
             pl_module.log_dict(metrics, on_step=True, on_epoch=False, logger=trainer.logger is not None,
                                batch_size=opt.physical_batch_size, rank_zero_only=True)

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from . import rules
 from .clock import Clock
+from .noise import MicroGradNorms, NoiseScaleEstimator
 from .families import KNOWN_OPTIMIZERS, family_of
 from .stepping import rescaled_step
 
@@ -69,6 +70,12 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
         ema: an object with ``update(kappa)`` (e.g. :class:`sdebatch.ModelEMA`), updated after each update.
         process_group: data-parallel group for counting samples across ranks. Default: the world, when
             ``torch.distributed`` is initialised.
+        noise_scale: estimate the gradient noise scale B_simple (``opt.noise_scale``, in samples) from the
+            micro-batch and window gradients (see :mod:`sdebatch.noise`); needs accumulation or several ranks.
+            Default False. Costs one squared-norm reduction per parameter per micro-step.
+        noise_scale_decay: EMA decay of the estimator, per update. Default 0.95.
+        noise_scale_warn: warn once when samples per update exceed this fraction of the estimated B_simple, where
+            the SDE rules stop holding (McCandlish et al.: B_crit ~ B_simple). Default 1.0; None: never warn.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, logical_batch_size: int,
@@ -77,7 +84,8 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
                  weight_decay_form: str | None = None, horizon: float | None = None,
                  reference_horizon: float | None = None, gamma: float = 0.0, max_grad_norm: float | None = None,
                  grad_scaler: "torch.amp.GradScaler | None" = None, model: torch.nn.Module | None = None,
-                 ema: Any = None, process_group: Any = None) -> None:
+                 ema: Any = None, process_group: Any = None, noise_scale: bool = False,
+                 noise_scale_decay: float = 0.95, noise_scale_warn: float | None = 1.0) -> None:
         # --- validate everything before touching any state ---
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -106,6 +114,9 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
         if max_grad_norm is not None:
             rules._positive_finite("max_grad_norm", max_grad_norm)
         rules.kappa(1, 1, horizon=horizon, reference_horizon=reference_horizon, gamma=gamma)  # validates
+        if noise_scale_warn is not None:
+            rules._positive_finite("noise_scale_warn", noise_scale_warn)
+        noise = NoiseScaleEstimator(noise_scale_decay) if noise_scale else None  # validates the decay
         if ema is not None and not callable(getattr(ema, "update", None)):
             raise TypeError("ema must have an update(kappa) method (for example sdebatch.ModelEMA)")
 
@@ -127,6 +138,10 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
         self.model = model
         self.ema = ema
         self.clock = Clock()
+        self.noise = noise
+        self.noise_scale_warn = noise_scale_warn
+        self._noise_warned = False
+        self._micro_norms = MicroGradNorms(p for g in optimizer.param_groups for p in g["params"]) if noise else None
         self.last_kappa: float | None = None
         self.last_grad_norm: float | None = None
         self.did_update = False
@@ -273,7 +288,8 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
 
     # --- micro-steps ---
     def _reset_window(self) -> None:
-        self._window = {"micro_steps": 0, "samples": 0.0, "tokens": 0.0, "items": 0.0, "protocol": None}
+        self._window = {"micro_steps": 0, "samples": 0.0, "tokens": 0.0, "items": 0.0, "protocol": None,
+                        "micro_sq": 0.0, "micro_sq_samples": 0.0, "micro_sq_count": 0.0}
         self._pending: dict | None = None
 
     def _set_protocol(self, protocol: str) -> None:
@@ -369,6 +385,9 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
         w["tokens"] += num_tokens if num_tokens is not None else (pending["tokens"] or 0)
         w["items"] += pending["items"]
         w["micro_steps"] += 1
+        if self._micro_norms is not None:
+            self._record_micro_norm(pending, samples=num_samples if num_samples is not None else (
+                pending["samples"] or self.physical_batch_size))
         self._pending = None
         self.did_update = False
         if w["micro_steps"] >= self.accumulation_steps:
@@ -410,6 +429,41 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
         that ends unsynced (a flushed short window) is then averaged across ranks before the update."""
         self._backward_synced = bool(synced)
 
+    @property
+    def noise_scale(self) -> float | None:
+        """Estimated gradient noise scale B_simple in samples (None if not tracked or not yet known)."""
+        return None if self.noise is None else self.noise.value
+
+    def _record_micro_norm(self, pending: dict, samples: float) -> None:
+        sq = self._micro_norms.take()
+        if sq is None:
+            return
+        scale = self.grad_scaler.get_scale() if self.grad_scaler is not None else 1.0
+        denom = scale * (pending["items"] if pending["sum"] else 1.0)
+        if denom <= 0:
+            return
+        w = self._window
+        w["micro_sq"] = w["micro_sq"] + sq / denom ** 2  # a tensor: no device sync per micro-step
+        w["micro_sq_samples"] += samples
+        w["micro_sq_count"] += 1
+
+    def _observe_noise(self, grads: list, samples: float, micro: tuple[float, float, float]) -> None:
+        sq_sum, sq_samples, sq_count = micro
+        if not grads or sq_count == 0:
+            return
+        b = sq_samples / sq_count
+        if samples <= b:
+            return  # one micro-batch on one rank: only one batch size, nothing to compare
+        big = float(torch.stack(torch._foreach_norm(grads)).double().square().sum())
+        self.noise.observe(sq_sum / sq_count, b, big, samples)
+        value = self.noise.value
+        if (value is not None and self.noise_scale_warn is not None and not self._noise_warned
+                and samples > self.noise_scale_warn * value and self.noise.count >= 10):
+            self._noise_warned = True
+            warnings.warn(f"{int(samples)} samples per update exceed {self.noise_scale_warn:g} x the estimated gradient "
+                          f"noise scale B_simple ~ {value:.4g}: beyond the critical batch the SDE rules stop holding "
+                          "(the loss per sample gets worse); consider a smaller batch per update", stacklevel=4)
+
     def _add_restored_grads(self) -> None:
         params = [p for g in self.param_groups for p in g["params"]]
         for p, g in zip(params, self._restore_grads):
@@ -421,20 +475,22 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
     def _params_with_grad(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
 
-    def _global_window(self) -> tuple[float, float, float]:
+    def _global_window(self) -> list[float]:
+        """samples, tokens, items, and the micro-gradient norm sums, summed over ranks in one all-reduce."""
         w = self._window
+        local = [w["samples"], w["tokens"], w["items"], w["micro_sq"], w["micro_sq_samples"], w["micro_sq_count"]]
         if self.world_size == 1:
-            return w["samples"], w["tokens"], w["items"]
+            return [float(v) for v in local]
         device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
         if dist.get_backend(self.process_group) == "nccl" and device.type != "cuda":
             device = torch.device("cuda", torch.cuda.current_device())
-        t = torch.tensor([w["samples"], w["tokens"], w["items"]], dtype=torch.float64, device=device)
+        t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in local])
         dist.all_reduce(t, group=self.process_group)
-        return tuple(float(x) for x in t.tolist())
+        return t.tolist()
 
     def _update(self) -> None:
         w = self._window
-        samples, tokens, items = self._global_window()
+        samples, tokens, items, *micro = self._global_window()
         params = self._params_with_grad()
         grads = [p.grad for p in params]
         if self.world_size > 1 and not self._backward_synced:
@@ -461,6 +517,8 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
                 self._reset_window()
                 self._backward_synced = True
                 return
+        if self.noise is not None:
+            self._observe_noise(grads, samples, tuple(micro))
         if self.max_grad_norm is not None and params:
             self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
 
@@ -501,7 +559,8 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
             "sdebatch": {
                 "clock": self.clock.state_dict(),
                 "last_kappa": self.last_kappa,
-                "window": dict(self._window),
+                "window": {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in self._window.items()},
+                "noise": self.noise.state_dict() if self.noise is not None else None,
                 "window_grads": window_grads,
                 "config": {"logical_batch_size": self.logical_batch_size, "rule": self.rule,
                            "physical_batch_size": self.physical_batch_size,
@@ -525,6 +584,8 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.clock = clock
         self.last_kappa = ours.get("last_kappa")
+        if self.noise is not None and ours.get("noise") is not None:
+            self.noise.load_state_dict(ours["noise"])
         self._reset_window()
         self._window.update(ours["window"])
         if self.in_window:  # the saved window only makes sense with the arithmetic it was saved with

@@ -1,6 +1,4 @@
 """Worker for test_ddp.py: one rank of a 2-process gloo run (spawned, so it lives in its own module)."""
-import os
-
 import torch
 import torch.distributed as dist
 
@@ -8,11 +6,11 @@ import sdebatch
 from reference import OPTIMIZERS, make_data, make_model, sample_loss_mean, token_loss_sum
 
 
-def run(rank, world, port, opt_name, protocol, n, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def run(rank, world, init_file, opt_name, protocol, n, out):
     torch.set_default_dtype(torch.float64)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a file rendezvous: no TCP port to race for with other processes on the machine
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         x, y, mask = make_data(n=n)
         model = make_model()
@@ -20,7 +18,7 @@ def run(rank, world, port, opt_name, protocol, n, out):
         cls, kw = OPTIMIZERS[opt_name]
         # a ragged run compares with a short last big batch, so it checks normalisation with no rescaling
         opt = sdebatch.LogicalBatchOptimizer(cls(ddp.parameters(), **kw), 16, 4, model=ddp,
-                                             rule="auto" if n % 16 == 0 else "none")
+                                             rule="auto" if n % 16 == 0 else "none", noise_scale=True)
         assert opt.world_size == world and opt.accumulation_steps == 2, opt.describe()
         for _ in range(2):
             for w in range(0, n, 16):
@@ -41,6 +39,6 @@ def run(rank, world, port, opt_name, protocol, n, out):
             opt.zero_grad()
         if rank == 0:
             torch.save({"params": torch.cat([p.detach().flatten() for p in model.parameters()]),
-                        "clock": opt.clock.state_dict()}, out)
+                        "clock": opt.clock.state_dict(), "noise": opt.noise.state_dict()}, out)
     finally:
         dist.destroy_process_group()

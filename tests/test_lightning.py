@@ -32,6 +32,11 @@ def test_accumulation_equals_big_batch(protocol):
     assert cb_a.optimizer.clock.samples_seen == 2 * N and cb_a.optimizer.clock.updates == 12
 
 
+def test_noise_scale_is_tracked_and_logged():
+    module, cb = fit(4, 16, noise_scale=True)
+    assert cb.optimizer.noise.count == 12 and cb.optimizer.noise_scale is not None
+
+
 def test_ragged_epoch_end_is_flushed():
     """96 samples at 4 per device with logical 40: windows of 40, 40, then 16 flushed with kappa 0.4 each epoch."""
     a, cb = fit(4, 40, rule="none")

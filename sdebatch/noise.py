@@ -1,0 +1,103 @@
+"""The gradient noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018), estimated for free.
+
+A run with accumulation (or data parallelism) already has gradients at two batch sizes: each micro-batch's (b
+samples) and the window's (B samples). Since E|g_b|^2 = |G|^2 + tr(Sigma)/b, two sizes give unbiased estimates
+
+    |G|^2    ~ (B |g_B|^2 - b |g_b|^2) / (B - b)
+    tr Sigma ~ (|g_b|^2 - |g_B|^2) / (1/b - 1/B)
+
+which are noisy, so the ratio is taken of their exponential moving averages (bias-corrected), not averaged itself.
+B_simple grows as the loss falls; the SDE scaling rules need the batch per update well below it. It is a proxy:
+the measured knee of a loss-vs-batch sweep is the ground truth (Merrill et al. 2025).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class NoiseScaleEstimator:
+    """EMA-smoothed two-batch-size estimator of the gradient noise scale.
+
+    Args:
+        decay: EMA decay per observation (one per optimizer update), in [0, 1). Default 0.95, about a 20-update
+            memory.
+    """
+
+    def __init__(self, decay: float = 0.95) -> None:
+        if not 0.0 <= float(decay) < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay!r}")
+        self.decay = float(decay)
+        self.count = 0
+        self._g2 = 0.0  # EMA of the |G|^2 estimates (not bias-corrected)
+        self._trace = 0.0  # EMA of the tr(Sigma) estimates
+        self.last_g2: float | None = None
+        self.last_trace: float | None = None
+
+    def observe(self, small_sq_norm: float, small_batch: float, big_sq_norm: float, big_batch: float) -> None:
+        """Add one observation: mean |g_b|^2 over micro-batches of ``small_batch`` samples and |g_B|^2 of the
+        ``big_batch``-sample mean gradient that contains them. Needs big_batch > small_batch."""
+        b, B = float(small_batch), float(big_batch)
+        if not (0 < b < B) or not all(math.isfinite(v) for v in (small_sq_norm, big_sq_norm, b, B)):
+            raise ValueError(f"need finite norms and 0 < small_batch < big_batch, got small_batch={small_batch}, "
+                             f"big_batch={big_batch}, norms {small_sq_norm}, {big_sq_norm}")
+        g2 = (B * big_sq_norm - b * small_sq_norm) / (B - b)
+        trace = (small_sq_norm - big_sq_norm) / (1.0 / b - 1.0 / B)
+        self.last_g2, self.last_trace = g2, trace
+        d = self.decay
+        self._g2 = d * self._g2 + (1 - d) * g2
+        self._trace = d * self._trace + (1 - d) * trace
+        self.count += 1
+
+    @property
+    def gradient_sq_norm(self) -> float | None:
+        """EMA estimate of |G|^2 (bias-corrected), or None before the first observation."""
+        return None if self.count == 0 else self._g2 / (1 - self.decay ** self.count)
+
+    @property
+    def trace_sigma(self) -> float | None:
+        """EMA estimate of tr(Sigma), the per-sample gradient variance (bias-corrected)."""
+        return None if self.count == 0 else self._trace / (1 - self.decay ** self.count)
+
+    @property
+    def value(self) -> float | None:
+        """B_simple = tr(Sigma) / |G|^2 in samples, or None while unknown (no data, or |G|^2 estimate <= 0)."""
+        if self.count == 0 or self._g2 <= 0 or self._trace <= 0:
+            return None
+        return self._trace / self._g2  # the bias corrections cancel
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "count": self.count, "g2": self._g2, "trace": self._trace}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay, self.count = float(state["decay"]), int(state["count"])
+        self._g2, self._trace = float(state["g2"]), float(state["trace"])
+
+
+class MicroGradNorms:
+    """The squared norm of each micro-batch's own gradient, read by tensor hooks before it is added to ``.grad``.
+
+    No parameter-sized buffer: each hook adds one scalar. Under DDP the hooks see the rank's local gradient (before
+    the all-reduce), which is what the two-batch estimator needs. A micro-step with several backward calls adds the
+    squared norms of each call, not of their sum.
+    """
+
+    def __init__(self, params) -> None:
+        self._current: torch.Tensor | None = None
+        self._handles = [p.register_hook(self._hook) for p in params if p.requires_grad]
+
+    def _hook(self, grad: torch.Tensor) -> None:
+        g = grad.detach()
+        sq = g.to(torch.promote_types(g.dtype, torch.float32)).square().sum()  # half precision sums in float32
+        self._current = sq if self._current is None else self._current + sq.to(self._current.device)
+
+    def take(self) -> "torch.Tensor | None":
+        """The micro-step's squared norm (summed over parameters), and reset."""
+        value, self._current = self._current, None
+        return value
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []

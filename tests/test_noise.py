@@ -1,0 +1,86 @@
+"""The gradient noise scale estimator against closed forms: exact expectations, and a linear regression whose
+tr(Sigma)/|G|^2 is known analytically."""
+import math
+
+import pytest
+import torch
+
+import sdebatch
+from sdebatch.noise import NoiseScaleEstimator
+
+
+def test_estimator_inverts_the_expectations_exactly():
+    """E|g_b|^2 = |G|^2 + tr(Sigma)/b: feeding exact expectations returns |G|^2 and tr(Sigma)."""
+    G2, T = 3.0, 120.0
+    est = NoiseScaleEstimator(decay=0.9)
+    for b, B in ((4, 16), (8, 64), (2, 6)):
+        est.observe(G2 + T / b, b, G2 + T / B, B)
+    assert est.gradient_sq_norm == pytest.approx(G2, rel=1e-12)
+    assert est.trace_sigma == pytest.approx(T, rel=1e-12)
+    assert est.value == pytest.approx(T / G2, rel=1e-12)
+    with pytest.raises(ValueError, match="small_batch < big_batch"):
+        est.observe(1.0, 8, 1.0, 8)
+    with pytest.raises(ValueError, match="decay"):
+        NoiseScaleEstimator(decay=1.0)
+
+
+def regression_run(physical, logical, windows, *, d=8, sigma=1.0, offset=0.5, seed=0, protocol="mean"):
+    """SGD with lr = 0 (parameters fixed at w* + offset) on y = x.w* + eps, x ~ N(0, I): per-sample gradients
+    g = x (x.delta - eps) have |G|^2 = |delta|^2 and tr(Sigma) = d(|delta|^2 + sigma^2) + |delta|^2."""
+    g = torch.Generator().manual_seed(seed)
+    w_star = torch.randn(d, generator=g)
+    model = torch.nn.Linear(d, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(w_star + offset)
+    opt = sdebatch.LogicalBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), logical, physical,
+                                         noise_scale=True, noise_scale_decay=0.999)
+    gs, ts = [], []
+    for _ in range(windows * opt.accumulation_steps):
+        x = torch.randn(physical, d, generator=g)
+        y = x @ w_star + sigma * torch.randn(physical, generator=g)
+        err = (model(x).squeeze(-1) - y) ** 2 / 2
+        if protocol == "mean":
+            err.mean().backward()
+        else:
+            opt.backward(err.sum(), num_items=physical)
+        opt.step()
+        if opt.did_update and opt.noise.last_g2 is not None:
+            gs.append(opt.noise.last_g2)
+            ts.append(opt.noise.last_trace)
+        opt.zero_grad()
+    delta2 = d * offset ** 2
+    truth = (d * (delta2 + sigma ** 2) + delta2) / delta2
+    return opt, truth, torch.tensor(gs), torch.tensor(ts)
+
+
+@pytest.mark.parametrize("protocol", ["mean", "sum"])
+def test_recovers_the_analytic_noise_scale_of_a_linear_regression(protocol):
+    opt, truth, gs, ts = regression_run(8, 32, 1500, protocol=protocol)
+    # the EMA weights, bias-corrected; its standard error by the delta method on the ratio of weighted means
+    n = len(gs)
+    w = 0.001 * 0.999 ** torch.arange(n - 1, -1, -1, dtype=torch.float64)
+    w = w / w.sum()
+    mg, mt = float((w * gs).sum()), float((w * ts).sum())
+    assert opt.noise.gradient_sq_norm == pytest.approx(mg, rel=1e-9)
+    assert opt.noise_scale == pytest.approx(mt / mg, rel=1e-9)
+    cov = torch.cov(torch.stack([gs, ts]))
+    n_eff = 1.0 / float((w ** 2).sum())
+    var_ratio = (cov[1, 1] / mg ** 2 + mt ** 2 * cov[0, 0] / mg ** 4 - 2 * mt * cov[0, 1] / mg ** 3) / n_eff
+    se = math.sqrt(float(var_ratio))
+    assert abs(opt.noise_scale - truth) < 4 * se, (opt.noise_scale, truth, se)
+    assert se < 0.15 * truth  # and the interval is tight enough to mean something
+
+
+def test_warns_once_when_the_batch_per_update_exceeds_the_noise_scale():
+    # offset 3 -> |delta|^2 = 72, B_simple = (8 * 73 + 72) / 72 ~ 9: 64 samples per update is far above it
+    with pytest.warns(UserWarning, match="noise scale") as record:
+        opt, truth, _, _ = regression_run(16, 64, 30, offset=3.0)
+    assert sum("noise scale" in str(r.message) for r in record) == 1
+    assert truth < 10
+
+
+def test_needs_two_batch_sizes():
+    """One micro-batch per update on one rank: nothing to compare, so no estimate (and no crash)."""
+    opt, _, gs, _ = regression_run(32, 32, 5)
+    assert opt.noise_scale is None and len(gs) == 0
+    assert opt.noise.count == 0
