@@ -34,7 +34,9 @@ def test_accumulation_equals_big_batch(protocol):
 
 def test_noise_scale_is_tracked_and_logged():
     module, cb = fit(4, 16, noise_scale=True)
-    assert cb.optimizer.noise.count == 12 and cb.optimizer.noise_scale is not None
+    # one observation per update; this tiny regression is noise-dominated, so B_simple may still be unknown (|G|^2
+    # estimate <= 0): the estimator's accuracy is tested in test_noise.py, this checks the wiring
+    assert cb.optimizer.noise.count == 12 and cb.optimizer.noise.trace_sigma > 0
 
 
 def test_ragged_epoch_end_is_flushed():
