@@ -87,15 +87,16 @@ class ResumableSampler(Sampler[int]):
 class ResumableDataLoader(DataLoader):
     """A ``DataLoader`` over a :class:`ResumableSampler` that remembers how many batches it handed out.
 
-    Takes the ``DataLoader`` arguments; ``sampler`` must be a :class:`ResumableSampler` (``shuffle`` and
+    Takes the ``DataLoader`` arguments; ``sampler`` must be resumable like :class:`ResumableSampler` (``shuffle`` and
     ``batch_sampler`` are not accepted). With Lightning, pass ``use_distributed_sampler=False`` to the Trainer so the
     sampler (which shards itself) is kept, and add :class:`sdebatch.lightning.LogicalBatch`, which records the batches
     actually trained on (Lightning fetches one batch ahead).
     """
 
-    def __init__(self, dataset: Any, batch_size: int = 1, *, sampler: ResumableSampler, **kwargs: Any) -> None:
-        if not isinstance(sampler, ResumableSampler):
-            raise TypeError(f"sampler must be a ResumableSampler, got {type(sampler).__name__}")
+    def __init__(self, dataset: Any, batch_size: int = 1, *, sampler: Sampler, **kwargs: Any) -> None:
+        if not all(hasattr(sampler, a) for a in ("epoch", "start", "set_epoch")):
+            raise TypeError(f"sampler must be resumable (a ResumableSampler, a MixtureSampler, or any sampler with "
+                            f"epoch, start and set_epoch), got {type(sampler).__name__}")
         for bad in ("shuffle", "batch_sampler"):
             if kwargs.get(bad):
                 raise ValueError(f"ResumableDataLoader does not take {bad}= (the ResumableSampler decides the order)")

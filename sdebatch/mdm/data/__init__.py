@@ -1,0 +1,1 @@
+"""Data for the tri-modal workload: sources, tokenizers, the token stream."""
