@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from . import rules
 
@@ -77,7 +78,29 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--ema", type=float, help="model EMA decay at the logical batch")
     r.add_argument("--beta-form", default="exact", choices=rules.BETA_FORMS)
     r.add_argument("--momentum-mode", default="fixed", choices=rules.MOMENTUM_MODES)
+    sw = sub.add_parser("sweep", help="run or collect a declarative batch-size sweep")
+    swsub = sw.add_subparsers(dest="sweep_command", required=True)
+    run = swsub.add_parser("run", help="run every unfinished run of a sweep file")
+    run.add_argument("file")
+    run.add_argument("--out", default="runs", help="parent folder of the sweep's run folders (default runs)")
+    run.add_argument("--dry-run", action="store_true", help="list the runs and their batch arithmetic")
+    run.add_argument("--backend", default="local", choices=["local", "submitit"])
+    col = swsub.add_parser("collect", help="one CSV row per finished run")
+    col.add_argument("folder", help="a sweep's folder, e.g. runs/mlp_physical_batch")
+    col.add_argument("--out", help="CSV path (default <folder>/results.csv)")
     args = parser.parse_args(argv)
+    if args.command == "sweep":
+        from . import sweep
+        try:
+            if args.sweep_command == "run":
+                sweep.run_sweep(args.file, args.out, dry_run=args.dry_run, backend=args.backend)
+            else:
+                out = args.out or str(Path(args.folder) / "results.csv")
+                rows = sweep.collect(args.folder, out)
+                print(f"{len(rows)} runs -> {out}")
+        except ValueError as e:
+            parser.error(str(e))
+        return 0
     if args.command == "rules":
         given = {"lr": args.lr, "momentum": args.momentum, "alpha": args.alpha, "eps": args.eps,
                  "weight_decay": args.weight_decay, "betas": tuple(args.betas) if args.betas else None}

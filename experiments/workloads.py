@@ -1,0 +1,94 @@
+"""Workloads a sweep file can name (``workload = "experiments.workloads:<name>"``): each takes a run config and
+returns ``{"final_loss": ..., "curve": [{"samples": ..., "loss": ...}, ...], ...}``.
+
+Rules, as the sweeps name them (``rule`` in a config):
+    naive        one update per physical batch, hyperparameters unchanged (rule="none")
+    accumulate   exact: accumulate up to the logical batch (or split a larger batch into logical chunks)
+    linear       one update per physical batch, lr x kappa (the linear rule, also applied to Adam as a baseline)
+    sqrt_exact   one update per physical batch, square-root rule with beta**kappa
+    sqrt_linear  the same with the first-order betas 1 - kappa (1 - beta)
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+import sdebatch
+
+RULES = {
+    "naive": dict(rule="none", accumulation_steps=1),
+    "accumulate": dict(rule="auto", accumulation_steps=None),
+    "linear": dict(rule="sgd", accumulation_steps=1),
+    "sqrt_exact": dict(rule="adam", beta_form="exact", accumulation_steps=1),
+    "sqrt_linear": dict(rule="adam", beta_form="linear", accumulation_steps=1),
+}
+
+
+def wrapper_kwargs(config: dict) -> dict:
+    """LogicalBatchOptimizer keyword arguments for a config's ``rule``."""
+    rule = config.get("rule", "sqrt_exact")
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {', '.join(RULES)}; got {rule!r}")
+    kw = dict(RULES[rule])
+    if rule in ("sqrt_exact", "sqrt_linear") and config.get("optimizer", "adam") == "sgd":
+        kw["rule"] = "sgd"  # the square-root rule is Adam's; for SGD the SDE rule is linear
+    return kw
+
+
+def _batches(config: dict, x: torch.Tensor, y: torch.Tensor):
+    """The physical batches of one pass; under "accumulate" with physical > logical, the logical chunks."""
+    b, lb = config["physical_batch_size"], config["logical_batch_size"]
+    if config.get("rule") == "accumulate" and b > lb:
+        chunker = sdebatch.LogicalChunker(lb)
+        for i in range(0, len(x), b):
+            yield from chunker((x[i:i + b], y[i:i + b]))
+        yield from chunker.flush()
+    else:
+        for i in range(0, len(x), b):
+            yield x[i:i + b], y[i:i + b]
+
+
+def mlp(config: dict, progress: bool = True) -> dict:
+    """A student MLP learns a teacher MLP with label noise (the regression of ``experiments/demo.py``).
+
+    Config: physical_batch_size, logical_batch_size, rule, optimizer ("adam" | "sgd"), lr, samples, seed,
+    eval_every (samples, default samples // 16).
+    """
+    from experiments import demo
+
+    samples, seed = int(config["samples"]), int(config.get("seed", 0))
+    teacher, x_test, y_test = demo.make_teacher()
+    g = torch.Generator().manual_seed(10_000 + seed)
+    x = torch.randn(samples, demo.DIM, generator=g)
+    with torch.no_grad():
+        y = teacher(x) + demo.NOISE * torch.randn(samples, 1, generator=g)
+    torch.manual_seed(seed)
+    model = demo.mlp(demo.HIDDEN, torch.nn.SiLU)
+    cls = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[config.get("optimizer", "adam")]
+    inner = cls(model.parameters(), lr=float(config["lr"]))
+    b = int(config["physical_batch_size"])
+    opt = sdebatch.LogicalBatchOptimizer(inner, int(config["logical_batch_size"]),
+                                         b if config.get("rule") != "accumulate" or b <= config["logical_batch_size"]
+                                         else int(config["logical_batch_size"]), **wrapper_kwargs(config))
+    every = int(config.get("eval_every", max(1, samples // 16)))
+    curve, next_eval = [], every
+
+    def evaluate() -> float:
+        with torch.no_grad():
+            return float(torch.nn.functional.mse_loss(model(x_test[:8192]), y_test[:8192]))
+
+    for xb, yb in _batches(config, x, y):
+        loss = torch.nn.functional.mse_loss(model(xb), yb)
+        if not math.isfinite(float(loss)):
+            return {"final_loss": float("nan"), "curve": curve, "updates": opt.updates}
+        loss.backward()
+        opt.step(num_samples=len(xb))
+        opt.zero_grad()
+        if opt.samples_seen >= next_eval:
+            curve.append({"samples": opt.samples_seen, "loss": evaluate()})
+            next_eval += every
+    opt.flush()
+    final = evaluate()
+    return {"final_loss": final, "curve": curve + [{"samples": opt.samples_seen, "loss": final}],
+            "updates": opt.updates, "samples_seen": opt.samples_seen}

@@ -1,0 +1,232 @@
+"""Declarative, resumable sweeps: a small TOML file declares a base config and a grid; each run gets its own folder.
+
+    name = "physical_batch"
+    workload = "experiments.workloads:mlp"      # module:function(config, progress) -> result dict
+    [base]
+    logical_batch_size = 32
+    [grid]
+    physical_batch_size = [4, 8, 16, 32, 64]
+    rule = ["accumulate", "sqrt_exact", "naive"]
+
+A run is the base updated with one point of the grid (the product of all grid lists, plus any ``[[runs]]`` tables
+listed explicitly). Its id is derived from its config, so a rerun of the sweep skips finished runs and a killed sweep
+continues where it stopped. A run writes into a temporary folder that is renamed into place when complete: a folder
+that exists is a finished run. A run whose loss goes nan/inf is recorded with ``diverged = true`` and the sweep goes
+on; a run that raises is recorded as failed (its traceback in ``error.txt``) and retried by the next invocation.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib
+import itertools
+import json
+import math
+import os
+import shutil
+import time
+import tomllib
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = ["load_sweep", "expand", "run_id", "run_sweep", "collect"]
+
+
+def load_sweep(path: str | os.PathLike) -> dict:
+    """Read and validate a sweep file (TOML)."""
+    path = Path(path)
+    try:
+        spec = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"cannot read sweep file {path}: {e}") from None
+    for key in ("name", "workload"):
+        if not isinstance(spec.get(key), str) or not spec[key]:
+            raise ValueError(f"{path}: '{key}' must be a non-empty string")
+    if ":" not in spec["workload"]:
+        raise ValueError(f"{path}: workload must be 'module:function', got {spec['workload']!r}")
+    grid = spec.get("grid", {})
+    bad = [k for k, v in grid.items() if not isinstance(v, list) or not v]
+    if bad:
+        raise ValueError(f"{path}: grid entries must be non-empty lists, not {bad}")
+    spec.setdefault("base", {})
+    spec.setdefault("runs", [])
+    spec["path"] = str(path)
+    return spec
+
+
+def expand(spec: dict) -> list[dict]:
+    """All run configs of a sweep: base x grid product, then explicit runs (duplicates removed, order kept)."""
+    grid = spec.get("grid", {})
+    keys = list(grid)
+    configs = [{**spec["base"], **dict(zip(keys, values))} for values in itertools.product(*(grid[k] for k in keys))]
+    configs += [{**spec["base"], **extra} for extra in spec.get("runs", [])]
+    seen, out = set(), []
+    for c in configs:
+        rid = run_id(c)
+        if rid not in seen:
+            seen.add(rid)
+            out.append(c)
+    return out
+
+
+def run_id(config: dict) -> str:
+    """A readable, stable id: the grid-relevant values plus a short hash of the whole config."""
+    blob = json.dumps(config, sort_keys=True, default=str)
+    digest = hashlib.sha1(blob.encode()).hexdigest()[:8]
+    names = {"physical_batch_size": "pb", "logical_batch_size": "lb", "rule": "", "samples": "n", "tokens": "tok",
+             "gamma": "g", "seed": "s"}
+    short = "_".join(f"{names[k]}{config[k]}" for k in names if k in config)
+    return f"{short}_{digest}" if short else digest
+
+
+def _workload(ref: str) -> Callable[..., dict]:
+    module, _, fn = ref.partition(":")
+    try:
+        return getattr(importlib.import_module(module), fn)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"workload {ref!r} cannot be loaded: {e}") from None
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _diverged(result: dict) -> bool:
+    loss = result.get("final_loss")
+    return loss is None or not math.isfinite(float(loss))
+
+
+def run_one(spec: dict, config: dict, out: Path, *, progress: bool = True) -> dict:
+    """Run one config into ``out/<run_id>`` (atomically). Returns the metrics, or the stored ones if finished."""
+    rid = run_id(config)
+    final = out / rid
+    if (final / "metrics.json").exists():
+        return json.loads((final / "metrics.json").read_text())
+    tmp = out / f".{rid}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _write_json(tmp / "config.json", {"sweep": spec["name"], "workload": spec["workload"], "run_id": rid, **config})
+    fn = _workload(spec["workload"])
+    start = time.time()
+    try:
+        result = fn(dict(config), progress=progress)
+    except Exception:
+        (out / f"{rid}.error.txt").write_text(traceback.format_exc())
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    result = dict(result)
+    curve = result.pop("curve", [])
+    if curve:
+        with open(tmp / "curve.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(curve[0]))
+            w.writeheader()
+            w.writerows(curve)
+    metrics = {"run_id": rid, "wall_clock_s": time.time() - start, "diverged": _diverged(result), **result}
+    _write_json(tmp / "metrics.json", metrics)
+    shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover (no metrics.json) is replaced
+    os.rename(tmp, final)
+    return metrics
+
+
+def describe_run(config: dict) -> str:
+    """The batch arithmetic of a run, for dry runs and logs."""
+    lb, pb = config.get("logical_batch_size"), config.get("physical_batch_size")
+    rule = config.get("rule", "?")
+    if lb and pb:
+        kappa = 1.0 if rule == "accumulate" else pb / lb
+        budget = config.get("samples") or config.get("tokens")
+        unit = "samples" if config.get("samples") else "tokens"
+        per = pb if rule != "accumulate" else max(pb, lb)
+        updates = f", {int(budget // per)} updates" if budget and unit == "samples" else ""
+        return f"rule={rule}: {pb} per batch, logical {lb}, kappa={kappa:g}{updates}"
+    return json.dumps(config, sort_keys=True)
+
+
+def run_sweep(path: str | os.PathLike, out: str | os.PathLike = "runs", *, dry_run: bool = False,
+              backend: str = "local", progress: bool = True, max_runs: int | None = None) -> list[dict]:
+    """Run (or list, with ``dry_run``) every unfinished run of a sweep file.
+
+    Args:
+        path: the sweep file.
+        out: parent folder; runs go to ``out/<sweep name>/<run id>``. Default "runs".
+        dry_run: print the runs and their batch arithmetic, run nothing.
+        backend: "local" (one after another, default) or "submitit" (submits each run as a SLURM job via submitit;
+            without a cluster submitit's local executor runs them as processes).
+        progress: let workloads show progress.
+        max_runs: stop after this many new runs (for tests of kill-and-resume).
+    """
+    if backend not in ("local", "submitit"):
+        raise ValueError(f"backend must be 'local' or 'submitit', got {backend!r}")
+    spec = load_sweep(path)
+    folder = Path(out) / spec["name"]
+    configs = expand(spec)
+    done = [c for c in configs if (folder / run_id(c) / "metrics.json").exists()]
+    print(f"sweep {spec['name']}: {len(configs)} runs, {len(done)} finished, {len(configs) - len(done)} to run "
+          f"-> {folder}")
+    if dry_run:
+        for c in configs:
+            mark = "done" if c in done else "todo"
+            print(f"  [{mark}] {run_id(c)}  {describe_run(c)}")
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    results, new = [], 0
+    if backend == "submitit":
+        return _run_submitit(spec, configs, folder, progress)
+    for i, c in enumerate(configs):
+        if c in done:
+            results.append(json.loads((folder / run_id(c) / "metrics.json").read_text()))
+            continue
+        if max_runs is not None and new >= max_runs:
+            break
+        print(f"[{i + 1}/{len(configs)}] {run_id(c)}  {describe_run(c)}", flush=True)
+        try:
+            m = run_one(spec, c, folder, progress=progress)
+        except Exception as e:  # recorded in <run_id>.error.txt; the sweep goes on
+            print(f"  failed: {type(e).__name__}: {e}", flush=True)
+            continue
+        new += 1
+        status = "DIVERGED" if m["diverged"] else f"final loss {m.get('final_loss'):.5g}"
+        print(f"  {status}, {m['wall_clock_s']:.1f}s", flush=True)
+        results.append(m)
+    return results
+
+
+def _run_submitit(spec: dict, configs: list[dict], folder: Path, progress: bool) -> list[dict]:
+    try:
+        import submitit
+    except ImportError:
+        raise ValueError("backend='submitit' needs the submitit package (pip install submitit)") from None
+    executor = submitit.AutoExecutor(folder=folder / "_submitit")
+    executor.update_parameters(**spec.get("submitit", {}))
+    todo = [c for c in configs if not (folder / run_id(c) / "metrics.json").exists()]
+    jobs = [executor.submit(run_one, spec, c, folder, progress=False) for c in todo]
+    print(f"submitted {len(jobs)} jobs via {executor.cluster}")
+    return [j.result() for j in jobs]
+
+
+def collect(folder: str | os.PathLike, out_csv: str | os.PathLike | None = None) -> list[dict]:
+    """One row per finished run of a sweep folder (config + metrics); written to ``out_csv`` (atomically) if given."""
+    folder = Path(folder)
+    rows = []
+    for metrics_path in sorted(folder.glob("*/metrics.json")):
+        config = json.loads((metrics_path.parent / "config.json").read_text())
+        metrics = json.loads(metrics_path.read_text())
+        flat = {**config, **{k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}}
+        for k, v in metrics.items():
+            if isinstance(v, dict):
+                flat.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        rows.append(flat)
+    if out_csv is not None and rows:
+        fields = sorted({k for r in rows for k in r})
+        out_csv = Path(out_csv)
+        out_csv.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_csv.with_suffix(".tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, out_csv)
+    return rows

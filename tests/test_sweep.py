@@ -1,0 +1,89 @@
+"""The sweep runner: grid expansion, dry run, resumable after a kill, atomic run folders, divergence and failures."""
+import json
+import math
+
+import pytest
+
+from sdebatch import sweep
+
+CALLS = []
+
+
+def fake(config, progress=True):
+    """A workload whose result is a known function of its config (so the collected table can be checked)."""
+    CALLS.append(dict(config))
+    if config.get("fail"):
+        raise RuntimeError("boom")
+    loss = float("nan") if config["physical_batch_size"] == 999 else config["physical_batch_size"] / 100
+    return {"final_loss": loss, "curve": [{"samples": 1, "loss": loss}], "nested": {"a": 1}}
+
+
+def write_sweep(tmp_path, extra=""):
+    path = tmp_path / "s.toml"
+    path.write_text(f'''
+name = "mini"
+workload = "test_sweep:fake"
+[base]
+logical_batch_size = 32
+samples = 64
+[grid]
+physical_batch_size = [8, 32, 999]
+rule = ["naive", "sqrt_exact"]
+{extra}
+''')
+    return path
+
+
+def test_expand_and_ids_are_stable(tmp_path):
+    spec = sweep.load_sweep(write_sweep(tmp_path))
+    configs = sweep.expand(spec)
+    assert len(configs) == 6 and len({sweep.run_id(c) for c in configs}) == 6
+    assert sweep.run_id(dict(reversed(list(configs[0].items())))) == sweep.run_id(configs[0])
+
+
+def test_kill_and_resume_runs_each_config_once(tmp_path, capsys):
+    CALLS.clear()
+    path = write_sweep(tmp_path)
+    sweep.run_sweep(path, tmp_path / "runs", dry_run=True)
+    assert CALLS == [] and "6 to run" in capsys.readouterr().out
+    sweep.run_sweep(path, tmp_path / "runs", max_runs=2, progress=False)  # "killed" after two runs
+    assert len(CALLS) == 2
+    # a run killed mid-way leaves only a hidden temporary folder, which is not a finished run
+    (tmp_path / "runs" / "mini" / ".half.tmp-1").mkdir()
+    sweep.run_sweep(path, tmp_path / "runs", progress=False)
+    assert len(CALLS) == 6 and len({json.dumps(c, sort_keys=True) for c in CALLS}) == 6
+    sweep.run_sweep(path, tmp_path / "runs", progress=False)
+    assert len(CALLS) == 6  # everything finished: nothing reruns
+    rows = sweep.collect(tmp_path / "runs" / "mini", tmp_path / "table.csv")
+    assert len(rows) == 6
+    by_pb = {(r["physical_batch_size"], r["rule"]): r for r in rows}
+    assert by_pb[(8, "naive")]["final_loss"] == 0.08 and by_pb[(8, "naive")]["nested.a"] == 1
+    assert by_pb[(999, "naive")]["diverged"] is True and by_pb[(32, "naive")]["diverged"] is False
+    assert (tmp_path / "table.csv").read_text().count("\n") == 7
+    run_dir = tmp_path / "runs" / "mini" / sweep.run_id(CALLS[0])
+    assert (run_dir / "curve.csv").exists() and json.loads((run_dir / "config.json").read_text())["sweep"] == "mini"
+
+
+def test_failed_run_is_recorded_and_retried(tmp_path):
+    CALLS.clear()
+    path = write_sweep(tmp_path, extra='[[runs]]\nphysical_batch_size = 16\nrule = "naive"\nfail = true\n')
+    sweep.run_sweep(path, tmp_path / "runs", progress=False)
+    errors = list((tmp_path / "runs" / "mini").glob("*.error.txt"))
+    assert len(errors) == 1 and "boom" in errors[0].read_text()
+    n = len(CALLS)
+    sweep.run_sweep(path, tmp_path / "runs", progress=False)
+    assert len(CALLS) == n + 1  # only the failed run is tried again
+
+
+@pytest.mark.parametrize("text,needle", [
+    ('workload = "x:y"\n', "name"),
+    ('name = "a"\nworkload = "nocolon"\n', "module:function"),
+    ('name = "a"\nworkload = "x:y"\n[grid]\nb = []\n', "non-empty lists"),
+    ('name = "a"\nworkload = "x:y"\n[grid\n', "cannot read"),
+])
+def test_bad_sweep_files(tmp_path, text, needle):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=None) as e:
+        sweep.load_sweep(path)
+    assert needle in str(e.value)
