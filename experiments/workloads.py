@@ -80,7 +80,7 @@ def mlp(config: dict, progress: bool = True) -> dict:
 
     for xb, yb in _batches(config, x, y):
         loss = torch.nn.functional.mse_loss(model(xb), yb)
-        if not math.isfinite(float(loss)):
+        if not math.isfinite(loss.item()):
             return {"final_loss": float("nan"), "curve": curve, "updates": opt.updates}
         loss.backward()
         opt.step(num_samples=len(xb))
