@@ -15,7 +15,33 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 
 
-class ResumableSampler(Sampler[int]):
+class ShardedMixin:
+    """``num_replicas`` / ``rank`` given, or read from ``torch.distributed`` when used, not when made: a loader is
+    often built before the process group exists."""
+
+    _num_replicas: int | None = None
+    _rank: int | None = None
+
+    @property
+    def num_replicas(self) -> int:
+        if self._num_replicas is not None:
+            return self._num_replicas
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    @property
+    def rank(self) -> int:
+        if self._rank is not None:
+            return self._rank
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """A new epoch starts at its beginning; the same epoch keeps a resume point."""
+        if epoch != self.epoch:
+            self.start = 0
+        self.epoch = epoch
+
+
+class ResumableSampler(ShardedMixin, Sampler[int]):
     """One permutation per epoch (seeded by ``seed + epoch``), sharded across ranks, resumable mid-epoch.
 
     Args:
@@ -43,19 +69,6 @@ class ResumableSampler(Sampler[int]):
         self.epoch = 0
         self.start = 0  # samples of this rank's share already consumed in this epoch
 
-    # Resolved when used, not when made: a loader is often built before the process group exists.
-    @property
-    def num_replicas(self) -> int:
-        if self._num_replicas is not None:
-            return self._num_replicas
-        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-    @property
-    def rank(self) -> int:
-        if self._rank is not None:
-            return self._rank
-        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
     def __len__(self) -> int:
         if self.drop_last:
             return self.n // self.num_replicas
@@ -77,12 +90,6 @@ class ResumableSampler(Sampler[int]):
         mine = self.order(self.epoch)[self.rank::self.num_replicas]
         start, self.start = self.start, 0  # a resume point applies to one iteration
         return iter(mine[start:])
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.start = 0
-        self.epoch = epoch
-
 
 class ResumableDataLoader(DataLoader):
     """A ``DataLoader`` over a :class:`ResumableSampler` that remembers how many batches it handed out.

@@ -12,8 +12,9 @@ from __future__ import annotations
 from typing import Iterator
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import Sampler
+
+from ...data import ShardedMixin
 
 _BLOCK = 4096
 
@@ -26,7 +27,7 @@ def _seed(*parts: int) -> int:
     return h
 
 
-class MixtureSampler(Sampler):
+class MixtureSampler(ShardedMixin, Sampler):
     """Args:
         sizes: source name -> number of items (positive).
         weights: source name -> mixing weight (non-negative, normalised); the same keys as ``sizes``.
@@ -56,25 +57,8 @@ class MixtureSampler(Sampler):
         self._perm: dict[int, list[int]] = {}
         self._perm_key: dict[int, tuple[int, int]] = {}
 
-    @property
-    def num_replicas(self) -> int:
-        if self._num_replicas is not None:
-            return self._num_replicas
-        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-    @property
-    def rank(self) -> int:
-        if self._rank is not None:
-            return self._rank
-        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
     def __len__(self) -> int:
         return self.samples_per_epoch // self.num_replicas
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.start = 0
-        self.epoch = epoch
 
     def _sources(self, block: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(_seed(self.seed, 0, block))
