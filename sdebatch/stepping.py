@@ -65,6 +65,8 @@ def _fake_adam_steps(optimizer: torch.optim.Optimizer, group: dict, k: float, ka
     plain count when kappa changed between updates (a short last window). Params that missed an update (no grad),
     and python-number steps (very old torch), keep torch's count. Returns (step tensor, true count) pairs to restore.
     """
+    if math.isclose(kappa_sum, updates * k, rel_tol=1e-12):
+        return []  # kappa never changed: torch's count is right (and no per-param read of a device step tensor)
     fixes = []
     for p in group["params"]:
         st = optimizer.state.get(p)
