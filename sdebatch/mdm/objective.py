@@ -1,0 +1,303 @@
+"""The continuous-time masked (absorbing-state) diffusion ELBO, in the conventions of MDLM (Sahoo et al. 2024) and
+MD4 (Shi et al. 2024).
+
+Forward process: at time t in [0, 1] each loss-bearing position keeps its token with probability alpha(t) and is
+replaced by [MASK] otherwise, independently. The negative ELBO of a sequence is
+
+    E_t [ sum over masked positions i of  w_i(t) * (-log p_theta(x0_i | x_t)) ],   w(t) = -alpha'(t) / (1 - alpha(t)),
+
+with p_theta under the SUBS parameterization: [MASK] and [PAD] get probability 0, and unmasked positions are copied
+(they carry no loss). Each position may follow its own schedule (MD4's generalised masked diffusion): positions use
+the schedule of their modality, and the structure tokens of a target segment ([BOI] ... [EOI], [BOT]/[EOT]) use the
+schedule of the content they delimit, taken as the row's majority target modality.
+
+The loss is returned as a SUM with a fixed denominator, the number of real target positions (not the random number
+of masked ones), so ``opt.backward(loss_sum, num_items=num_items)`` over micro-batches equals one big batch exactly.
+
+Conditional tasks mask only ``target`` positions: the condition stays clean. With probability ``cond_drop`` per row
+the condition's content tokens (not its structure tokens, which tell the model the layout) are replaced by [MASK]
+instead of a dedicated null token, so the unconditional pass of classifier-free guidance uses the same input
+convention; those positions are never in the loss. Padding is never masked and never in the loss.
+
+Known approximations, as in MDLM: t is drawn from [time_eps, 1] (avoids the 1/t blow-up of w at t = 0), and the prior
+term at t = 1 is dropped (exactly 0 when alpha(1) = 0; "loglinear" has alpha(1) = its eps, so it is of order eps).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Union
+
+import torch
+import torch.nn.functional as F
+
+from .vocab import AUDIO, IMAGE, SPECIAL, SPECIALS, TEXT
+
+PAD_ID = SPECIALS.index("[PAD]")
+MASK_ID = SPECIALS.index("[MASK]")
+MODALITY_NAMES = {"special": SPECIAL, "text": TEXT, "image": IMAGE, "audio": AUDIO}
+KINDS = ("linear", "cosine", "polynomial", "loglinear")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A masking schedule alpha(t) (probability a token is still clean at time t), alpha(0) = 1, decreasing.
+
+    Args:
+        kind: "linear" alpha = 1 - t (w = 1/t);
+            "cosine" alpha = 1 - cos(pi/2 (1 - t)), MD4's cosine (w = pi/2 tan(pi/2 (1 - t)));
+            "polynomial" alpha = 1 - t^power (w = power / t);
+            "loglinear" MDLM's log-linear noise: sigma(t) = -log(1 - (1 - eps) t), alpha = exp(-sigma) = 1 - (1-eps) t
+            (w = 1/t; alpha(1) = eps, so the prior term it leaves out is of order eps).
+        power: exponent of "polynomial" (default 2.0).
+        eps: eps of "loglinear" (default 1e-3).
+    """
+
+    kind: str = "linear"
+    power: float = 2.0
+    eps: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"schedule kind must be one of {KINDS}, got {self.kind!r}")
+        if not self.power > 0 or not 0 <= self.eps < 1:
+            raise ValueError(f"need power > 0 and 0 <= eps < 1, got power={self.power}, eps={self.eps}")
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        if self.kind == "linear":
+            return 1 - t
+        if self.kind == "cosine":
+            return 1 - torch.cos(math.pi / 2 * (1 - t))
+        if self.kind == "polynomial":
+            return 1 - t ** self.power
+        return 1 - (1 - self.eps) * t
+
+    def dalpha(self, t: torch.Tensor) -> torch.Tensor:
+        """d alpha / dt."""
+        if self.kind == "linear":
+            return -torch.ones_like(t)
+        if self.kind == "cosine":
+            return -math.pi / 2 * torch.sin(math.pi / 2 * (1 - t))
+        if self.kind == "polynomial":
+            return -self.power * t ** (self.power - 1)
+        return torch.full_like(t, -(1 - self.eps))
+
+    def weight(self, t: torch.Tensor) -> torch.Tensor:
+        """w(t) = -alpha'(t) / (1 - alpha(t)), the ELBO weight of a masked position."""
+        return -self.dalpha(t) / (1 - self.alpha(t))
+
+
+ScheduleSpec = Union[str, Schedule, Mapping]
+
+
+def parse_schedule(spec: str | Schedule) -> Schedule:
+    """A Schedule, or a string "linear", "cosine", "loglinear", "polynomial" or "polynomial:<power>"."""
+    if isinstance(spec, Schedule):
+        return spec
+    if isinstance(spec, str):
+        kind, _, arg = spec.partition(":")
+        return Schedule(kind, power=float(arg)) if arg else Schedule(kind)
+    raise TypeError(f"a schedule is a Schedule or a string, got {spec!r}")
+
+
+def resolve_schedules(schedules: ScheduleSpec = "linear") -> dict[int, Schedule]:
+    """One schedule per modality id. ``schedules`` is one schedule for all, or a dict keyed by modality name ("text",
+    "image", "audio", "special") or id; missing modalities take the dict's "default" entry (itself default linear)."""
+    if not isinstance(schedules, Mapping):
+        s = parse_schedule(schedules)
+        return {m: s for m in MODALITY_NAMES.values()}
+    default = parse_schedule(schedules.get("default", "linear"))
+    out = {m: default for m in MODALITY_NAMES.values()}
+    for key, spec in schedules.items():
+        if key == "default":
+            continue
+        m = MODALITY_NAMES.get(key, key)
+        if m not in out:
+            raise ValueError(f"schedule keys are {sorted(MODALITY_NAMES)}, 'default' or modality ids; got {key!r}")
+        out[m] = parse_schedule(spec)
+    return out
+
+
+def sample_times(n: int, *, method: str = "antithetic", eps: float = 1e-3, generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """n diffusion times in [eps, 1].
+
+    Args:
+        n: how many (one per row).
+        method: "uniform" (i.i.d.) or "antithetic" (stratified: u_i = (u + i/n) mod 1 with one shared u, so the batch
+            covers [0, 1] evenly and the loss has lower variance). Default "antithetic".
+        eps: floor; t = eps + (1 - eps) u. Default 1e-3 (MDLM's sampling_eps).
+        generator: torch random generator. Default: the global one.
+    """
+    if method not in ("uniform", "antithetic"):
+        raise ValueError(f"method must be 'uniform' or 'antithetic', got {method!r}")
+    if not 0 <= eps < 1:
+        raise ValueError(f"eps must be in [0, 1), got {eps}")
+    dtype = dtype or torch.get_default_dtype()
+    if method == "uniform":
+        u = torch.rand(n, generator=generator, device=device, dtype=dtype)
+    else:
+        u0 = torch.rand(1, generator=generator, device=device, dtype=dtype)
+        u = (u0 + torch.arange(n, device=device, dtype=dtype) / n) % 1
+    return eps + (1 - eps) * u
+
+
+def target_modality(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """(B,) the modality each row generates: the majority modality of its real target content (TEXT if none)."""
+    mod, target = batch["modality"], batch["target"] & batch["pad"]
+    counts = torch.stack([((mod == m) & target).sum(-1) for m in (TEXT, IMAGE, AUDIO)], dim=-1)
+    return torch.tensor([TEXT, IMAGE, AUDIO], device=mod.device)[counts.argmax(-1)]
+
+
+def schedule_modality(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """(B, L) modality id whose schedule each position follows: its own modality, or for structure (SPECIAL)
+    positions the row's target modality (:func:`target_modality`)."""
+    mod = batch["modality"]
+    return torch.where(mod == SPECIAL, target_modality(batch)[:, None], mod)
+
+
+def position_alpha_weight(sid: torch.Tensor, t: torch.Tensor, schedules: dict[int, Schedule]):
+    """alpha and w per position (B, L), each position with its modality's schedule at its row's t."""
+    alpha = torch.ones(sid.shape, dtype=t.dtype, device=t.device)
+    weight = torch.zeros(sid.shape, dtype=t.dtype, device=t.device)
+    for m, s in schedules.items():
+        sel = sid == m
+        alpha = torch.where(sel, s.alpha(t)[:, None], alpha)
+        weight = torch.where(sel, s.weight(t)[:, None], weight)
+    return alpha, weight
+
+
+def condition_positions(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """(B, L) bool: the condition's content tokens (real, not target, not structure), what guidance drops."""
+    return batch["pad"] & ~batch["target"] & (batch["modality"] != SPECIAL)
+
+
+def drop_condition(tokens: torch.Tensor, batch: Mapping[str, torch.Tensor],
+                   rows: torch.Tensor | None = None) -> torch.Tensor:
+    """``tokens`` with the condition content replaced by [MASK] (in ``rows`` (B,) bool, default all rows)."""
+    cond = condition_positions(batch)
+    if rows is not None:
+        cond = cond & rows[:, None]
+    return tokens.masked_fill(cond, MASK_ID)
+
+
+def subs_logits(logits: torch.Tensor) -> torch.Tensor:
+    """SUBS: the model never predicts [MASK] or [PAD] (their logits -> -inf); logits in at least float32."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    banned = torch.tensor([MASK_ID, PAD_ID], device=logits.device)
+    return logits.index_fill(-1, banned, float("-inf"))
+
+
+def corrupt(batch: Mapping[str, torch.Tensor], t: torch.Tensor, *, schedules: ScheduleSpec = "linear",
+            cond_drop: float = 0.0, u: torch.Tensor | None = None, drop_u: torch.Tensor | None = None,
+            generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Draw x_t. Returns ``x_t``, ``masked`` (loss-bearing masked positions), ``dropped`` (condition positions
+    masked for guidance), ``weight`` (w per position), ``alpha``, ``sid`` (schedule modality), ``items`` (real
+    target positions).
+
+    Args:
+        batch: ``tokens``, ``pad``, ``modality``, ``target`` (B, L).
+        t: (B,) times in (0, 1].
+        schedules: one schedule or a dict per modality (see :func:`resolve_schedules`). Default "linear".
+        cond_drop: probability per row of masking the condition (classifier-free guidance training). Default 0.
+        u: (B, L) uniforms in [0, 1): position masked iff u < 1 - alpha. Default: drawn from ``generator``.
+        drop_u: (B,) uniforms: row's condition dropped iff drop_u < cond_drop. Default: drawn from ``generator``.
+    """
+    tokens, pad, target = batch["tokens"], batch["pad"], batch["target"]
+    if not 0.0 <= cond_drop <= 1.0:
+        raise ValueError(f"cond_drop must be in [0, 1], got {cond_drop}")
+    items = target & pad
+    sid = schedule_modality(batch)
+    alpha, weight = position_alpha_weight(sid, t, resolve_schedules(schedules))
+    if u is None:
+        u = torch.rand(tokens.shape, generator=generator, device=tokens.device, dtype=t.dtype)
+    masked = items & (u < 1 - alpha)
+    if cond_drop > 0:
+        if drop_u is None:
+            drop_u = torch.rand(tokens.shape[0], generator=generator, device=tokens.device, dtype=t.dtype)
+        dropped = condition_positions(batch) & (drop_u < cond_drop)[:, None]
+    else:
+        dropped = torch.zeros_like(masked)
+    x_t = tokens.masked_fill(masked | dropped, MASK_ID)
+    return {"x_t": x_t, "masked": masked, "dropped": dropped, "weight": weight, "alpha": alpha, "sid": sid,
+            "items": items}
+
+
+def mdm_loss(model, batch: Mapping[str, torch.Tensor], *, schedules: ScheduleSpec = "linear",
+             time_sampling: str = "antithetic", time_eps: float = 1e-3, cond_drop: float = 0.1,
+             t: torch.Tensor | None = None, u: torch.Tensor | None = None, drop_u: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> dict:
+    """One Monte Carlo estimate of the negative ELBO of a batch, as a sum (nats) and its fixed denominator.
+
+    Args:
+        model: called as ``model(x_t, pad=pad, select=masked)`` -> logits (n_masked, V).
+        batch: ``tokens``, ``pad``, ``modality``, ``target`` (B, L), as laid out by :mod:`sdebatch.mdm.vocab`.
+        schedules: schedule, or dict per modality. Default "linear".
+        time_sampling: "antithetic" (default) or "uniform", see :func:`sample_times`.
+        time_eps: floor of t (default 1e-3).
+        cond_drop: per-row probability of masking the condition (default 0.1; 0 for evaluation).
+        t, u, drop_u: pre-drawn randomness ((B,), (B, L), (B,)); what is not given is drawn from ``generator``.
+            Passing them makes a micro-batch draw identical to the same rows of a big-batch draw.
+
+    Returns a dict: ``loss_sum`` (scalar, differentiable, nats), ``num_items`` (real target positions, int64
+    tensor), ``elbo_bits`` (loss_sum / num_items / ln 2, detached: bits per token), ``num_masked``, and per modality
+    (text, image, audio) ``sum/<name>`` and ``count/<name>`` (detached) for logging; ``t`` used.
+    """
+    tokens, pad = batch["tokens"], batch["pad"]
+    dtype = torch.get_default_dtype()
+    if t is None:
+        t = sample_times(tokens.shape[0], method=time_sampling, eps=time_eps, generator=generator,
+                         device=tokens.device, dtype=dtype)
+    c = corrupt(batch, t, schedules=schedules, cond_drop=cond_drop, u=u, drop_u=drop_u, generator=generator)
+    masked = c["masked"]
+    logits = subs_logits(model(c["x_t"], pad=pad, select=masked))
+    nll = F.cross_entropy(logits, tokens[masked], reduction="none")
+    per_pos = c["weight"][masked].to(nll.dtype) * nll
+    loss_sum = per_pos.sum()
+    num_items = c["items"].sum()
+    out = {"loss_sum": loss_sum, "num_items": num_items, "num_masked": masked.sum(), "t": t,
+           "elbo_bits": loss_sum.detach() / num_items.clamp(min=1) / math.log(2)}
+    sid_masked = c["sid"][masked]
+    for name in ("text", "image", "audio"):
+        m = MODALITY_NAMES[name]
+        out[f"sum/{name}"] = per_pos.detach()[sid_masked == m].sum()
+        out[f"count/{name}"] = (c["items"] & (c["sid"] == m)).sum()
+    return out
+
+
+@torch.no_grad()
+def elbo(model, batch: Mapping[str, torch.Tensor], *, n_t: int = 8, schedules: ScheduleSpec = "linear",
+         time_eps: float = 1e-3, generator: torch.Generator | None = None, seed: int = 0) -> dict:
+    """Evaluate the negative ELBO in bits per target token, averaging ``n_t`` draws of t per row (stratified per row:
+    t_k = (u + k / n_t) mod 1, floored at time_eps) and of the masks; no condition drop.
+
+    Args:
+        n_t: time samples per row (default 8).
+        generator: random generator; default a fresh one seeded with ``seed`` (default 0) so evaluations repeat.
+
+    Returns ``bits_per_token``, ``nats_sum`` (mean over draws), ``num_items``, and ``bits/<modality>`` for the
+    modalities present.
+    """
+    if n_t < 1:
+        raise ValueError(f"n_t must be >= 1, got {n_t}")
+    tokens = batch["tokens"]
+    if generator is None:
+        generator = torch.Generator(device=tokens.device).manual_seed(seed)
+    dtype = torch.get_default_dtype()
+    u0 = torch.rand(tokens.shape[0], generator=generator, device=tokens.device, dtype=dtype)
+    total = 0.0
+    mod_sum = {name: 0.0 for name in ("text", "image", "audio")}
+    for k in range(n_t):
+        t = time_eps + (1 - time_eps) * ((u0 + k / n_t) % 1)
+        r = mdm_loss(model, batch, schedules=schedules, cond_drop=0.0, t=t, generator=generator)
+        total += float(r["loss_sum"]) / n_t
+        for name in mod_sum:
+            mod_sum[name] += float(r[f"sum/{name}"]) / n_t
+    items = int(r["num_items"])
+    out = {"bits_per_token": total / max(items, 1) / math.log(2), "nats_sum": total, "num_items": items}
+    for name, s in mod_sum.items():
+        count = int(r[f"count/{name}"])
+        if count:
+            out[f"bits/{name}"] = s / count / math.log(2)
+    return out
