@@ -104,7 +104,7 @@ def _beta(name: str, beta: float, k: float, form: str) -> float:
     if form == "exact":
         return b ** k
     out = 1.0 - k * (1.0 - b)
-    if not (0.0 < out < 1.0):
+    if not (1e-12 < out < 1.0):  # 1e-12: kappa = 1/(1 - beta) must fail even when rounding leaves 2e-16
         raise ValueError(
             f"beta_form='linear' pushes {name}={b} out of (0, 1) at kappa={k:g} (1 - kappa*(1 - beta) = {out:g}); "
             f"it is valid only for kappa < 1/(1 - beta) = {1.0 / (1.0 - b):g}. Use beta_form='exact' (beta**kappa).")

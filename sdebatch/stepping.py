@@ -32,15 +32,16 @@ def rescaled_step(optimizer: torch.optim.Optimizer, family: str, kappa: float, *
     """
     saved, effective, step_fixes = [], [], []
     fix_bias = family == "adam" and uses_step_bias_correction(optimizer)
-    for group in optimizer.param_groups:
+    for group in optimizer.param_groups:  # every group's values first: a rule error must leave nothing rescaled
         ref = {key: group[key] for key in RULE_KEYS if key in group}
         wd_form = weight_decay_form or weight_decay_form_of(optimizer, group)
         new = rules.rescale(family, _as_floats(ref), kappa, beta_form=beta_form, momentum_mode=momentum_mode,
                             weight_decay_form=wd_form)
         saved.append(ref)
+        effective.append({key: new[key] for key in ref})
+    for group, ref, new in zip(optimizer.param_groups, saved, effective):
         for key in ref:
             group[key] = _like(ref[key], new[key])
-        effective.append({key: new[key] for key in ref})
         if fix_bias and "betas" in group:
             step_fixes += _fake_adam_steps(optimizer, group, kappa, kappa_sum, updates)
     try:

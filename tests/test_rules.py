@@ -113,3 +113,8 @@ def test_rules_table_and_cli(capsys):
         cli_main(["rules", "--optimizer", "sgd", "--betas", "0.9", "0.99", "--logical", "8", "--physical", "8"])
     assert "sgd has no betas" in capsys.readouterr().err
     assert rules.FAMILIES == ("sgd", "adam", "none")
+
+
+def test_linear_form_fails_at_the_boundary_despite_rounding():
+    with pytest.raises(ValueError, match="betas"):
+        sdebatch.rescale("adam", {"lr": 1.0, "betas": (0.9, 0.99)}, 10.0, beta_form="linear")

@@ -165,3 +165,16 @@ def test_torch_step_hooks_run_once_per_step_call():
         sample_loss_mean(model, x[i:i + 4], y[i:i + 4]).backward()
         opt.step()
     assert calls == [("pre", 0), ("post", 0), ("pre", 0), ("post", 1)]
+
+
+def test_a_rule_error_leaves_every_group_at_its_reference():
+    """Group 1's beta leaves (0, 1) under the linear form at kappa 16: nothing may stay rescaled in group 0."""
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    inner = torch.optim.Adam([{"params": [a], "betas": (0.99, 0.999)}, {"params": [b], "betas": (0.9, 0.999)}],
+                             lr=0.1)
+    opt = sdebatch.LogicalBatchOptimizer(inner, 8, 128, accumulation_steps=1, beta_form="linear")
+    (a.sum() + b.sum()).backward()
+    with pytest.raises(ValueError, match="betas"):
+        opt.step()
+    assert opt.param_groups[0]["lr"] == 0.1 and opt.param_groups[0]["betas"] == (0.99, 0.999)
+    assert torch.equal(a.detach(), torch.ones(2))
