@@ -88,7 +88,48 @@ def main(argv: list[str] | None = None) -> int:
     col = swsub.add_parser("collect", help="one CSV row per finished run")
     col.add_argument("folder", help="a sweep's folder, e.g. runs/mlp_physical_batch")
     col.add_argument("--out", help="CSV path (default <folder>/results.csv)")
+    data = sub.add_parser("data", help="prepare the tri-modal workload's data")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    prep = dsub.add_parser("prepare", help="sources -> tokenizers -> token shards (idempotent, no download)")
+    prep.add_argument("--preset", default="tiny")
+    prep.add_argument("--out", default="data/tiny")
+    prep.add_argument("--text-dir", help="folder of .txt/.md/.jsonl (default: built-in CPython docs)")
+    prep.add_argument("--image-dir", help="image folder with metadata.jsonl (default: rendered scenes)")
+    prep.add_argument("--audio-dir", help="LJSpeech-layout folder (default: eSpeak NG speech)")
+    prep.add_argument("--seed", type=int, default=0)
+    tr = sub.add_parser("train", help="train the tri-modal masked diffusion model")
+    tr.add_argument("--config", help="TOML config (keys: sdebatch.mdm.train.DEFAULTS)")
+    tr.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys (TOML values)")
+    tr.add_argument("--ckpt", help="resume from this checkpoint")
+    ev = sub.add_parser("eval", help="evaluate a trained model: text ELBO, text-to-image, text-to-speech")
+    ev.add_argument("--config", help="the training config")
+    ev.add_argument("--checkpoint", required=True, help="a checkpoint or weights file written by sdebatch train")
+    ev.add_argument("--out", default="runs/eval")
     args = parser.parse_args(argv)
+    try:
+        if args.command == "data":
+            from .mdm.data.prepare import prepare
+            prepare(args.out, preset=args.preset, text_dir=args.text_dir, image_dir=args.image_dir,
+                    audio_dir=args.audio_dir, seed=args.seed)
+            return 0
+        if args.command in ("train", "eval"):
+            import tomllib
+            from .mdm import train as mdm_train
+            overrides = {}
+            for item in getattr(args, "set", []):
+                key, _, value = item.partition("=")
+                overrides[key] = tomllib.loads(f"v = {value}")["v"] if value else value
+            config = mdm_train.load_config(args.config, **overrides)
+            if args.command == "train":
+                result = mdm_train.train(config, ckpt_path=args.ckpt)
+                result.pop("module")
+                print(result)
+            else:
+                from .mdm.evaluate import evaluate_checkpoint
+                evaluate_checkpoint(config, args.checkpoint, args.out)
+            return 0
+    except ValueError as e:
+        parser.error(str(e))
     if args.command == "sweep":
         from . import sweep
         try:

@@ -1,0 +1,223 @@
+"""Train the tri-modal masked diffusion model in Lightning through sdebatch's public API.
+
+Everything batch-related goes through :class:`sdebatch.lightning.LogicalBatch`: the logical batch, the accumulation
+that follows from the per-device batch, the SDE rescaling when they differ, the token clock (the lr schedule and the
+budget are in tokens), the model EMA with decay rho**kappa, checkpoints and exact resume. The module itself is a
+plain LightningModule: it returns the ELBO as a sum and reports its fixed denominator with ``sdebatch.lightning.count``.
+
+A run is described by one flat config dict (a TOML file for ``sdebatch train --config``; a sweep point for
+``experiments.workloads:mdm``); :data:`DEFAULTS` lists every key.
+"""
+from __future__ import annotations
+
+import math
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+import sdebatch
+import sdebatch.lightning as sl
+from sdebatch.data import ResumableDataLoader
+
+from .data.dataset import TriModalDataset
+from .data.mixture import MixtureSampler
+from .model import build_model, describe, get_config, param_groups
+from .objective import elbo, mdm_loss
+
+DEFAULTS: dict[str, Any] = {
+    "data": "data/tiny",             # a folder made by `sdebatch data prepare`
+    "model": "tiny",                 # a named config of sdebatch.mdm.model.CONFIGS
+    "logical_batch_size": 32,        # sequences per update the hyperparameters belong to
+    "physical_batch_size": 8,        # sequences per device per forward/backward
+    "rule": "sqrt_exact",            # naive | accumulate | linear | sqrt_exact | sqrt_linear
+    "tokens": 2_000_000,             # training budget in tokens (real, non-padding)
+    "lr": 3e-3,                      # AdamW lr at the logical batch (base shape; CompleteP scales it per group)
+    "betas": [0.9, 0.99],
+    "eps": 1e-8,
+    "weight_decay": 0.01,
+    "warmup": 0.05,                  # fraction of the token budget
+    "final_lr": 0.1,                 # cosine floor, fraction of the peak
+    "ema": 0.0,                      # model EMA decay at the logical batch (0: off)
+    "mix": {"text": 0.4, "image": 0.3, "audio": 0.3},  # mixing weights of the sources (in sequences)
+    "generate_prob": 0.8,            # pairs: share laid out as text->image/speech (else the reverse)
+    "schedule": "linear",            # masking schedule, or a table per modality
+    "cond_drop": 0.1,                # condition dropout for classifier-free guidance
+    "seed": 0,
+    "devices": 1,
+    "precision": "32-true",
+    "val_batches": 8,                # validation ELBO batches at the end (0: none)
+    "eval_every_tokens": 0,          # validation during training every this many tokens (0: only at the end)
+    "out": "runs/train",
+    "noise_scale": True,
+    "threads": 0,                    # torch CPU threads (0: torch's default)
+}
+
+RULES = {  # the sweep rule names, as LogicalBatch arguments
+    "naive": dict(rule="none", accumulation_steps=1, reparameterize=True),
+    "accumulate": dict(rule="auto", accumulation_steps=None, reparameterize=False),
+    "linear": dict(rule="sgd", accumulation_steps=1, reparameterize=True),
+    "sqrt_exact": dict(rule="adam", beta_form="exact", accumulation_steps=1, reparameterize=True),
+    "sqrt_linear": dict(rule="adam", beta_form="linear", accumulation_steps=1, reparameterize=True),
+}
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> dict:
+    """DEFAULTS, updated by a TOML file and then by ``overrides``; unknown keys are an error naming them."""
+    config = dict(DEFAULTS)
+    if path is not None:
+        config.update(tomllib.loads(Path(path).read_text()))
+    config.update(overrides)
+    unknown = sorted(set(config) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}; known: {sorted(DEFAULTS)}")
+    if config["rule"] not in RULES:
+        raise ValueError(f"rule must be one of {', '.join(RULES)}; got {config['rule']!r}")
+    for key in ("logical_batch_size", "physical_batch_size", "tokens"):
+        if not isinstance(config[key], int) or config[key] < 1:
+            raise ValueError(f"{key} must be a positive int, got {config[key]!r}")
+    return config
+
+
+class MDMModule(pl.LightningModule):
+    """The denoiser, its ELBO objective and AdamW with CompleteP per-group learning rates."""
+
+    def __init__(self, config: dict, vocab_size: int) -> None:
+        super().__init__()
+        self.config = config
+        self.model_config = get_config(config["model"], vocab_size)
+        self.model = build_model(self.model_config)
+        self._last = None  # (time, tokens) at the previous update, for tokens/s
+        self.val_results: list[dict] = []
+
+    def forward(self, tokens, pad=None, select=None):
+        return self.model(tokens, pad=pad, select=select)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = mdm_loss(self.model, batch, schedules=self.config["schedule"], cond_drop=self.config["cond_drop"])
+        sl.count(self, num_items=out["num_items"], num_tokens=batch["pad"].sum())
+        n = max(int(out["num_items"]), 1)
+        self.log("elbo_bits", float(out["elbo_bits"]), prog_bar=True, batch_size=n)
+        for m in ("text", "image", "audio"):
+            c = int(out[f"count/{m}"])
+            if c:
+                self.log(f"elbo_bits/{m}", float(out[f"sum/{m}"]) / c / math.log(2), batch_size=c)
+        opt = sl.find_optimizer(self)
+        now = time.time()
+        if self._last is not None and opt.tokens_seen > self._last[1]:
+            self.log("tok/s", (opt.tokens_seen - self._last[1]) / max(now - self._last[0], 1e-9), prog_bar=True,
+                     batch_size=n)
+        self._last = (now, opt.tokens_seen)
+        return out["loss_sum"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        r = elbo(self.model, batch, n_t=4, schedules=self.config["schedule"], seed=batch_idx)
+        self.val_results.append({k: float(v) for k, v in r.items() if not isinstance(v, dict)})
+        self.log("val_elbo_bits", float(r["bits_per_token"]), batch_size=int(r["num_items"]), sync_dist=True)
+
+    def configure_optimizers(self):
+        c = self.config
+        groups = param_groups(self.model, c["lr"], c["weight_decay"])
+        return torch.optim.AdamW(groups, lr=c["lr"], betas=tuple(c["betas"]), eps=c["eps"])
+
+
+class MDMDataModule(pl.LightningDataModule):
+    """The prepared data as a mixture stream (train) and a fixed validation set."""
+
+    def __init__(self, config: dict) -> None:
+        super().__init__()
+        self.config = config
+        self.train_set = TriModalDataset(config["data"], "train", generate_prob=config["generate_prob"],
+                                         seed=config["seed"])
+        self.val_set = TriModalDataset(config["data"], "val", generate_prob=config["generate_prob"],
+                                       seed=config["seed"])
+
+    @property
+    def vocab(self):
+        return self.train_set.vocab
+
+    def samples_per_epoch(self) -> int:
+        # an "epoch" is a stretch of the stream large enough to hold the budget; the budget stops the run
+        tokens_per_seq = self.train_set.seq_len
+        return int(self.config["tokens"] / (0.5 * tokens_per_seq)) + self.config["logical_batch_size"] * 4
+
+    def train_dataloader(self) -> DataLoader:
+        c = self.config
+        sizes = self.train_set.sizes
+        weights = {k: float(c["mix"].get(k, 0.0)) for k in sizes}
+        sampler = MixtureSampler(sizes, weights, self.samples_per_epoch(), seed=c["seed"])
+        return ResumableDataLoader(self.train_set, c["physical_batch_size"], sampler=sampler, drop_last=False)
+
+    def val_dataloader(self) -> DataLoader:
+        sizes = self.val_set.sizes
+        keys = [(k, i) for k in ("text", "image", "audio") for i in range(sizes[k])]
+        n = self.config["val_batches"] * self.config["physical_batch_size"]
+        step = max(1, len(keys) // max(n, 1))
+        return DataLoader([self.val_set[k] for k in keys[::step][:n]], self.config["physical_batch_size"])
+
+
+def build(config: dict) -> tuple[MDMModule, MDMDataModule, sl.LogicalBatch]:
+    """The module, the data and the sdebatch callback a config describes."""
+    if config["rule"] == "accumulate" and config["physical_batch_size"] > config["logical_batch_size"]:
+        # exact beyond the logical batch = logical-sized chunks in sequence, i.e. a physical batch of the logical size
+        config = {**config, "physical_batch_size": config["logical_batch_size"]}
+    data = MDMDataModule(config)
+    module = MDMModule(config, data.vocab.size)
+    rule = dict(RULES[config["rule"]])
+    callback = sl.LogicalBatch(
+        config["logical_batch_size"], physical_batch_size=config["physical_batch_size"],
+        lr_schedule=sdebatch.warmup_cosine(total=config["tokens"], warmup=config["warmup"] * config["tokens"],
+                                           final=config["final_lr"]),
+        schedule_unit="tokens", max_tokens=config["tokens"], ema_decay=config["ema"] or None,
+        noise_scale=config["noise_scale"], **rule)
+    return module, data, callback
+
+
+def train(config: dict, *, progress: bool = True, ckpt_path: str | None = None,
+          callbacks: list | None = None) -> dict:
+    """Train one config; returns final metrics (validation ELBO per modality, tokens, wall clock, tokens/s)."""
+    if config.get("threads"):
+        torch.set_num_threads(int(config["threads"]))
+    pl.seed_everything(config["seed"], verbose=False)
+    module, data, callback = build(config)
+    if progress:
+        print(describe(module.model_config, config["model"]), flush=True)
+    trainer = pl.Trainer(accelerator="auto", devices=config["devices"], precision=config["precision"],
+                         max_epochs=1000, callbacks=[callback] + list(callbacks or []), logger=False,
+                         enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
+                         num_sanity_val_steps=0, use_distributed_sampler=False,
+                         limit_val_batches=0 if not config["eval_every_tokens"] else 1.0,
+                         default_root_dir=config["out"])
+    start = time.time()
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    wall = time.time() - start
+    opt = callback.optimizer
+    result = {"tokens_seen": opt.tokens_seen, "samples_seen": opt.samples_seen, "updates": opt.updates,
+              "wall_clock_s": wall, "tokens_per_s": opt.tokens_seen / max(wall, 1e-9),
+              "noise_scale": opt.noise_scale, "train_elbo_bits": float(trainer.callback_metrics.get("elbo_bits", "nan"))}
+    if config["val_batches"]:
+        module.val_results.clear()
+        if callback.ema is not None:
+            with callback.ema.swapped(module):
+                trainer.validate(module, dataloaders=data.val_dataloader(), verbose=False)
+        else:
+            trainer.validate(module, dataloaders=data.val_dataloader(), verbose=False)
+        result["val"] = _aggregate(module.val_results)
+    result["module"] = module
+    return result
+
+
+def _aggregate(rows: list[dict]) -> dict:
+    """Item-weighted mean bits per token over validation batches, overall and per modality."""
+    total = sum(r["num_items"] for r in rows) or 1
+    out = {"bits_per_token": sum(r["bits_per_token"] * r["num_items"] for r in rows) / total}
+    for m in ("text", "image", "audio"):
+        key = f"bits/{m}"
+        vals = [(r[key], r.get(f"items/{m}", r["num_items"])) for r in rows if key in r]
+        if vals:
+            out[m] = sum(v * n for v, n in vals) / max(sum(n for _, n in vals), 1)
+    return out
