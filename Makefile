@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.sdebatch-installed
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo demo-mlp test test-all bench clean
 
 $(BIN)/python:
 	@if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
@@ -24,6 +24,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 demo: $(STAMP)
+	$(BIN)/python -m experiments.main_demo
+
+demo-mlp: $(STAMP)
 	$(BIN)/python -m experiments.demo
 
 test: $(STAMP)

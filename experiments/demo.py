@@ -15,7 +15,7 @@ Claim: the rescaled rows match the logical run (b=32) while the batch is below t
 do not. The base learning rates are the best of a grid at b=32 for this budget (SGD 0.01..0.32 -> 0.04;
 Adam 5e-4..1.6e-2 -> 2e-3), so any change of dynamics makes the logical run worse, not better.
 
-Run: python -m experiments.demo   (about 75 s on one CPU core). Writes runs/demo/results.{json,csv}.
+Run: python -m experiments.demo   (about 75 s on one CPU core). Writes runs/demo_mlp/results.{json,csv}.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ BATCHES = (4, 8, 16, 32, 64, 128, 256)
 SEEDS = (0, 1, 2, 3, 4)
 BASE = {"sgd": dict(cls=torch.optim.SGD, lr=0.04), "adam": dict(cls=torch.optim.Adam, lr=2e-3)}
 TOL = 0.05                           # "matches the logical run": |relative deviation| <= 5%
-OUT = Path("runs/demo")
+OUT = Path("runs/demo_mlp")
 
 
 def mlp(width: int, act: type[torch.nn.Module]) -> torch.nn.Sequential:

@@ -92,3 +92,38 @@ def mlp(config: dict, progress: bool = True) -> dict:
     final = evaluate()
     return {"final_loss": final, "curve": curve + [{"samples": opt.samples_seen, "loss": final}],
             "updates": opt.updates, "samples_seen": opt.samples_seen}
+
+
+def mdm(config: dict, progress: bool = True) -> dict:
+    """The tri-modal masked diffusion model (``sdebatch.mdm.train``); keys of ``sdebatch.mdm.train.DEFAULTS``.
+
+    The final loss is the held-out ELBO (bits per token); the curve is the training ELBO averaged over each update's
+    window, against tokens seen.
+    """
+    import lightning.pytorch as pl
+
+    from sdebatch.lightning import find_optimizer
+    from sdebatch.mdm import train as mdm_train
+
+    curve: list[dict] = []
+
+    class Curve(pl.Callback):
+        def __init__(self) -> None:
+            self.window: list[float] = []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            v = trainer.callback_metrics.get("elbo_bits")
+            if v is not None:
+                self.window.append(float(v))
+            opt = find_optimizer(module)
+            if opt.did_update and self.window:
+                curve.append({"tokens": opt.tokens_seen, "samples": opt.samples_seen, "updates": opt.updates,
+                              "loss": sum(self.window) / len(self.window), "kappa": opt.last_kappa})
+                self.window = []
+
+    known = {k: v for k, v in config.items() if k in mdm_train.DEFAULTS}
+    cfg = mdm_train.load_config(None, **known)
+    result = mdm_train.train(cfg, progress=progress, callbacks=[Curve()])
+    result.pop("module")
+    val = result.pop("val", {})
+    return {"final_loss": val.get("bits_per_token", float("nan")), "val": val, "curve": curve, **result}

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 import tomllib
 import traceback
@@ -60,6 +61,8 @@ def expand(spec: dict) -> list[dict]:
     grid = spec.get("grid", {})
     keys = list(grid)
     configs = [{**spec["base"], **dict(zip(keys, values))} for values in itertools.product(*(grid[k] for k in keys))]
+    if not grid and spec.get("runs"):
+        configs = []  # only the listed runs (an empty grid would otherwise add the base as a run)
     configs += [{**spec["base"], **extra} for extra in spec.get("runs", [])]
     seen, out = set(), []
     for c in configs:
@@ -82,6 +85,8 @@ def run_id(config: dict) -> str:
 
 def _workload(ref: str) -> Callable[..., dict]:
     module, _, fn = ref.partition(":")
+    if os.getcwd() not in sys.path:  # workloads live in the project (experiments/), run from its root
+        sys.path.insert(0, os.getcwd())
     try:
         return getattr(importlib.import_module(module), fn)
     except (ImportError, AttributeError) as e:

@@ -300,4 +300,5 @@ def elbo(model, batch: Mapping[str, torch.Tensor], *, n_t: int = 8, schedules: S
         count = int(r[f"count/{name}"])
         if count:
             out[f"bits/{name}"] = s / count / math.log(2)
+            out[f"count/{name}"] = count
     return out

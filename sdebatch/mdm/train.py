@@ -34,7 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "model": "tiny",                 # a named config of sdebatch.mdm.model.CONFIGS
     "logical_batch_size": 32,        # sequences per update the hyperparameters belong to
     "physical_batch_size": 8,        # sequences per device per forward/backward
-    "rule": "sqrt_exact",            # naive | accumulate | linear | sqrt_exact | sqrt_linear
+    "rule": "accumulate",            # naive | accumulate | linear | sqrt_exact | sqrt_linear
     "tokens": 2_000_000,             # training budget in tokens (real, non-padding)
     "lr": 3e-3,                      # AdamW lr at the logical batch (base shape; CompleteP scales it per group)
     "betas": [0.9, 0.99],
@@ -200,15 +200,26 @@ def train(config: dict, *, progress: bool = True, ckpt_path: str | None = None,
               "wall_clock_s": wall, "tokens_per_s": opt.tokens_seen / max(wall, 1e-9),
               "noise_scale": opt.noise_scale, "train_elbo_bits": float(trainer.callback_metrics.get("elbo_bits", "nan"))}
     if config["val_batches"]:
-        module.val_results.clear()
         if callback.ema is not None:
             with callback.ema.swapped(module):
-                trainer.validate(module, dataloaders=data.val_dataloader(), verbose=False)
+                result["val"] = validate(module, data)
         else:
-            trainer.validate(module, dataloaders=data.val_dataloader(), verbose=False)
-        result["val"] = _aggregate(module.val_results)
+            result["val"] = validate(module, data)
     result["module"] = module
     return result
+
+
+@torch.no_grad()
+def validate(module: MDMModule, data: MDMDataModule) -> dict:
+    """Held-out ELBO in bits per token, overall and per modality (fixed draws, so runs compare like for like)."""
+    module.eval()
+    rows = []
+    for i, batch in enumerate(data.val_dataloader()):
+        batch = {k: v.to(module.device) for k, v in batch.items()}
+        r = elbo(module.model, batch, n_t=4, schedules=module.config["schedule"], seed=i)
+        rows.append({k: float(v) for k, v in r.items() if not isinstance(v, dict)})
+    module.train()
+    return _aggregate(rows)
 
 
 def _aggregate(rows: list[dict]) -> dict:
@@ -217,7 +228,7 @@ def _aggregate(rows: list[dict]) -> dict:
     out = {"bits_per_token": sum(r["bits_per_token"] * r["num_items"] for r in rows) / total}
     for m in ("text", "image", "audio"):
         key = f"bits/{m}"
-        vals = [(r[key], r.get(f"items/{m}", r["num_items"])) for r in rows if key in r]
+        vals = [(r[key], r[f"count/{m}"]) for r in rows if key in r]
         if vals:
             out[m] = sum(v * n for v, n in vals) / max(sum(n for _, n in vals), 1)
     return out

@@ -1,0 +1,152 @@
+"""Figures of a batch-size sweep: final loss vs physical batch per rule, and loss vs tokens per batch size.
+
+Reads a sweep folder (run folders with config.json, metrics.json, curve.csv, as written by ``sdebatch sweep run``);
+trains nothing. ``python -m paper_figures.batch_ablation runs/demo --out paper_figures/out``
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from sdebatch.sweep import collect  # noqa: E402
+
+# Okabe-Ito: distinguishable with the common colour-vision deficiencies
+COLORS = {"accumulate": "#000000", "sqrt_exact": "#0072B2", "sqrt_linear": "#56B4E9", "linear": "#009E73",
+          "naive": "#D55E00"}
+LABELS = {"accumulate": "accumulate (exact)", "sqrt_exact": r"square-root rule, $\beta^\kappa$",
+          "sqrt_linear": r"square-root rule, linear $\beta$", "linear": "linear lr rule", "naive": "no rescaling"}
+plt.rcParams.update({"font.size": 8, "axes.titlesize": 8, "legend.fontsize": 7, "figure.dpi": 150})
+
+
+def summarise(rows: list[dict], tolerance: float = 0.05) -> dict:
+    """Mean final loss per (rule, physical batch); the logical run's loss; each cell's relative deviation from it;
+    the knee (the smallest batch where a rule leaves the logical run by more than ``tolerance``)."""
+    cells: dict[tuple, list[float]] = {}
+    for r in rows:
+        if r.get("diverged") in (True, "True"):
+            cells.setdefault((r["rule"], int(r["physical_batch_size"])), []).append(float("inf"))
+        else:
+            cells.setdefault((r["rule"], int(r["physical_batch_size"])), []).append(float(r["final_loss"]))
+    means = {k: statistics.fmean(v) for k, v in cells.items()}
+    logical = {int(r["logical_batch_size"]) for r in rows}
+    lb = min(logical)
+    ref = [v for (rule, b), v in means.items() if b == lb]
+    reference = statistics.fmean(ref) if ref else float("nan")
+    deviation = {k: (v - reference) / reference for k, v in means.items()}
+    knees = {}
+    for rule in {k[0] for k in means}:
+        above = sorted(b for (r, b), d in deviation.items() if r == rule and b > lb and abs(d) > tolerance)
+        knees[rule] = above[0] if above else None
+    noise = [float(r["noise_scale"]) for r in rows if r.get("noise_scale") not in (None, "", "None")]
+    return {"means": means, "reference": reference, "logical_batch_size": lb, "deviation": deviation,
+            "knee": knees, "noise_scale": statistics.median(noise) if noise else None, "tolerance": tolerance}
+
+
+def _save(fig, out: Path, name: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ext in ("png", "pdf"):
+        final = out / f"{name}.{ext}"
+        tmp = out / f".{name}.tmp.{ext}"
+        fig.savefig(tmp, bbox_inches="tight")
+        os.replace(tmp, final)
+        paths.append(final)
+    plt.close(fig)
+    return paths
+
+
+def loss_vs_batch(summary: dict, out: Path, name: str, ylabel: str) -> list[Path]:
+    fig, ax = plt.subplots(figsize=(3.4, 2.5))
+    lb = summary["logical_batch_size"]
+    rules = sorted({r for r, _ in summary["means"]}, key=list(COLORS).index)
+    for rule in rules:
+        pts = sorted((b, v) for (r, b), v in summary["means"].items() if r == rule or b == lb)
+        pts = [(b, v) for b, v in pts if math.isfinite(v)]
+        if pts:
+            ax.plot(*zip(*pts), "o-", color=COLORS.get(rule, "grey"), label=LABELS.get(rule, rule), ms=3, lw=1.2)
+    ax.axhline(summary["reference"], color="grey", lw=0.8, ls=":", label=f"logical run (B={lb})")
+    ax.axvline(lb, color="grey", lw=0.5)
+    if summary["noise_scale"]:
+        ax.axvline(summary["noise_scale"], color="#CC79A7", lw=1, ls="--", label="noise-scale estimate")
+    knee = summary["knee"].get("sqrt_exact")
+    if knee:
+        ax.axvline(knee, color=COLORS["sqrt_exact"], lw=0.8, ls="-.", label=f"knee ({summary['tolerance']:.0%})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("physical batch per update (samples)")
+    ax.set_ylabel(ylabel)
+    ax.legend(frameon=False)
+    return _save(fig, out, f"{name}_loss_vs_batch")
+
+
+def loss_vs_tokens(folder: Path, out: Path, name: str, x: str) -> list[Path]:
+    runs = []
+    for cfg_path in sorted(folder.glob("*/config.json")):
+        curve_path = cfg_path.parent / "curve.csv"
+        if not curve_path.exists():
+            continue
+        cfg = json.loads(cfg_path.read_text())
+        with open(curve_path) as f:
+            curve = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+        if curve and x in curve[0]:
+            runs.append((cfg, curve))
+    rules = [r for r in ("sqrt_exact", "naive") if any(c["rule"] == r for c, _ in runs)]
+    if not rules:
+        return []
+    fig, axes = plt.subplots(1, len(rules), figsize=(3.4 * len(rules) / 1.4, 2.4), sharey=True, squeeze=False)
+    batches = sorted({int(c["physical_batch_size"]) for c, _ in runs})
+    shades = plt.cm.viridis([i / max(len(batches) - 1, 1) for i in range(len(batches))])
+    for ax, rule in zip(axes[0], rules):
+        for cfg, curve in runs:
+            b = int(cfg["physical_batch_size"])
+            if cfg["rule"] == rule or cfg["rule"] == "accumulate":
+                ls = ":" if cfg["rule"] == "accumulate" else "-"
+                ax.plot([p[x] for p in curve], [p["loss"] for p in curve], ls, color=shades[batches.index(b)],
+                        lw=1, label=f"B={b}" + (" (logical)" if cfg["rule"] == "accumulate" else ""))
+        ax.set_title(LABELS.get(rule, rule))
+        ax.set_xlabel(f"{x} seen")
+        ax.set_xscale("log")
+    axes[0][0].set_ylabel("training loss")
+    axes[0][-1].legend(frameon=False, fontsize=6)
+    return _save(fig, out, f"{name}_loss_vs_{x}")
+
+
+def table(summary: dict) -> str:
+    lines = [f"{'batch':>6} {'rule':>12} {'final loss':>11} {'vs logical':>11}"]
+    for (rule, b), v in sorted(summary["means"].items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        lines.append(f"{b:>6} {rule:>12} {v:>11.4f} {100 * summary['deviation'][(rule, b)]:>+10.1f}%")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("folder", help="a sweep folder, e.g. runs/demo")
+    parser.add_argument("--out", default="paper_figures/out")
+    parser.add_argument("--ylabel", default="held-out loss")
+    parser.add_argument("--tolerance", type=float, default=0.05)
+    args = parser.parse_args(argv)
+    folder = Path(args.folder)
+    rows = collect(folder, folder / "results.csv")
+    if not rows:
+        raise SystemExit(f"no finished runs in {folder}")
+    summary = summarise(rows, args.tolerance)
+    name = folder.name
+    x = "tokens" if "tokens" in (folder / "results.csv").read_text().split("\n")[0] else "samples"
+    paths = loss_vs_batch(summary, Path(args.out), name, args.ylabel)
+    paths += loss_vs_tokens(folder, Path(args.out), name, x)
+    print(table(summary))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
