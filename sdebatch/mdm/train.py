@@ -32,6 +32,7 @@ from .objective import elbo, mdm_loss
 DEFAULTS: dict[str, Any] = {
     "data": "data/tiny",             # a folder made by `sdebatch data prepare`
     "model": "tiny",                 # a named config of sdebatch.mdm.model.CONFIGS
+    "model_overrides": {},           # fields of MDMConfig to change (e.g. {d_model = 64, n_layers = 2})
     "logical_batch_size": 32,        # sequences per update the hyperparameters belong to
     "physical_batch_size": 8,        # sequences per device per forward/backward
     "rule": "accumulate",            # naive | accumulate | linear | sqrt_exact | sqrt_linear
@@ -89,7 +90,7 @@ class MDMModule(pl.LightningModule):
     def __init__(self, config: dict, vocab_size: int) -> None:
         super().__init__()
         self.config = config
-        self.model_config = get_config(config["model"], vocab_size)
+        self.model_config = get_config(config["model"], vocab_size, **config["model_overrides"])
         self.model = build_model(self.model_config)
         self._last = None  # (time, tokens) at the previous update, for tokens/s
         self.val_results: list[dict] = []

@@ -26,6 +26,10 @@ from .speech import load_ljspeech, synthesize
 from .text import TextTokenizer, builtin_corpus, load_text_folder
 
 PRESETS = {
+    # seconds: for tests of the whole pipeline
+    "micro": dict(seq_len=128, text_vocab=300, images=60, image_val=10, image_steps=10, image_channels=16,
+                  image_res_blocks=1, audio=30, audio_val=6, audio_codes=16, audio_iterations=3, max_caption=12,
+                  val_fraction=0.05),
     # trains on a 2-core CPU in a couple of minutes; the model's tiny config reads it
     "tiny": dict(seq_len=128, text_vocab=1024, images=3000, image_val=200, image_steps=300, image_channels=64,
                  image_res_blocks=1, audio=1200,
