@@ -1,0 +1,243 @@
+"""`sdebatch eval` (sdebatch.mdm.evaluate): the unigram baseline by hand, the report of a uniform stub model on a small
+hand-made data folder, checkpoint loading, and (when data/tiny exists) a tiny untrained MDM end to end."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sdebatch.mdm.evaluate import evaluate, evaluate_checkpoint, unigram_baseline
+from sdebatch.mdm.vocab import Vocab, pack_text
+
+TINY = Path(__file__).resolve().parents[1] / "data" / "tiny"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """Overrides conftest's float64 default: this is not an exactness test, and float32 is the eval dtype."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    yield
+    torch.set_default_dtype(old)
+
+
+class UniformModel(torch.nn.Module):
+    """Zero logits everywhere: uniform over the V - 2 ids SUBS allows."""
+
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+
+    def forward(self, tokens, pad=None, select=None):
+        n = int(select.sum()) if select is not None else tokens.numel()
+        return torch.zeros(n, self.vocab_size)
+
+
+# ---------------------------------------------------------------- a hand-made data folder
+
+def make_folder(root: Path, *, n_text=64, n_img=4, n_audio=3, seq_len=64, seed=0) -> Path:
+    """The layout `sdebatch data prepare` writes, filled with random ids and untrained tokenizers (seconds to make)."""
+    from sdebatch.mdm.data.dataset import INDEX_VERSION
+    from sdebatch.mdm.data.scenes import generate_scenes
+    from sdebatch.mdm.tokenizers.audio import AudioTokenizer, AudioTokenizerConfig
+    from sdebatch.mdm.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
+
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    itok = ImageTokenizer(ImageTokenizerConfig(downsample=8, codebook_size=16, code_dim=4, channels=8, res_blocks=0))
+    atok = AudioTokenizer(AudioTokenizerConfig(codebook_size=16), torch.randn(16, 80) - 4.0)
+    vocab = Vocab(text_size=40, image_codes=16, audio_codes=16)
+    itok.save(root / "tokenizers" / "image")
+    atok.save(root / "tokenizers" / "audio")
+
+    def save(name, arr):
+        np.save(root / f"{name}.npy", arr)
+
+    for split, n in (("train", n_text), ("val", n_text)):
+        docs = [rng.zipf(1.5, size=rng.integers(5, 30)).clip(1, vocab.text_size) - 1 for _ in range(4 * n)]
+        rows = [r["tokens"].numpy() for r in pack_text(vocab, docs, seq_len)][:n]
+        save(f"text_{split}", np.stack(rows).astype(np.int32))
+        scenes = generate_scenes(n_img, seed=seed + (split == "val"))
+        save(f"image_{split}_codes", rng.integers(0, 16, (n_img, itok.tokens_per_image)).astype(np.int32))
+        caps = np.full((n_img, 8), -1, np.int32)
+        caps[:, :6] = rng.integers(0, vocab.text_size, (n_img, 6))
+        save(f"image_{split}_captions", caps)
+        (root / f"image_{split}_meta.jsonl").write_text(
+            "".join(json.dumps({"text": s.caption, **s.attributes}) + "\n" for s in scenes))
+        lengths = rng.integers(15, 30, n_audio)
+        save(f"audio_{split}_codes", rng.integers(0, 16, int(lengths.sum())).astype(np.int32))
+        save(f"audio_{split}_offsets", np.cumsum([0, *lengths]).astype(np.int64))
+        acaps = np.full((n_audio, 8), -1, np.int32)
+        acaps[:, :5] = rng.integers(0, vocab.text_size, (n_audio, 5))
+        save(f"audio_{split}_captions", acaps)
+        (root / f"audio_{split}_meta.jsonl").write_text(
+            "".join(json.dumps({"text": s.caption}) + "\n" for s in generate_scenes(n_audio, seed=seed + 7)))
+    index = {"version": INDEX_VERSION, "seq_len": seq_len, "vocab": vocab.state_dict(), "counts": {}}
+    (root / "index.json").write_text(json.dumps(index))
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("mdm_eval_data"))
+
+
+# ---------------------------------------------------------------- unigram baseline
+
+def test_unigram_baseline_by_hand():
+    v = Vocab(text_size=3, image_codes=2, audio_codes=2)
+    a, b, c = v.text_offset, v.text_offset + 1, v.text_offset + 2
+    bot, eot = v.id("[BOT]"), v.id("[EOT]")
+    train = [bot, a, a, a, b, eot]                 # support {a, b, c, BOT, EOT}: 5 outcomes, 6 tokens
+    held = [bot, a, c, eot]
+    p = {a: 4 / 11, b: 2 / 11, c: 1 / 11, bot: 2 / 11, eot: 2 / 11}
+    expect = -np.mean([math.log2(p[t]) for t in held])
+    r = unigram_baseline(np.array(train), np.array(held), v)
+    assert r["support"] == 5 and r["num_items"] == 4
+    assert abs(r["bits_per_token"] - expect) < 1e-12
+    assert abs(r["uniform_bits"] - math.log2(5)) < 1e-12
+    # probabilities of the smoothed unigram sum to one over the support
+    assert abs(sum(p.values()) - 1) < 1e-12
+
+
+def test_unigram_baseline_beats_uniform_on_real_text():
+    """On real English the unigram cross-entropy sits well below log2 of the text vocabulary."""
+    if (TINY / "text_train.npy").exists():
+        train = np.load(TINY / "text_train.npy")[:, 1:]
+        held = np.load(TINY / "text_val.npy")[:, 1:]
+        vocab = Vocab(**json.loads((TINY / "index.json").read_text())["vocab"])
+    else:
+        from sdebatch.mdm.data.text import TextTokenizer, builtin_corpus
+
+        docs = builtin_corpus(max_docs=120)
+        tok = TextTokenizer.train(docs[10:], 512)
+        vocab = Vocab(tok.vocab_size, 1, 1)
+        train, held = ([r["tokens"][1:].numpy() for r in pack_text(vocab, tok.encode_batch(d), 64)]
+                       for d in (docs[10:], docs[:10]))
+    r = unigram_baseline(np.asarray(train), np.asarray(held), vocab)
+    assert r["bits_per_token"] < math.log2(vocab.text_size) - 1.0
+    assert r["num_items"] == np.asarray(held).size
+
+
+# ---------------------------------------------------------------- report with a uniform stub
+
+def test_report_of_uniform_model(folder, tmp_path):
+    vocab = Vocab(**json.loads((folder / "index.json").read_text())["vocab"])
+    out = tmp_path / "eval"
+    r = evaluate(UniformModel(vocab.size), folder, out, n_images=3, n_speech=2, steps=3, progress=False)
+    # a uniform model's -ELBO is log2(V - 2) bits per token in expectation over t (64 rows x 4 draws here: the
+    # 1/t weight makes the estimate noisy, about 2% relative standard deviation)
+    assert abs(r["text"]["elbo_bits_per_token"] / math.log2(vocab.size - 2) - 1) < 0.06
+    assert r["text"]["baseline_uniform_joint_bits"] == pytest.approx(math.log2(vocab.size - 2))
+    assert r["text"]["baseline_unigram_bits_per_token"] > 0
+    assert r["text"]["num_items"] == 64 * 63
+    t2i = r["t2i"]
+    assert t2i["n"] == 3 and t2i["codes_per_image"] == 16 and len(t2i["items"]) == 3
+    assert t2i["sampler"]["steps"] == 3 and t2i["sampler"]["guidance"] == 3.0  # defaults except steps
+    assert 0 <= t2i["out_of_range"] <= 3 * 16
+    assert set(t2i["scores"]) >= {"colour", "count", "position", "size", "shape", "all"}
+    assert set(t2i["baseline_chance"]) == {"mismatched", "noise", "blank"}
+    assert "all" in t2i["baseline_reconstruction"]
+    assert (out / "t2i_grid.png").stat().st_size > 0
+    t2s = r["t2s"]
+    assert t2s["n"] == 2 and len(t2s["items"]) == 2
+    for key in ("mcd_db", "baseline_random_mcd_db", "baseline_reconstruction_mcd_db"):
+        assert t2s[key] is not None and t2s[key] > 0
+    from scipy.io import wavfile
+
+    for i in range(2):
+        for name in ("generated", "reference"):
+            rate, pcm = wavfile.read(out / "speech" / f"{i:02d}_{name}.wav")
+            assert rate == 16000 and pcm.dtype == np.int16 and len(pcm) > 0
+    # report.json holds exactly what was returned, and nothing is left half-written
+    assert json.loads((out / "report.json").read_text()) == r
+    assert not list(out.glob(".*tmp"))
+
+
+def test_uniform_model_out_of_range_rate(folder, tmp_path):
+    """A uniform sampler puts an id outside the image codes with probability 1 - 16 / (V - 2)."""
+    vocab = Vocab(**json.loads((folder / "index.json").read_text())["vocab"])
+    r = evaluate(UniformModel(vocab.size), folder, tmp_path, n_images=4, n_speech=0, steps=2, progress=False)
+    assert "t2s" not in r
+    expect = 1 - vocab.image_codes / (vocab.size - 2)
+    assert abs(r["t2i"]["out_of_range_fraction"] - expect) < 0.15  # 64 draws
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def test_evaluate_checkpoint_state_dict_and_lightning(folder, tmp_path):
+    from sdebatch.mdm.train import MDMModule, load_config
+
+    config = load_config(data=str(folder), model="tiny")
+    vocab = Vocab(**json.loads((folder / "index.json").read_text())["vocab"])
+    torch.manual_seed(1)
+    module = MDMModule(config, vocab.size)
+    small = dict(n_images=1, n_speech=0, steps=2, text_rows=2, progress=False)
+
+    plain = tmp_path / "weights.pt"
+    torch.save(module.model.state_dict(), plain)
+    r1 = evaluate_checkpoint(config, plain, tmp_path / "a", **small)
+    assert r1["checkpoint"]["weights"] == "state_dict"
+    assert json.loads((tmp_path / "a" / "report.json").read_text()) == r1
+
+    # a Lightning-style checkpoint with EMA weights in the callback state: the EMA weights are the ones evaluated
+    ema = [torch.zeros_like(p) for p in module.model.parameters()]
+    ckpt = {"state_dict": {f"model.{k}": v for k, v in module.model.state_dict().items()},
+            "callbacks": {"LogicalBatch": {"ema": {"params": ema, "decay": 0.9, "updates": 3}}}}
+    path = tmp_path / "last.ckpt"
+    torch.save(ckpt, path)
+    r2 = evaluate_checkpoint(config, path, tmp_path / "b", **small)
+    assert r2["checkpoint"]["weights"] == "checkpoint (EMA weights)"
+    # all-zero weights give zero logits: exactly the uniform model's ELBO for the same draws
+    r3 = evaluate(UniformModel(vocab.size), folder, tmp_path / "c", **small)
+    assert r2["text"]["elbo_bits_per_token"] == pytest.approx(r3["text"]["elbo_bits_per_token"], rel=1e-5)
+
+    with pytest.raises(ValueError, match="lacks"):
+        torch.save({"embed.weight": torch.zeros(3, 3)}, tmp_path / "bad.pt")
+        evaluate_checkpoint(config, tmp_path / "bad.pt", tmp_path / "d", **small)
+
+
+# ---------------------------------------------------------------- the real tiny data
+
+needs_tiny = pytest.mark.skipif(not (TINY / "index.json").exists(), reason="data/tiny not prepared")
+
+
+def _tiny_model(**overrides):
+    from sdebatch.mdm.model import build_model, get_config
+
+    vocab = Vocab(**json.loads((TINY / "index.json").read_text())["vocab"])
+    torch.manual_seed(0)
+    return build_model(get_config("tiny", vocab.size, **overrides)), vocab
+
+
+@needs_tiny
+def test_untrained_small_mdm_on_tiny_data(tmp_path):
+    model, vocab = _tiny_model(d_model=32, n_layers=1, n_heads=1, base_width=32, base_depth=1)
+    r = evaluate(model, TINY, tmp_path, n_images=4, n_speech=2, steps=4, text_rows=16, progress=False)
+    # an untrained model is close to uniform: no better than the unigram, near log2(V - 2)
+    assert r["text"]["elbo_bits_per_token"] > r["text"]["baseline_unigram_bits_per_token"]
+    assert abs(r["text"]["elbo_bits_per_token"] - math.log2(vocab.size - 2)) < 1.0
+    assert r["text"]["baseline_unigram_bits_per_token"] < r["text"]["baseline_uniform_text_bits"]
+    assert r["t2i"]["codes_per_image"] == 64
+    assert r["t2i"]["baseline_reconstruction"]["colour"] > 0.5  # the image tokenizer keeps colours
+    assert r["t2s"]["baseline_reconstruction_mcd_db"] < r["t2s"]["baseline_random_mcd_db"]
+
+
+@needs_tiny
+@pytest.mark.slow
+def test_untrained_tiny_mdm_defaults(tmp_path):
+    """The full default evaluation of the tiny config (about a minute on 2 CPU cores)."""
+    model, _ = _tiny_model()
+    r = evaluate(model, TINY, tmp_path)
+    assert r["t2i"]["n"] == 32 and r["t2s"]["n"] == 8 and r["text"]["sequences"] > 0
+    assert (tmp_path / "report.json").exists()
