@@ -46,7 +46,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # estimator against the same wrapper without it (issue target <= 1.05).
 CASES = (("accumulate", LOGICAL // PHYSICAL, "HandWritten", "Wrapped", 1.02),
          ("rescale", 1, "HandWritten", "Wrapped", 1.02),
-         ("noise_scale", LOGICAL // PHYSICAL, "Wrapped", "WrappedNoise", 1.05))
+         ("noise_scale", LOGICAL // PHYSICAL, "Wrapped", "WrappedNoise", 1.05),
+         ("noise_every4", LOGICAL // PHYSICAL, "Wrapped", "WrappedNoise4", 1.05))
 HP_KEYS = ("lr", "betas", "eps", "weight_decay")
 
 
@@ -98,12 +99,14 @@ class HandWritten:
 
 class Wrapped:
     noise_scale = False
+    noise_scale_every = 1
 
     def __init__(self, model: nn.Module, accum: int) -> None:
         self.model = model
         self.opt = sdebatch.LogicalBatchOptimizer(torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD),
                                                   logical_batch_size=LOGICAL, physical_batch_size=PHYSICAL,
-                                                  accumulation_steps=accum, noise_scale=self.noise_scale)
+                                                  accumulation_steps=accum, noise_scale=self.noise_scale,
+                                                  noise_scale_every=self.noise_scale_every)
         assert self.opt.kappa == PHYSICAL * accum / LOGICAL
 
     def update(self, micro_batches) -> None:
@@ -117,6 +120,11 @@ class Wrapped:
 class WrappedNoise(Wrapped):
     """The wrapper with the gradient-noise-scale estimator on (micro-batch norm hooks + one norm per update)."""
     noise_scale = True
+
+
+class WrappedNoise4(WrappedNoise):
+    """The estimator observing one window in four (``noise_scale_every=4``)."""
+    noise_scale_every = 4
 
 
 def windows(data: torch.Tensor, accum: int):
@@ -198,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                           "loadavg_1min_at_start": os.getloadavg()[0]},
                "cases": {}}
 
-    classes = {"HandWritten": HandWritten, "Wrapped": Wrapped, "WrappedNoise": WrappedNoise}
+    classes = {"HandWritten": HandWritten, "Wrapped": Wrapped, "WrappedNoise": WrappedNoise,
+               "WrappedNoise4": WrappedNoise4}
     for name, accum, b, v, _ in CASES:
         diff = check_equal(make_model, data, accum, 3, classes[b], classes[v])
         print(f"{name}: {v} and {b} parameters agree after 3 updates (max abs diff {diff:.2g})")

@@ -76,6 +76,9 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
         noise_scale_decay: EMA decay of the estimator, per update. Default 0.95.
         noise_scale_warn: warn once when samples per update exceed this fraction of the estimated B_simple, where
             the SDE rules stop holding (McCandlish et al.: B_crit ~ B_simple). Default 1.0; None: never warn.
+        noise_scale_every: observe one window in this many (default 1: every window). The micro-batch norms cost one
+            pass over the gradients per micro-step; on small models where that is a visible share of the step,
+            observing every 2-4 windows keeps the overhead down at the price of a noisier EMA.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, logical_batch_size: int,
@@ -85,7 +88,8 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
                  reference_horizon: float | None = None, gamma: float = 0.0, max_grad_norm: float | None = None,
                  grad_scaler: "torch.amp.GradScaler | None" = None, model: torch.nn.Module | None = None,
                  ema: Any = None, process_group: Any = None, noise_scale: bool = False,
-                 noise_scale_decay: float = 0.95, noise_scale_warn: float | None = 1.0) -> None:
+                 noise_scale_decay: float = 0.95, noise_scale_warn: float | None = 1.0,
+                 noise_scale_every: int = 1) -> None:
         # --- validate everything before touching any state ---
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -116,6 +120,8 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
         rules.kappa(1, 1, horizon=horizon, reference_horizon=reference_horizon, gamma=gamma)  # validates
         if noise_scale_warn is not None:
             rules._positive_finite("noise_scale_warn", noise_scale_warn)
+        if isinstance(noise_scale_every, bool) or not isinstance(noise_scale_every, int) or noise_scale_every < 1:
+            raise ValueError(f"noise_scale_every must be a positive int, got {noise_scale_every!r}")
         noise = NoiseScaleEstimator(noise_scale_decay) if noise_scale else None  # validates the decay
         if ema is not None and not callable(getattr(ema, "update", None)):
             raise TypeError("ema must have an update(kappa) method (for example sdebatch.ModelEMA)")
@@ -140,6 +146,7 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
         self.clock = Clock()
         self.noise = noise
         self.noise_scale_warn = noise_scale_warn
+        self.noise_scale_every = noise_scale_every
         self._noise_warned = False
         self._micro_norms = MicroGradNorms(p for g in optimizer.param_groups for p in g["params"]) if noise else None
         self.last_kappa: float | None = None
@@ -287,10 +294,15 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
         return _Handle(self._post_update_hooks, hook)
 
     # --- micro-steps ---
+    def _arm_noise_hooks(self) -> None:
+        if getattr(self, "_micro_norms", None) is not None:
+            self._micro_norms.active = self.clock.updates % self.noise_scale_every == 0
+
     def _reset_window(self) -> None:
         self._window = {"micro_steps": 0, "samples": 0.0, "tokens": 0.0, "items": 0.0, "protocol": None,
                         "micro_sq": 0.0, "micro_sq_samples": 0.0, "micro_sq_count": 0.0}
         self._pending: dict | None = None
+        self._arm_noise_hooks()
 
     def _set_protocol(self, protocol: str) -> None:
         current = self._window["protocol"]
