@@ -73,12 +73,12 @@ def test_miniature_demo_sweep_with_kill_and_resume(micro_data, tmp_path):
     path = _mini_sweep(tmp_path, out)
     sweep.run_sweep(path, tmp_path / "runs", max_runs=1, progress=False)  # killed after the first run
     folder = tmp_path / "runs" / "mini_demo"
-    first = sorted(p.name for p in folder.glob("*/metrics.json"))
-    assert len(first) == 1
-    mtime = next(folder.glob("*/metrics.json")).stat().st_mtime_ns
+    assert len(list(folder.glob("*/metrics.json"))) == 1
+    done = next(folder.glob("*/metrics.json"))
+    mtime = done.stat().st_mtime_ns
     sweep.run_sweep(path, tmp_path / "runs", progress=False)
     rows = sweep.collect(folder, tmp_path / "table.csv")
-    assert len(rows) == 3 and next(folder.glob("*/metrics.json")).stat().st_mtime_ns == mtime
+    assert len(rows) == 3 and done.stat().st_mtime_ns == mtime  # the finished run was not redone
     for r in rows:
         assert np.isfinite(r["final_loss"]) and r["tokens_seen"] >= 1500 and r["diverged"] is False
         curve = (folder / r["run_id"] / "curve.csv").read_text().splitlines()

@@ -11,6 +11,7 @@ A run is described by one flat config dict (a TOML file for ``sdebatch train --c
 from __future__ import annotations
 
 import math
+import os
 import time
 import tomllib
 from pathlib import Path
@@ -206,6 +207,17 @@ def train(config: dict, *, progress: bool = True, ckpt_path: str | None = None,
                 result["val"] = validate(module, data)
         else:
             result["val"] = validate(module, data)
+    if config["out"]:
+        out = Path(config["out"])
+        out.mkdir(parents=True, exist_ok=True)
+        weights = {k: v.detach().cpu() for k, v in module.model.state_dict().items()}
+        if callback.ema is not None:  # evaluate the averaged weights, as validation did
+            names = [n for n, _ in module.model.named_parameters()]
+            weights.update({n: p.detach().cpu() for n, p in zip(names, callback.ema.params[-len(names):])})
+        tmp = out / "model.pt.tmp"
+        torch.save(weights, tmp)
+        os.replace(tmp, out / "model.pt")
+        result["weights"] = str(out / "model.pt")
     result["module"] = module
     return result
 
