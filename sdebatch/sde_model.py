@@ -8,6 +8,8 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 
+from .rules import _choice, _positive_finite
+
 DTYPE = torch.float64
 
 __all__ = ["NoisyQuadratic", "sample_grid", "noise_scale"]
@@ -29,20 +31,8 @@ def single_threaded(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def check_positive(name: str, value: Any) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}") from None
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return v
-
-
-def check_choice(name: str, value: Any, accepted: tuple[str, ...]) -> str:
-    if value not in accepted:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, accepted))}; got {value!r}")
-    return value
+check_positive = _positive_finite  # the same validation as the scaling rules
+check_choice = _choice
 
 
 def check_int(name: str, value: Any, minimum: int = 1) -> int:
