@@ -1,0 +1,94 @@
+"""Throughput of the Lightning MDM trainer (with sdebatch's callback) against a plain PyTorch loop of the same model,
+data, objective and number of micro-batches, in one process; also peak memory (RSS on CPU, CUDA max allocated).
+
+The plain loop is what a user writes by hand: AdamW with the same per-group lrs, ``loss_sum / num_items`` per
+micro-batch, accumulate, step. Both read the same prepared data folder through the same DataLoader; the ratio is
+tokens/s(trainer) / tokens/s(plain) (target >= 0.95). Needs a data folder (`sdebatch data prepare`).
+
+``python -m benchmarks.trainer_throughput --data data/tiny --tokens 300000``
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from sdebatch.mdm import train as mdm_train
+from sdebatch.mdm.model import build_model, get_config, param_groups
+from sdebatch.mdm.objective import mdm_loss
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def plain_loop(config: dict, tokens: int) -> dict:
+    """The same training without Lightning or sdebatch: returns tokens/s over ``tokens`` real tokens."""
+    data = mdm_train.MDMDataModule(config)
+    model = build_model(get_config(config["model"], data.vocab.size, **config["model_overrides"]))
+    opt = torch.optim.AdamW(param_groups(model, config["lr"], config["weight_decay"]), lr=config["lr"],
+                            betas=tuple(config["betas"]), eps=config["eps"])
+    accum = max(1, config["logical_batch_size"] // config["physical_batch_size"])
+    seen, micro = 0, 0
+    start = time.perf_counter()
+    for batch in data.train_dataloader():
+        out = mdm_loss(model, batch, schedules=config["schedule"], cond_drop=config["cond_drop"])
+        (out["loss_sum"] / out["num_items"].clamp(min=1)).backward()  # mean-of-means: the usual hand-written loop
+        micro += 1
+        seen += int(batch["pad"].sum())
+        if micro % accum == 0:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if seen >= tokens:
+            break
+    return {"tokens": seen, "seconds": time.perf_counter() - start}
+
+
+def trainer_run(config: dict) -> dict:
+    result = mdm_train.train({**config, "val_batches": 0, "out": ""}, progress=False)
+    return {"tokens": result["tokens_seen"], "seconds": result["wall_clock_s"]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default="data/tiny")
+    ap.add_argument("--tokens", type=int, default=300_000)
+    ap.add_argument("--physical", type=int, default=8)
+    ap.add_argument("--logical", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    config = mdm_train.load_config(None, data=args.data, tokens=args.tokens, physical_batch_size=args.physical,
+                                   logical_batch_size=args.logical, noise_scale=False, threads=args.threads)
+    rows = []
+    for r in range(args.repeats):  # alternate, so drifting background load hits both
+        for name, fn in (("plain", lambda: plain_loop(config, args.tokens)), ("trainer", lambda: trainer_run(config))):
+            m = fn()
+            m.update(name=name, repeat=r, tokens_per_s=m["tokens"] / m["seconds"])
+            rows.append(m)
+            print(f"{name:>8} repeat {r}: {m['tokens']:,} tokens in {m['seconds']:.1f}s = {m['tokens_per_s']:,.0f} tok/s",
+                  flush=True)
+    best = {n: max(x["tokens_per_s"] for x in rows if x["name"] == n) for n in ("plain", "trainer")}
+    ratio = best["trainer"] / best["plain"]
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    cuda_peak = torch.cuda.max_memory_allocated() / 2 ** 20 if torch.cuda.is_available() else None
+    print(f"throughput ratio trainer / plain loop (best of {args.repeats} each): {ratio:.3f} (target >= 0.95); "
+          f"peak RSS {peak_rss_mb:.0f} MB" + (f", CUDA peak {cuda_peak:.0f} MB" if cuda_peak else ""))
+    results = {"config": {k: config[k] for k in ("model", "physical_batch_size", "logical_batch_size", "tokens")},
+               "threads": args.threads, "rows": rows, "best_tokens_per_s": best, "ratio": ratio,
+               "peak_rss_mb": peak_rss_mb, "cuda_peak_mb": cuda_peak, "loadavg_1min": os.getloadavg()[0]}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=RESULTS, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(tmp, RESULTS / "trainer_throughput.json")
+    return results
+
+
+if __name__ == "__main__":
+    main()
