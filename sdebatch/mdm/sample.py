@@ -34,7 +34,10 @@ from .objective import (MASK_ID, MODALITY_NAMES, ScheduleSpec, condition_positio
 SAMPLING_DEFAULTS: dict[str, dict] = {
     "text": {"steps": 64, "strategy": "low_confidence", "temperature": 0.0, "top_k": None, "top_p": None,
              "guidance": 1.0, "block_size": 32, "schedule": "linear"},
-    "image": {"steps": 32, "strategy": "low_confidence", "temperature": 1.0, "top_k": None, "top_p": 0.9,
+    # random, not low-confidence: measured on the tiny model after 2.5M tokens (32 held-out captions), low-confidence
+    # commits the confident background codes first and draws empty images (colour accuracy 0.00); random order
+    # reaches 0.28 (chance 0.19)
+    "image": {"steps": 32, "strategy": "random", "temperature": 1.0, "top_k": None, "top_p": 0.9,
               "guidance": 3.0, "block_size": None, "schedule": "cosine"},
     "audio": {"steps": 32, "strategy": "low_confidence", "temperature": 1.0, "top_k": None, "top_p": 0.9,
               "guidance": 2.0, "block_size": None, "schedule": "cosine"},
