@@ -1,5 +1,6 @@
 """A small LightningModule and the Trainer runs the Lightning tests compare (importable by spawned ranks)."""
 import os
+import sys
 
 import lightning.pytorch as pl
 import torch
@@ -78,3 +79,9 @@ def ddp_rank(rank, world, port, per_device, logical, opt_name, protocol, n, shuf
     if rank == 0:
         params = torch.cat([full[k].flatten() for k in ("net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias")])
         torch.save({"params": params, "clock": cb.optimizer.clock.state_dict(), "lrs": module.lrs}, out)
+    t.strategy.barrier()
+    torch.distributed.destroy_process_group()
+    # as in ddp_worker.py: skip an interpreter teardown that gloo's threads occasionally abort
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
