@@ -1,35 +1,18 @@
 """The noisy quadratic model and the input checks shared by :mod:`sdebatch.sde` and :mod:`sdebatch.sde_montecarlo`."""
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Sequence
 
 import torch
 
 from .rules import _choice, _positive_finite
+from .utils import single_threaded  # noqa: F401 (re-exported to sde.py)
 
 DTYPE = torch.float64
 
 __all__ = ["NoisyQuadratic", "sample_grid", "noise_scale"]
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def single_threaded(fn: F) -> F:
-    """Run ``fn`` with one torch intra-op thread (restored afterwards): these tensors are tiny, and extra threads
-    only contend, which costs 10x or more on a busy machine."""
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.set_num_threads(threads)
-    return wrapper  # type: ignore[return-value]
-
 
 check_positive = _positive_finite  # the same validation as the scaling rules
 check_choice = _choice

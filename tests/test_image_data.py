@@ -13,15 +13,8 @@ from sdebatch.mdm.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
 
 
 @pytest.fixture
-def float32_one_thread():
-    """Tokenizer tests train in float32 (the conftest default is float64) on one thread: on a shared 2-core
-    machine two torch threads are several times slower than one when other processes hold the cores."""
-    old_dtype, old_threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float32)
-    torch.set_num_threads(1)
-    yield
-    torch.set_default_dtype(old_dtype)
-    torch.set_num_threads(old_threads)
+def float32_one_thread(float32, one_thread):
+    """Tokenizer tests train in float32 on one thread (fixtures in conftest.py)."""
 
 
 def test_scenes_are_deterministic_and_well_formed():

@@ -14,21 +14,7 @@ from sdebatch.mdm.vocab import Vocab, pack_text
 TINY = Path(__file__).resolve().parents[1] / "data" / "tiny"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(autouse=True)
-def float64():
-    """Overrides conftest's float64 default: this is not an exactness test, and float32 is the eval dtype."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("one_thread", "float32")  # fixtures in conftest.py
 
 
 class UniformModel(torch.nn.Module):

@@ -12,13 +12,7 @@ from sdebatch.mdm.objective import (MASK_ID, PAD_ID, Schedule, corrupt, elbo, md
 from sdebatch.mdm.sample import generate, guided_logits
 from sdebatch.mdm.vocab import SPECIAL, TEXT, Vocab, layout_pair
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These matrices are tiny: one thread is fastest, and spared OpenMP waits when the CPU is shared (>50x here)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny matrices run fastest on one thread
 
 
 VOCAB = Vocab(text_size=8, image_codes=8, audio_codes=8)  # 37 ids

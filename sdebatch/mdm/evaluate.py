@@ -36,6 +36,7 @@ from .data.dataset import TriModalDataset
 from .objective import elbo
 from .sample import SAMPLING_DEFAULTS, generate
 from .vocab import AUDIO, IMAGE, SPECIAL, Vocab
+from ..utils import atomic_write
 
 REPORT_VERSION = 1
 _SCENE_KEYS = ("colour", "shape", "size", "position", "count")
@@ -74,12 +75,6 @@ def _clean(x: Any) -> Any:
     return x
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _write_wav(path: Path, wave: np.ndarray, sample_rate: int) -> None:
     import io
 
@@ -88,7 +83,7 @@ def _write_wav(path: Path, wave: np.ndarray, sample_rate: int) -> None:
     pcm = (np.clip(np.nan_to_num(np.asarray(wave, np.float64)), -1.0, 1.0) * 32767).round().astype(np.int16)
     buf = io.BytesIO()
     wavfile.write(buf, int(sample_rate), pcm)
-    _atomic_bytes(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -206,7 +201,7 @@ def _image_grid(path: Path, generated: torch.Tensor, recon: torch.Tensor, captio
 
     buf = io.BytesIO()
     canvas.save(buf, format="PNG")
-    _atomic_bytes(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
 # ---------------------------------------------------------------- evaluate

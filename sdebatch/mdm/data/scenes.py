@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from scipy import ndimage
+from ...utils import atomic_write
 
 PALETTE = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 80, 230), "yellow": (230, 210, 40),
            "white": (235, 235, 235), "purple": (150, 60, 200)}  # RGB, far apart: nearest-colour survives blur
@@ -204,14 +203,6 @@ def chance_scores(n: int = 200, *, size: int = 32, seed: int = 0) -> dict:
             "blank": score_batch(np.zeros_like(noise), attrs)}
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same folder then rename, so a crash never leaves a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def save_image_folder(scenes, folder) -> Path:
     """Write scenes as ``000000.png`` ... plus ``metadata.jsonl`` (file_name, text, attributes), each file
     atomically and the metadata last, so a folder with metadata is always complete. Returns the folder."""
@@ -221,9 +212,9 @@ def save_image_folder(scenes, folder) -> Path:
     for i, s in enumerate(scenes):
         buf = io.BytesIO()
         Image.fromarray(s.image).save(buf, format="PNG")
-        _atomic_write(folder / f"{i:06d}.png", buf.getvalue())
+        atomic_write(folder / f"{i:06d}.png", buf.getvalue())
         rows.append({"file_name": f"{i:06d}.png", "text": s.caption, **s.attributes})
-    _atomic_write(folder / "metadata.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+    atomic_write(folder / "metadata.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
     return folder
 
 

@@ -8,11 +8,9 @@ The defaults give 16000 / 512 = 31.25 tokens per second, short enough for the ti
 """
 from __future__ import annotations
 
-import functools
 import io
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -20,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ...utils import atomic_write, single_threaded
 
 FORMAT, VERSION = "sdebatch.audio_tokenizer", 1
 F32 = torch.float32  # explicit everywhere: callers (tests) may set another default dtype
@@ -67,21 +66,7 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, f_min: float = 0.0
     return torch.tensor(fb, dtype=F32)
 
 
-def _one_cpu_thread(fn):
-    """Per-clip STFTs are too small for intra-op threads to pay off, and on a busy machine their barriers cost 30-100x
-    (2 loaded cores: a 2.5 s clip's STFT 0.9 ms on one thread, 61 ms on two); run on one, then restore the setting."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        n = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.set_num_threads(n)
-    return wrapper
-
-
-@_one_cpu_thread
+@single_threaded
 def log_mel(wave, fb: torch.Tensor, n_fft: int, hop: int, floor: float = 1e-5) -> torch.Tensor:
     """(1 + len // hop, n_mels) natural-log mel magnitudes of a 1-D waveform (centred frames, zero padding)."""
     x = torch.as_tensor(np.asarray(wave) if not torch.is_tensor(wave) else wave).to(fb.device, F32)
@@ -90,7 +75,7 @@ def log_mel(wave, fb: torch.Tensor, n_fft: int, hop: int, floor: float = 1e-5) -
     return (fb @ spec.abs()).clamp_min(floor).log().T
 
 
-@_one_cpu_thread
+@single_threaded
 def griffin_lim(mag: torch.Tensor, n_fft: int, hop: int, iters: int, length: int, seed: int = 0) -> torch.Tensor:
     """Waveform whose STFT magnitude approximates ``mag`` (n_fft // 2 + 1, frames): fast Griffin-Lim (Perraudin et
     al. 2013) with momentum 0.99; the initial phase comes from ``seed``, so the result is deterministic."""
@@ -105,12 +90,6 @@ def griffin_lim(mag: torch.Tensor, n_fft: int, hop: int, iters: int, length: int
         angles = angles / (angles.abs() + 1e-16)
         prev = rebuilt
     return torch.istft(mag * angles, n_fft, hop, window=win, length=length)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder, so the rename is atomic
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 class AudioTokenizer:
@@ -251,9 +230,9 @@ class AudioTokenizer:
         folder.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         torch.save({"codebook": self.codebook.detach().cpu()}, buf)
-        _atomic_write(folder / "weights.pt", buf.getvalue())
+        atomic_write(folder / "weights.pt", buf.getvalue())
         meta = {"format": FORMAT, "version": VERSION, "config": asdict(self.config)}
-        _atomic_write(folder / "config.json", json.dumps(meta, indent=1).encode())
+        atomic_write(folder / "config.json", json.dumps(meta, indent=1).encode())
         return folder
 
     @classmethod

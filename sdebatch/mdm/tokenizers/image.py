@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from ...utils import atomic_write
 
 FORMAT, VERSION = "sdebatch.image_tokenizer", 1
 
@@ -107,18 +106,6 @@ class _VQVAE(nn.Module):
         """(N, h, w) code indices -> (N, 3, H, W) in [0, 1]."""
         q = self.codebook[idx].permute(0, 3, 1, 2)
         return ((self.decoder(q) + 1) / 2).clamp(0, 1)
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -278,9 +265,9 @@ class ImageTokenizer:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        _atomic_write(folder / "weights.pt", lambda f: torch.save(state, f))
+        atomic_write(folder / "weights.pt", lambda f: torch.save(state, f))
         meta = {"format": FORMAT, "version": VERSION, "config": asdict(self.config)}
-        _atomic_write(folder / "config.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        atomic_write(folder / "config.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
         return folder
 
     @classmethod
