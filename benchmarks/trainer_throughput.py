@@ -49,7 +49,7 @@ def plain_loop(config: dict, tokens: int) -> dict:
 
 
 def trainer_run(config: dict) -> dict:
-    result = mdm_train.train({**config, "val_batches": 0, "out": ""}, progress=False)
+    result = mdm_train.train({**config, "val_sequences": 0, "out": ""}, progress=False)
     return {"tokens": result["tokens_seen"], "seconds": result["wall_clock_s"]}
 
 

@@ -52,9 +52,13 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "devices": 1,
     "precision": "32-true",
-    "val_batches": 8,                # validation ELBO batches at the end (0: none)
+    "val_sequences": 256,            # held-out sequences for the validation ELBO at the end (0: none); the same
+                                     # set and draws whatever the batch sizes, so runs of a sweep compare
+    "val_batch_size": 16,            # sequences per validation forward (fixed: the masking draws follow it)
     "eval_every_tokens": 0,          # validation during training every this many tokens (0: only at the end)
     "out": "runs/train",
+    "checkpoint_every": 0,           # Lightning training steps between checkpoints in <out>/checkpoints (0: none);
+                                     # resume with `sdebatch train --ckpt <out>/checkpoints/last.ckpt`
     "noise_scale": True,
     "threads": 0,                    # torch CPU threads (0: torch's default)
 }
@@ -79,9 +83,14 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> dict:
         raise ValueError(f"unknown config keys {unknown}; known: {sorted(DEFAULTS)}")
     if config["rule"] not in RULES:
         raise ValueError(f"rule must be one of {', '.join(RULES)}; got {config['rule']!r}")
-    for key in ("logical_batch_size", "physical_batch_size", "tokens"):
+    for key in ("logical_batch_size", "physical_batch_size", "tokens", "val_batch_size"):
         if not isinstance(config[key], int) or config[key] < 1:
             raise ValueError(f"{key} must be a positive int, got {config[key]!r}")
+    for key in ("val_sequences", "checkpoint_every"):
+        if not isinstance(config[key], int) or config[key] < 0:
+            raise ValueError(f"{key} must be a non-negative int, got {config[key]!r}")
+    if config["checkpoint_every"] and not config["out"]:
+        raise ValueError("checkpoint_every needs an out folder (out = '' writes nothing)")
     return config
 
 
@@ -94,13 +103,21 @@ class MDMModule(pl.LightningModule):
         self.model_config = get_config(config["model"], vocab_size, **config["model_overrides"])
         self.model = build_model(self.model_config)
         self._last = None  # (time, tokens) at the previous update, for tokens/s
+        self.micro_steps = 0  # training_step calls so far (checkpointed): indexes the masking draws
         self.val_results: list[dict] = []
 
     def forward(self, tokens, pad=None, select=None):
         return self.model(tokens, pad=pad, select=select)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        out = mdm_loss(self.model, batch, schedules=self.config["schedule"], cond_drop=self.config["cond_drop"])
+        # The masking draws are a function of (seed, rank, micro-step), not of the global RNG, which a checkpoint
+        # does not hold: a resumed run draws exactly what the uninterrupted run drew.
+        gen = torch.Generator(device=batch["tokens"].device)
+        gen.manual_seed((self.config["seed"] * 1_000_003 + self.global_rank * 7919 + self.micro_steps * 104_729)
+                        % 2**63)
+        self.micro_steps += 1
+        out = mdm_loss(self.model, batch, schedules=self.config["schedule"], cond_drop=self.config["cond_drop"],
+                       generator=gen)
         sl.count(self, num_items=out["num_items"], num_tokens=batch["pad"].sum())
         n = max(int(out["num_items"]), 1)
         self.log("elbo_bits", float(out["elbo_bits"]), prog_bar=True, batch_size=n)
@@ -115,6 +132,12 @@ class MDMModule(pl.LightningModule):
                      batch_size=n)
         self._last = (now, opt.tokens_seen)
         return out["loss_sum"]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["mdm_micro_steps"] = self.micro_steps
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.micro_steps = int(checkpoint.get("mdm_micro_steps", 0))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         r = elbo(self.model, batch, n_t=4, schedules=self.config["schedule"], seed=batch_idx)
@@ -157,9 +180,9 @@ class MDMDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         sizes = self.val_set.sizes
         keys = [(k, i) for k in ("text", "image", "audio") for i in range(sizes[k])]
-        n = self.config["val_batches"] * self.config["physical_batch_size"]
-        step = max(1, len(keys) // max(n, 1))
-        return DataLoader([self.val_set[k] for k in keys[::step][:n]], self.config["physical_batch_size"])
+        n = min(self.config["val_sequences"], len(keys))
+        picked = [keys[i * len(keys) // n] for i in range(n)]  # evenly spaced: every modality in proportion
+        return DataLoader([self.val_set[k] for k in picked], self.config["val_batch_size"])
 
 
 def build(config: dict) -> tuple[MDMModule, MDMDataModule, sl.LogicalBatch]:
@@ -186,11 +209,16 @@ def train(config: dict, *, progress: bool = True, ckpt_path: str | None = None,
         torch.set_num_threads(int(config["threads"]))
     pl.seed_everything(config["seed"], verbose=False)
     module, data, callback = build(config)
+    callbacks = list(callbacks or [])
+    if config["checkpoint_every"]:
+        callbacks.append(pl.callbacks.ModelCheckpoint(
+            dirpath=Path(config["out"]) / "checkpoints", every_n_train_steps=config["checkpoint_every"],
+            save_top_k=-1, save_last=True, filename="{step}"))
     if progress:
         print(describe(module.model_config, config["model"]), flush=True)
     trainer = pl.Trainer(accelerator="auto", devices=config["devices"], precision=config["precision"],
-                         max_epochs=1000, callbacks=[callback] + list(callbacks or []), logger=False,
-                         enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
+                         max_epochs=1000, callbacks=[callback] + callbacks, logger=False,
+                         enable_checkpointing=any(isinstance(cb, pl.callbacks.Checkpoint) for cb in callbacks), enable_progress_bar=progress, enable_model_summary=False,
                          num_sanity_val_steps=0, use_distributed_sampler=False,
                          limit_val_batches=0 if not config["eval_every_tokens"] else 1.0,
                          default_root_dir=config["out"])
@@ -201,7 +229,7 @@ def train(config: dict, *, progress: bool = True, ckpt_path: str | None = None,
     result = {"tokens_seen": opt.tokens_seen, "samples_seen": opt.samples_seen, "updates": opt.updates,
               "wall_clock_s": wall, "tokens_per_s": opt.tokens_seen / max(wall, 1e-9),
               "noise_scale": opt.noise_scale, "train_elbo_bits": float(trainer.callback_metrics.get("elbo_bits", "nan"))}
-    if config["val_batches"]:
+    if config["val_sequences"]:
         if callback.ema is not None:
             with callback.ema.swapped(module):
                 result["val"] = validate(module, data)

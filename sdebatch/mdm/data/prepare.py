@@ -31,7 +31,7 @@ PRESETS = {
                   image_res_blocks=1, audio=30, audio_val=6, audio_codes=16, audio_iterations=3, max_caption=12,
                   val_fraction=0.05),
     # trains on a 2-core CPU in a couple of minutes; the model's tiny config reads it
-    "tiny": dict(seq_len=128, text_vocab=1024, images=3000, image_val=200, image_steps=300, image_channels=64,
+    "tiny": dict(seq_len=128, text_vocab=1024, images=3000, image_val=200, image_steps=2000, image_channels=64,
                  image_res_blocks=1, audio=1200,
                  audio_val=100, audio_codes=256, audio_iterations=25, max_caption=24, val_fraction=0.05),
     # the smallest useful size for the "small" model config on one GPU
