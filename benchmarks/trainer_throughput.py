@@ -20,10 +20,22 @@ from pathlib import Path
 import torch
 
 from sdebatch.mdm import train as mdm_train
-from sdebatch.mdm.model import build_model, get_config, param_groups
+from sdebatch.mdm.model import build_model, flops_per_token, get_config, param_groups
 from sdebatch.mdm.objective import mdm_loss
 
 RESULTS = Path(__file__).parent / "results"
+# Dense bf16 peak TFLOP/s by CUDA device name (vendor datasheets, no sparsity), for MFU; --peak-tflops overrides.
+PEAK_TFLOPS = {"H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0, "V100": 125.0}
+
+
+def peak_tflops(given: float | None) -> float | None:
+    """The accelerator's peak for MFU: ``given``, else the CUDA device's datasheet value, else None (CPU)."""
+    if given:
+        return given
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    return None
 
 
 def plain_loop(config: dict, tokens: int) -> dict:
@@ -61,9 +73,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--logical", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", default="tiny", help="a config of sdebatch.mdm.model.CONFIGS (default tiny)")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="accelerator peak TFLOP/s for MFU (default: looked up from the CUDA device name)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    config = mdm_train.load_config(None, data=args.data, tokens=args.tokens, physical_batch_size=args.physical,
+    config = mdm_train.load_config(None, data=args.data, model=args.model, tokens=args.tokens,
+                                   physical_batch_size=args.physical,
                                    logical_batch_size=args.logical, noise_scale=False, threads=args.threads)
     rows = []
     for r in range(args.repeats):  # alternate, so drifting background load hits both
@@ -77,11 +93,20 @@ def main(argv: list[str] | None = None) -> dict:
     ratio = best["trainer"] / best["plain"]
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     cuda_peak = torch.cuda.max_memory_allocated() / 2 ** 20 if torch.cuda.is_available() else None
+    # model FLOPs per token (PaLM's 6N + attention count; an upper bound, see flops_per_token) x tokens/s
+    vocab_size = mdm_train.MDMDataModule(config).vocab.size
+    shape = get_config(config["model"], vocab_size, **config["model_overrides"])
+    tflops = flops_per_token(shape) * best["trainer"] / 1e12
+    peak = peak_tflops(args.peak_tflops)
+    mfu = tflops / peak if peak else None
     print(f"throughput ratio trainer / plain loop (best of {args.repeats} each): {ratio:.3f} (target >= 0.95); "
-          f"peak RSS {peak_rss_mb:.0f} MB" + (f", CUDA peak {cuda_peak:.0f} MB" if cuda_peak else ""))
+          f"peak RSS {peak_rss_mb:.0f} MB" + (f", CUDA peak {cuda_peak:.0f} MB" if cuda_peak else "")
+          + f"; trainer {tflops * 1e3:.2f} GFLOP/s" + (f", MFU {100 * mfu:.1f}%" if mfu is not None else
+                                                       " (MFU: CUDA or --peak-tflops only)"))
     results = {"config": {k: config[k] for k in ("model", "physical_batch_size", "logical_batch_size", "tokens")},
                "threads": args.threads, "rows": rows, "best_tokens_per_s": best, "ratio": ratio,
-               "peak_rss_mb": peak_rss_mb, "cuda_peak_mb": cuda_peak, "loadavg_1min": os.getloadavg()[0]}
+               "peak_rss_mb": peak_rss_mb, "cuda_peak_mb": cuda_peak, "loadavg_1min": os.getloadavg()[0],
+               "model_tflops_per_s": tflops, "peak_tflops": peak, "mfu": mfu}
     RESULTS.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=RESULTS, suffix=".tmp")
     with os.fdopen(fd, "w") as f:

@@ -40,8 +40,12 @@ def summarise(rows: list[dict], tolerance: float = 0.05) -> dict:
     means = {k: statistics.fmean(v) for k, v in cells.items()}
     logical = {int(r["logical_batch_size"]) for r in rows}
     lb = min(logical)
-    ref = [v for (rule, b), v in means.items() if b == lb]
-    reference = statistics.fmean(ref) if ref else float("nan")
+    # The logical run: exact accumulation at any physical batch (kappa = 1), else any rule at physical = logical.
+    ref_cells = [k for k in cells if k[0] == "accumulate"] or [k for k in cells if k[1] == lb]
+    ref_runs = [v for k in ref_cells for v in cells[k]]
+    reference = statistics.fmean(ref_runs) if ref_runs else float("nan")
+    # run-to-run spread of the logical run over seeds: deviations smaller than this are noise
+    spread = statistics.stdev(ref_runs) / reference if len(ref_runs) > 1 else None
     deviation = {k: (v - reference) / reference for k, v in means.items()}
     knees = {}
     for rule in {k[0] for k in means}:
@@ -49,6 +53,7 @@ def summarise(rows: list[dict], tolerance: float = 0.05) -> dict:
         knees[rule] = above[0] if above else None
     noise = [float(r["noise_scale"]) for r in rows if r.get("noise_scale") not in (None, "", "None")]
     return {"means": means, "reference": reference, "logical_batch_size": lb, "deviation": deviation,
+            "reference_runs": len(ref_runs), "reference_spread": spread, "seeds": {k: len(v) for k, v in cells.items()},
             "knee": knees, "noise_scale": statistics.median(noise) if noise else None, "tolerance": tolerance}
 
 
@@ -68,10 +73,15 @@ def _save(fig, out: Path, name: str) -> list[Path]:
 def loss_vs_batch(summary: dict, out: Path, name: str, ylabel: str) -> list[Path]:
     fig, ax = plt.subplots(figsize=(3.4, 2.5))
     lb = summary["logical_batch_size"]
-    rules = sorted({r for r, _ in summary["means"]}, key=list(COLORS).index)
+    rules = sorted({r for r, _ in summary["means"]} - {"accumulate"}, key=list(COLORS).index)
+    ref = summary["reference"]
+    err = ref * summary["reference_spread"] if summary["reference_spread"] else None
+    ax.errorbar([lb], [ref], yerr=err, fmt="s", color="black", ms=4, capsize=2, zorder=3)
     for rule in rules:
-        pts = sorted((b, v) for (r, b), v in summary["means"].items() if r == rule or b == lb)
-        pts = [(b, v) for b, v in pts if math.isfinite(v)]
+        # every rule passes through the logical run at kappa = 1 (update batch = logical batch)
+        pts = {b: v for (r, b), v in summary["means"].items() if r == rule}
+        pts.setdefault(lb, ref)
+        pts = [(b, v) for b, v in sorted(pts.items()) if math.isfinite(v)]
         if pts:
             ax.plot(*zip(*pts), "o-", color=COLORS.get(rule, "grey"), label=LABELS.get(rule, rule), ms=3, lw=1.2)
     ax.axhline(summary["reference"], color="grey", lw=0.8, ls=":", label=f"logical run (B={lb})")
@@ -121,9 +131,13 @@ def loss_vs_tokens(folder: Path, out: Path, name: str, x: str) -> list[Path]:
 
 
 def table(summary: dict) -> str:
-    lines = [f"{'batch':>6} {'rule':>12} {'final loss':>11} {'vs logical':>11}"]
+    lines = [f"{'batch':>6} {'rule':>12} {'seeds':>6} {'final loss':>11} {'vs logical':>11}"]
     for (rule, b), v in sorted(summary["means"].items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        lines.append(f"{b:>6} {rule:>12} {v:>11.4f} {100 * summary['deviation'][(rule, b)]:>+10.1f}%")
+        lines.append(f"{b:>6} {rule:>12} {summary['seeds'][(rule, b)]:>6} {v:>11.4f} "
+                     f"{100 * summary['deviation'][(rule, b)]:>+10.1f}%")
+    if summary["reference_spread"] is not None:
+        lines.append(f"logical run: {summary['reference_runs']} runs, seed-to-seed std "
+                     f"{100 * summary['reference_spread']:.1f}% of its loss")
     return "\n".join(lines)
 
 

@@ -105,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--config", help="the training config")
     ev.add_argument("--checkpoint", required=True, help="a checkpoint or weights file written by sdebatch train")
     ev.add_argument("--out", default="runs/eval")
+    ev.add_argument("--images", type=int, default=100, help="held-out captions to draw images for (default 100)")
+    ev.add_argument("--speech", type=int, default=8, help="held-out sentences to speak (default 8)")
+    ev.add_argument("--sampler", nargs="*", default=[], metavar="MODALITY.KEY=VALUE",
+                    help="sampler options over the defaults, e.g. image.guidance=5.0 (TOML values)")
     args = parser.parse_args(argv)
     try:
         if args.command == "data":
@@ -126,7 +130,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(result)
             else:
                 from .mdm.evaluate import evaluate_checkpoint
-                evaluate_checkpoint(config, args.checkpoint, args.out)
+                sampler: dict = {}
+                for item in args.sampler:
+                    key, _, value = item.partition("=")
+                    modality, _, option = key.partition(".")
+                    if modality not in ("image", "audio") or not option or not value:
+                        raise ValueError(f"--sampler takes image.KEY=VALUE or audio.KEY=VALUE, got {item!r}")
+                    parsed = None if value.lower() in ("none", "null") else tomllib.loads(f"v = {value}")["v"]
+                    sampler.setdefault(modality, {})[option] = parsed
+                evaluate_checkpoint(config, args.checkpoint, args.out, n_images=args.images, n_speech=args.speech,
+                                    sampler=sampler)
             return 0
     except ValueError as e:
         parser.error(str(e))

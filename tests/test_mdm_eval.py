@@ -159,6 +159,18 @@ def test_uniform_model_out_of_range_rate(folder, tmp_path):
     assert abs(r["t2i"]["out_of_range_fraction"] - expect) < 0.15  # 64 draws
 
 
+def test_sampler_overrides_apply_and_bad_ones_fail_first(folder, tmp_path):
+    vocab = Vocab(**json.loads((folder / "index.json").read_text())["vocab"])
+    r = evaluate(UniformModel(vocab.size), folder, tmp_path / "a", n_images=2, n_speech=1, steps=2, progress=False,
+                 sampler={"image": {"guidance": 1.5, "top_p": None}, "audio": {"strategy": "random"}})
+    assert r["t2i"]["sampler"]["guidance"] == 1.5 and r["t2i"]["sampler"]["top_p"] is None
+    assert r["t2s"]["sampler"]["strategy"] == "random" and r["t2i"]["sampler"]["steps"] == 2
+    with pytest.raises(ValueError, match="unknown options \\['guidanse'\\]"):
+        evaluate(UniformModel(vocab.size), folder, tmp_path / "b", n_images=2, progress=False,
+                 sampler={"image": {"guidanse": 2.0}})
+    assert not (tmp_path / "b").exists()  # failed before any work
+
+
 # ---------------------------------------------------------------- checkpoints
 
 def test_evaluate_checkpoint_state_dict_and_lightning(folder, tmp_path):

@@ -132,10 +132,15 @@ def text_elbo(model, data: TriModalDataset, *, schedules="linear", n_t: int = 4,
 
 # ---------------------------------------------------------------- generation helpers
 
-def _sampler(modality: str, steps: int | None) -> dict:
+def _sampler(modality: str, steps: int | None, overrides: dict | None = None) -> dict:
     o = dict(SAMPLING_DEFAULTS[modality])
     if steps is not None:
         o["steps"] = int(steps)
+    extra = (overrides or {}).get(modality, {})
+    unknown = sorted(set(extra) - set(o))
+    if unknown:
+        raise ValueError(f"sampler[{modality!r}] has unknown options {unknown}; known: {sorted(o)}")
+    o.update(extra)
     return o
 
 
@@ -207,7 +212,8 @@ def _image_grid(path: Path, generated: torch.Tensor, recon: torch.Tensor, captio
 # ---------------------------------------------------------------- evaluate
 
 def evaluate(model, data_folder, out_dir, *, n_images: int = 32, n_speech: int = 8, steps: int | None = None,
-             seed: int = 0, progress: bool = True, schedules="linear", text_rows: int | None = None) -> dict:
+             seed: int = 0, progress: bool = True, schedules="linear", text_rows: int | None = None,
+             sampler: dict | None = None) -> dict:
     """Evaluate a trained MDM on the held-out split of a prepared data folder; writes ``<out_dir>/report.json``,
     ``t2i_grid.png`` and ``speech/*.wav`` and returns the report.
 
@@ -222,7 +228,11 @@ def evaluate(model, data_folder, out_dir, *, n_images: int = 32, n_speech: int =
         progress: print one line per stage.
         schedules: masking schedule(s) of the ELBO, as trained (default "linear").
         text_rows: evaluate the ELBO on at most this many held-out text rows (default: all).
+        sampler: per-modality sampler options over SAMPLING_DEFAULTS, e.g. ``{"image": {"guidance": 3.0}}``
+            (default None: the defaults).
     """
+    for modality in ("image", "audio"):
+        _sampler(modality, steps, sampler)  # bad options fail here, before any work
     from .data.scenes import chance_scores, score_batch
     from .tokenizers.audio import AudioTokenizer, mel_cepstral_distortion
     from .tokenizers.image import ImageTokenizer
@@ -265,16 +275,16 @@ def evaluate(model, data_folder, out_dir, *, n_images: int = 32, n_speech: int =
             t = time.time()
             itok = ImageTokenizer.load(folder / "tokenizers" / "image")
             meta = _read_jsonl(folder / "image_val_meta.jsonl")
-            sampler = _sampler("image", steps)
+            sampler_opts = _sampler("image", steps, sampler)
             gen = torch.Generator(device=_device_of(model)).manual_seed(seed)
             g = _generate_codes(model, [data.pair("image", i, "t2i") for i in range(n_img)], IMAGE,
-                                vocab.image_offset, vocab.image_codes, sampler, gen)
+                                vocab.image_offset, vocab.image_codes, sampler_opts, gen)
             images = itok.decode(torch.stack(g["generated"]).long()).cpu()
             recon = itok.decode(torch.stack(g["true"]).long()).cpu()
             captions = [meta[i]["text"] if i < len(meta) else "" for i in range(n_img)]
             attrs = [{k: meta[i][k] for k in _SCENE_KEYS} for i in range(n_img)
                      if i < len(meta) and all(k in meta[i] for k in _SCENE_KEYS)]
-            t2i: dict[str, Any] = {"n": n_img, "sampler": sampler, "out_of_range": sum(g["out_of_range"]),
+            t2i: dict[str, Any] = {"n": n_img, "sampler": sampler_opts, "out_of_range": sum(g["out_of_range"]),
                                    "out_of_range_fraction": g["out_of_range_fraction"],
                                    "structure_token_accuracy": g["structure_accuracy"],
                                    "code_match": g["code_match"], "codes_per_image": len(g["true"][0])}
@@ -315,10 +325,10 @@ def evaluate(model, data_folder, out_dir, *, n_images: int = 32, n_speech: int =
             if len(meta) < n_sp:
                 raise ValueError(f"{folder / 'audio_val_meta.jsonl'} has {len(meta)} rows, need {n_sp}")
             texts = [meta[i]["text"] for i in range(n_sp)]
-            sampler = _sampler("audio", steps)
+            sampler_opts = _sampler("audio", steps, sampler)
             gen = torch.Generator(device=_device_of(model)).manual_seed(seed + 1)
             g = _generate_codes(model, [data.pair("audio", i, "t2s") for i in range(n_sp)], AUDIO,
-                                vocab.audio_offset, vocab.audio_codes, sampler, gen)
+                                vocab.audio_offset, vocab.audio_codes, sampler_opts, gen)
             refs = synthesize(texts, sample_rate=sr)
             rng = torch.Generator().manual_seed(seed + 2)
             (out / "speech").mkdir(exist_ok=True)
@@ -343,7 +353,7 @@ def evaluate(model, data_folder, out_dir, *, n_images: int = 32, n_speech: int =
                 vals = [it[key] for it in items if math.isfinite(it[key])]
                 return float(np.mean(vals)) if vals else float("nan")
 
-            t2s = {"n": n_sp, "sampler": sampler, "sample_rate": sr, "mcd_db": mean("mcd_db"),
+            t2s = {"n": n_sp, "sampler": sampler_opts, "sample_rate": sr, "mcd_db": mean("mcd_db"),
                    "baseline_random_mcd_db": mean("baseline_random_mcd_db"),
                    "baseline_reconstruction_mcd_db": mean("baseline_reconstruction_mcd_db"),
                    "out_of_range": sum(g["out_of_range"]), "out_of_range_fraction": g["out_of_range_fraction"],

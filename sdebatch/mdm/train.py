@@ -216,9 +216,10 @@ def train(config: dict, *, progress: bool = True, ckpt_path: str | None = None,
             save_top_k=-1, save_last=True, filename="{step}"))
     if progress:
         print(describe(module.model_config, config["model"]), flush=True)
+    checkpointing = any(isinstance(cb, pl.callbacks.Checkpoint) for cb in callbacks)
     trainer = pl.Trainer(accelerator="auto", devices=config["devices"], precision=config["precision"],
                          max_epochs=1000, callbacks=[callback] + callbacks, logger=False,
-                         enable_checkpointing=any(isinstance(cb, pl.callbacks.Checkpoint) for cb in callbacks), enable_progress_bar=progress, enable_model_summary=False,
+                         enable_checkpointing=checkpointing, enable_progress_bar=progress, enable_model_summary=False,
                          num_sanity_val_steps=0, use_distributed_sampler=False,
                          limit_val_batches=0 if not config["eval_every_tokens"] else 1.0,
                          default_root_dir=config["out"])
