@@ -31,6 +31,13 @@ def main() -> None:
             worst = max(cells, key=lambda b: abs(cells[b]))
             print(f"{rule}: largest deviation from the logical run {100 * cells[worst]:+.1f}% (batch {worst}); "
                   + ", ".join(f"batch {b}: {100 * d:+.1f}%" for b, d in sorted(cells.items())))
+    if summary["reference_spread"] is not None:
+        print(f"logical run: {summary['reference']:.4f} bits/token over {summary['reference_runs']} seeds, "
+              f"seed-to-seed std {100 * summary['reference_spread']:.2f}%")
+    knee, noise = summary["knee"].get("sqrt_exact"), summary["noise_scale"]
+    print(f"knee of the square-root rule ({100 * summary['tolerance']:.0f}% off the logical run): "
+          + (f"batch {knee}" if knee else "none in the sweep")
+          + (f"; gradient noise-scale estimate B_simple ~ {noise:.0f} (median over the logical runs)" if noise else ""))
     print(f"demo done in {time.time() - start:.0f}s")
 
 

@@ -117,8 +117,12 @@ def mdm(config: dict, progress: bool = True) -> dict:
                 self.window.append(float(v))
             opt = find_optimizer(module)
             if opt.did_update and self.window:
-                curve.append({"tokens": opt.tokens_seen, "samples": opt.samples_seen, "updates": opt.updates,
-                              "loss": sum(self.window) / len(self.window), "kappa": opt.last_kappa})
+                point = {"tokens": opt.tokens_seen, "samples": opt.samples_seen, "updates": opt.updates,
+                         "loss": sum(self.window) / len(self.window), "kappa": opt.last_kappa}
+                noise = getattr(opt, "noise", None)
+                if noise is not None and noise.count:  # the estimator's EMAs of |G|^2 and tr(Sigma)
+                    point.update(noise_g2=noise.gradient_sq_norm, noise_trace=noise.trace_sigma)
+                curve.append(point)
                 self.window = []
 
     known = {k: v for k, v in config.items() if k in mdm_train.DEFAULTS}
@@ -126,4 +130,40 @@ def mdm(config: dict, progress: bool = True) -> dict:
     result = mdm_train.train(cfg, progress=progress, callbacks=[Curve()])
     result.pop("module")
     val = result.pop("val", {})
+    # B_simple = tr(Sigma) / |G|^2 from the estimator's EMAs averaged over the second half of the run: the final
+    # value rests on the last ~20 updates and varies severalfold between seeds on short runs
+    late = [p for p in curve[len(curve) // 2:] if "noise_g2" in p]
+    g2 = sum(p["noise_g2"] for p in late)
+    result["noise_scale_late"] = sum(p["noise_trace"] for p in late) / g2 if late and g2 > 0 else None
     return {"final_loss": val.get("bits_per_token", float("nan")), "val": val, "curve": curve, **result}
+
+
+def quadratic(config: dict, progress: bool = True) -> dict:
+    """The noisy quadratic (``sdebatch.sde``): torch SGD or Adam through LogicalBatchOptimizer, many replicas at once.
+
+    Config: physical_batch_size, logical_batch_size, rule (naive | accumulate | linear with sgd | sqrt_exact,
+    sqrt_linear with adam), optimizer ("sgd" | "adam"), lr, samples, seed, and optional replicas (default 256), dim
+    (default 16; curvatures log-spaced from 1 to 1e-2), noise (per-sample gradient variance, default 1.0), theta0
+    (default 1.0). The loss is exact (0.5 sum h theta^2), averaged over the replicas; all batch sizes of a sweep see
+    the same sample stream (common random numbers), so their differences have little noise.
+    """
+    from sdebatch import sde
+
+    opt_name, rule = config.get("optimizer", "sgd"), config["rule"]
+    allowed = {"sgd": ("naive", "accumulate", "linear"), "adam": ("naive", "accumulate", "sqrt_exact", "sqrt_linear")}
+    if opt_name not in allowed or rule not in allowed[opt_name]:
+        raise ValueError(f"quadratic: rule must be one of {allowed.get(opt_name)} for optimizer {opt_name!r} "
+                         f"(optimizer: sgd | adam), got {rule!r}")
+    dim = int(config.get("dim", 16))
+    model = sde.NoisyQuadratic(torch.logspace(0, -2, dim, dtype=torch.float64), float(config.get("noise", 1.0)),
+                               float(config.get("theta0", 1.0)))
+    lb, b = int(config["logical_batch_size"]), int(config["physical_batch_size"])
+    samples = int(config["samples"])
+    grid = sde.sample_grid(samples, 16, multiple_of=max(b, lb) if rule != "accumulate" else lb)
+    sim = sde.simulate(model, opt_name, float(config["lr"]), lb, lb if rule == "accumulate" else b, grid,
+                       rule="none" if rule == "naive" else "auto", seeds=int(config.get("replicas", 256)),
+                       seed=int(config.get("seed", 0)), beta_form="linear" if rule == "sqrt_linear" else "exact")
+    curve = [{"samples": int(n), "loss": float(v)} for n, v in zip(sim.samples, sim.loss_mean)]
+    final = curve[-1]["loss"]
+    return {"final_loss": final if math.isfinite(final) else float("nan"), "final_loss_se": float(sim.loss_se[-1]),
+            "curve": curve, "samples_seen": curve[-1]["samples"], "kappa": sim.kappa}

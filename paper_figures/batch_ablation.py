@@ -41,7 +41,8 @@ def summarise(rows: list[dict], tolerance: float = 0.05) -> dict:
     logical = {int(r["logical_batch_size"]) for r in rows}
     lb = min(logical)
     # The logical run: exact accumulation at any physical batch (kappa = 1), else any rule at physical = logical.
-    ref_cells = [k for k in cells if k[0] == "accumulate"] or [k for k in cells if k[1] == lb]
+    # (at physical = logical every rule is the same run: take one rule's cell, so only seeds count as repeats)
+    ref_cells = [k for k in cells if k[0] == "accumulate"] or sorted(k for k in cells if k[1] == lb)[:1]
     ref_runs = [v for k in ref_cells for v in cells[k]]
     reference = statistics.fmean(ref_runs) if ref_runs else float("nan")
     # run-to-run spread of the logical run over seeds: deviations smaller than this are noise
@@ -51,7 +52,9 @@ def summarise(rows: list[dict], tolerance: float = 0.05) -> dict:
     for rule in {k[0] for k in means}:
         above = sorted(b for (r, b), d in deviation.items() if r == rule and b > lb and abs(d) > tolerance)
         knees[rule] = above[0] if above else None
-    noise = [float(r["noise_scale"]) for r in rows if r.get("noise_scale") not in (None, "", "None")]
+    # the second-half average of the estimator when the workload records it (more stable than the final value)
+    key = "noise_scale_late" if any(r.get("noise_scale_late") not in (None, "", "None") for r in rows) else "noise_scale"
+    noise = [float(r[key]) for r in rows if r.get(key) not in (None, "", "None")]
     return {"means": means, "reference": reference, "logical_batch_size": lb, "deviation": deviation,
             "reference_runs": len(ref_runs), "reference_spread": spread, "seeds": {k: len(v) for k, v in cells.items()},
             "knee": knees, "noise_scale": statistics.median(noise) if noise else None, "tolerance": tolerance}
@@ -98,7 +101,19 @@ def loss_vs_batch(summary: dict, out: Path, name: str, ylabel: str) -> list[Path
     return _save(fig, out, f"{name}_loss_vs_batch")
 
 
-def loss_vs_tokens(folder: Path, out: Path, name: str, x: str) -> list[Path]:
+def _binned(curve: list[dict], x: str, bins: int) -> tuple[list[float], list[float]]:
+    """Mean training loss in equal-width bins of ``x``: per-micro-batch losses of a masked diffusion model are noisy
+    (the 1/t weight), the binned mean shows the trend; every point is kept, nothing is dropped."""
+    hi = max(p[x] for p in curve)
+    sums: dict[int, list[float]] = {}
+    for p in curve:
+        i = min(int(p[x] / hi * bins), bins - 1)
+        sums.setdefault(i, []).append(p["loss"])
+    keys = sorted(sums)
+    return [(i + 0.5) * hi / bins for i in keys], [statistics.fmean(sums[i]) for i in keys]
+
+
+def loss_vs_tokens(folder: Path, out: Path, name: str, x: str, bins: int = 20) -> list[Path]:
     runs = []
     for cfg_path in sorted(folder.glob("*/config.json")):
         curve_path = cfg_path.parent / "curve.csv"
@@ -113,19 +128,21 @@ def loss_vs_tokens(folder: Path, out: Path, name: str, x: str) -> list[Path]:
     if not rules:
         return []
     fig, axes = plt.subplots(1, len(rules), figsize=(3.4 * len(rules) / 1.4, 2.4), sharey=True, squeeze=False)
-    batches = sorted({int(c["physical_batch_size"]) for c, _ in runs})
+    batches = sorted({int(c["physical_batch_size"]) for c, _ in runs if c["rule"] != "accumulate"})
     shades = plt.cm.viridis([i / max(len(batches) - 1, 1) for i in range(len(batches))])
     for ax, rule in zip(axes[0], rules):
-        for cfg, curve in runs:
+        logical_labelled = False
+        for cfg, curve in sorted(runs, key=lambda r: int(r[0]["physical_batch_size"])):
             b = int(cfg["physical_batch_size"])
-            if cfg["rule"] == rule or cfg["rule"] == "accumulate":
-                ls = ":" if cfg["rule"] == "accumulate" else "-"
-                ax.plot([p[x] for p in curve], [p["loss"] for p in curve], ls, color=shades[batches.index(b)],
-                        lw=1, label=f"B={b}" + (" (logical)" if cfg["rule"] == "accumulate" else ""))
+            if cfg["rule"] == "accumulate":
+                label = None if logical_labelled else f"logical B={cfg['logical_batch_size']}"
+                logical_labelled = True
+                ax.plot(*_binned(curve, x, bins), ":", color="black", lw=1.4, label=label, zorder=3)
+            elif cfg["rule"] == rule:
+                ax.plot(*_binned(curve, x, bins), "-", color=shades[batches.index(b)], lw=1, label=f"B={b}")
         ax.set_title(LABELS.get(rule, rule))
         ax.set_xlabel(f"{x} seen")
-        ax.set_xscale("log")
-    axes[0][0].set_ylabel("training loss")
+    axes[0][0].set_ylabel(f"training loss (mean per {100 // bins}% of the run)")
     axes[0][-1].legend(frameon=False, fontsize=6)
     return _save(fig, out, f"{name}_loss_vs_{x}")
 

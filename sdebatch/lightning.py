@@ -230,6 +230,9 @@ class LogicalBatch(pl.Callback):
                                batch_size=opt.physical_batch_size, rank_zero_only=True)
             pl_module.log("samples", metrics["samples_seen"], on_step=True, on_epoch=False, prog_bar=True,
                           logger=False, batch_size=opt.physical_batch_size, rank_zero_only=True)
+            if opt.tokens_seen:  # the run counts tokens: show its clock too
+                pl_module.log("tokens", metrics["tokens_seen"], on_step=True, on_epoch=False, prog_bar=True,
+                              logger=False, batch_size=opt.physical_batch_size, rank_zero_only=True)
         elif trainer.logger is not None and trainer.is_global_zero:  # self.log(on_step) is not allowed at epoch end
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
         if (self.max_samples is not None and opt.samples_seen >= self.max_samples) or \

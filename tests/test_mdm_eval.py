@@ -134,6 +134,19 @@ def test_report_of_uniform_model(folder, tmp_path):
     assert set(t2i["scores"]) >= {"colour", "count", "position", "size", "shape", "all"}
     assert set(t2i["baseline_chance"]) == {"mismatched", "noise", "blank"}
     assert "all" in t2i["baseline_reconstruction"]
+    from scipy.stats import binom
+
+    for key, v in t2i["vs_chance"].items():  # hits and p-value against the binomial tail written out here
+        assert v["n"] == 3 and v["hits"] == round(3 * t2i["scores"][key])
+        assert v["p_value"] == pytest.approx(binom.sf(v["hits"] - 1, 3, v["chance"]))
+        assert v["ci95"][0] <= v["accuracy"] <= v["ci95"][1]
+    # chance of "all": a random caption of the evaluated set has the same attributes, by hand from the metadata
+    meta = [json.loads(line) for line in (folder / "image_val_meta.jsonl").read_text().splitlines()[:3]]
+    collide = 1.0
+    for key in ("colour", "count", "position", "size", "shape"):
+        values = [m[key] for m in meta]
+        collide *= sum((values.count(v) / 3) ** 2 for v in set(values))
+    assert t2i["vs_chance"]["all"]["chance"] == pytest.approx(max(collide, t2i["baseline_chance"]["mismatched"]["all"]))
     assert (out / "t2i_grid.png").stat().st_size > 0
     t2s = r["t2s"]
     assert t2s["n"] == 2 and len(t2s["items"]) == 2

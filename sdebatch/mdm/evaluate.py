@@ -130,6 +130,31 @@ def text_elbo(model, data: TriModalDataset, *, schedules="linear", n_t: int = 4,
     return {"bits_per_token": nats / max(items, 1) / math.log(2), "num_items": items, "sequences": n, "n_t": n_t}
 
 
+def _vs_chance(scores: list[dict], chance: dict, attrs: list[dict]) -> dict:
+    """Per key: hits k of n, the Wilson 95% interval of the accuracy, the chance rate and the one-sided binomial
+    p-value of doing at least this well by chance. Chance per attribute is the mismatched-caption rate. For "all",
+    an estimate of a ~1/500 event from a few hundred images is mostly 0, so chance is the probability that a random
+    other caption of the evaluated set has the same attributes (the product over attributes of sum_v p(v)^2, the
+    generator drawing them independently): what drawing a perfect image for a random caption would score."""
+    from scipy.stats import binomtest
+
+    keys = [k for k in ("colour", "count", "position", "size", "shape") if k in chance]
+    rates = {k: float(chance[k]) for k in keys}
+    collide = 1.0
+    for k in keys:
+        _, counts = np.unique([str(a[k]) for a in attrs], return_counts=True)
+        collide *= float(((counts / counts.sum()) ** 2).sum())
+    rates["all"] = max(float(chance.get("all", 0.0)), collide)
+    out = {}
+    for key, p0 in rates.items():
+        k, n = int(round(sum(s[key] for s in scores))), len(scores)
+        test = binomtest(k, n, min(max(p0, 1e-12), 1.0), alternative="greater")
+        ci = test.proportion_ci(confidence_level=0.95, method="wilson")
+        out[key] = {"hits": k, "n": n, "accuracy": k / n, "ci95": [float(ci.low), float(ci.high)], "chance": p0,
+                    "p_value": float(test.pvalue)}
+    return out
+
+
 # ---------------------------------------------------------------- generation helpers
 
 def _sampler(modality: str, steps: int | None, overrides: dict | None = None) -> dict:
@@ -294,6 +319,7 @@ def evaluate(model, data_folder, out_dir, *, n_images: int = 32, n_speech: int =
                 t2i["baseline_reconstruction"] = score_batch(recon, attrs)
                 t2i["baseline_chance"] = chance_scores(200, size=itok.config.image_size, seed=seed)
                 per_item_all = [s["all"] for s in scores]
+                t2i["vs_chance"] = _vs_chance(scores, t2i["baseline_chance"]["mismatched"], attrs)
             else:  # a real image folder without scene attributes: nothing to score against
                 t2i["scores"] = None
                 t2i["note"] = "no scene attributes in image_val_meta.jsonl: not scored"
@@ -308,7 +334,8 @@ def evaluate(model, data_folder, out_dir, *, n_images: int = 32, n_speech: int =
                 s, rc, ch = t2i["scores"], t2i["baseline_reconstruction"], t2i["baseline_chance"]
                 log(f"[eval] t2i: {n_img} images, all-correct {s['all']:.2f} (colour {s['colour']:.2f}, position "
                     f"{s['position']:.2f}); tokenizer ceiling {rc['all']:.2f}, chance (mismatched) "
-                    f"{ch['mismatched']['all']:.2f}; ids outside the image range "
+                    f"{ch['mismatched']['all']:.2f} (attribute product {t2i['vs_chance']['all']['chance']:.4f}, "
+                    f"one-sided binomial p = {t2i['vs_chance']['all']['p_value']:.1g}); ids outside the image range "
                     f"{t2i['out_of_range_fraction']:.1%} ({time.time() - t:.1f}s)", flush=True)
             else:
                 log(f"[eval] t2i: {n_img} images generated, not scored ({time.time() - t:.1f}s)", flush=True)
