@@ -3,6 +3,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from sdebatch import sweep
 
@@ -87,3 +88,20 @@ def test_bad_sweep_files(tmp_path, text, needle):
     with pytest.raises(ValueError, match=None) as e:
         sweep.load_sweep(path)
     assert needle in str(e.value)
+
+
+def test_quadratic_workload_rules_and_errors():
+    from experiments.workloads import quadratic
+
+    base = dict(optimizer="adam", lr=0.01, logical_batch_size=8, samples=512, replicas=16, dim=4)
+    logical = quadratic({**base, "physical_batch_size": 8, "rule": "sqrt_exact"})
+    exact = quadratic({**base, "physical_batch_size": 2, "rule": "accumulate"})  # accumulation = the logical run
+    assert exact["curve"] == logical["curve"] and logical["kappa"] == 1.0
+    naive = quadratic({**base, "physical_batch_size": 2, "rule": "naive"})
+    rescaled = quadratic({**base, "physical_batch_size": 2, "rule": "sqrt_exact"})
+    assert rescaled["kappa"] == 0.25 and naive["final_loss"] != rescaled["final_loss"]
+    # the loss is the exact quadratic: at 0 samples every run is at theta0 = 1, loss 0.5 sum h
+    h = torch.logspace(0, -2, 4, dtype=torch.float64)
+    assert naive["curve"][0] == {"samples": 0, "loss": pytest.approx(float(0.5 * h.sum()))}
+    with pytest.raises(ValueError, match="rule must be one of"):
+        quadratic({**base, "physical_batch_size": 2, "rule": "linear"})  # the linear rule is for SGD
