@@ -149,7 +149,7 @@ def _vs_chance(scores: list[dict], chance: dict, attrs: list[dict]) -> dict:
     for key, p0 in rates.items():
         k, n = int(round(sum(s[key] for s in scores))), len(scores)
         test = binomtest(k, n, min(max(p0, 1e-12), 1.0), alternative="greater")
-        ci = test.proportion_ci(confidence_level=0.95, method="wilson")
+        ci = binomtest(k, n, min(max(p0, 1e-12), 1.0)).proportion_ci(confidence_level=0.95, method="wilson")
         out[key] = {"hits": k, "n": n, "accuracy": k / n, "ci95": [float(ci.low), float(ci.high)], "chance": p0,
                     "p_value": float(test.pvalue)}
     return out
