@@ -109,3 +109,16 @@ def test_trainer_resume_equals_uninterrupted(micro_data, tmp_path):
         assert torch.equal(a[k], b[k]), k
     for p, q in zip(full["module"].model.parameters(), resumed["module"].model.parameters()):
         assert torch.equal(p, q)
+
+
+def test_shipped_train_configs_load():
+    """Every config file in experiments/configs/ names only known keys and valid values (load_config checks)."""
+    from pathlib import Path
+
+    from sdebatch.mdm.train import load_config
+
+    files = sorted((Path(__file__).resolve().parents[1] / "experiments" / "configs").glob("*.toml"))
+    assert files
+    for f in files:
+        config = load_config(f)
+        assert config["tokens"] > 0 and sum(config["mix"].values()) == pytest.approx(1.0)
