@@ -8,8 +8,6 @@ The defaults give 16000 / 512 = 31.25 tokens per second, short enough for the ti
 """
 from __future__ import annotations
 
-import io
-import json
 import math
 import sys
 import time
@@ -18,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ...utils import atomic_write, single_threaded
+from ...utils import single_threaded
+from .files import load_folder, save_folder
 
 FORMAT, VERSION = "sdebatch.audio_tokenizer", 1
 F32 = torch.float32  # explicit everywhere: callers (tests) may set another default dtype
@@ -226,27 +225,13 @@ class AudioTokenizer:
     def save(self, folder) -> Path:
         """Write ``weights.pt`` (the codebook) then ``config.json`` (format, version, config) atomically into
         ``folder``; the config goes last, so a folder with a config is complete."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        buf = io.BytesIO()
-        torch.save({"codebook": self.codebook.detach().cpu()}, buf)
-        atomic_write(folder / "weights.pt", buf.getvalue())
-        meta = {"format": FORMAT, "version": VERSION, "config": asdict(self.config)}
-        atomic_write(folder / "config.json", json.dumps(meta, indent=1).encode())
-        return folder
+        return save_folder(folder, {"codebook": self.codebook.detach().cpu()}, FORMAT, VERSION, asdict(self.config))
 
     @classmethod
     def load(cls, folder, device="cpu") -> AudioTokenizer:
         """Read a tokenizer written by :meth:`save`; ValueError naming the file if it is absent or foreign."""
-        folder = Path(folder)
-        cfg_path, w_path = folder / "config.json", folder / "weights.pt"
-        if not cfg_path.is_file() or not w_path.is_file():
-            raise ValueError(f"{folder} is not a saved audio tokenizer (needs config.json and weights.pt)")
-        meta = json.loads(cfg_path.read_text())
-        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-            raise ValueError(f"{cfg_path}: format/version {meta.get('format')}/{meta.get('version')}, "
-                             f"expected {FORMAT}/{VERSION}")
-        config, book = AudioTokenizerConfig(**meta["config"]), torch.load(w_path, "cpu", weights_only=True)["codebook"]
+        meta, state, cfg_path, w_path = load_folder(folder, "audio", FORMAT, VERSION)
+        config, book = AudioTokenizerConfig(**meta), state["codebook"]
         if tuple(book.shape) != (config.codebook_size, config.n_mels):
             raise ValueError(f"{w_path}: codebook shape {tuple(book.shape)} does not match {cfg_path}")
         return cls(config, book).to(device)

@@ -10,7 +10,6 @@ worst (object edges and colours), not onto the black background that most vector
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from ...utils import atomic_write
+from .files import load_folder, save_folder
 
 FORMAT, VERSION = "sdebatch.image_tokenizer", 1
 
@@ -262,25 +261,13 @@ class ImageTokenizer:
     def save(self, folder) -> Path:
         """Write ``weights.pt`` then ``config.json`` (format, version, config) atomically into ``folder``; the
         config goes last, so a folder with a config is complete."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        atomic_write(folder / "weights.pt", lambda f: torch.save(state, f))
-        meta = {"format": FORMAT, "version": VERSION, "config": asdict(self.config)}
-        atomic_write(folder / "config.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
-        return folder
+        return save_folder(folder, state, FORMAT, VERSION, asdict(self.config))
 
     @classmethod
     def load(cls, folder, device="cpu") -> ImageTokenizer:
         """Read a tokenizer written by :meth:`save`; ValueError naming the file if it is absent or foreign."""
-        folder = Path(folder)
-        cfg_path, w_path = folder / "config.json", folder / "weights.pt"
-        if not cfg_path.is_file() or not w_path.is_file():
-            raise ValueError(f"{folder} is not a saved image tokenizer (needs config.json and weights.pt)")
-        meta = json.loads(cfg_path.read_text())
-        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-            raise ValueError(f"{cfg_path}: format/version {meta.get('format')}/{meta.get('version')}, "
-                             f"expected {FORMAT}/{VERSION}")
-        tok = cls(ImageTokenizerConfig(**meta["config"]))
-        tok.model.load_state_dict(torch.load(w_path, map_location="cpu", weights_only=True))
+        meta, state, _, _ = load_folder(folder, "image", FORMAT, VERSION)
+        tok = cls(ImageTokenizerConfig(**meta))
+        tok.model.load_state_dict(state)
         return tok.to(device)
