@@ -94,11 +94,11 @@ def mlp(config: dict, progress: bool = True) -> dict:
             "updates": opt.updates, "samples_seen": opt.samples_seen}
 
 
-def mdm(config: dict, progress: bool = True) -> dict:
+def mdm(config: dict, progress: bool = True, run_dir=None) -> dict:
     """The tri-modal masked diffusion model (``sdebatch.mdm.train``); keys of ``sdebatch.mdm.train.DEFAULTS``.
 
     The final loss is the held-out ELBO (bits per token); the curve is the training ELBO averaged over each update's
-    window, against tokens seen.
+    window, against tokens seen. Under a sweep (``run_dir`` given) the weights go to the run's folder as model.pt.
     """
     import lightning.pytorch as pl
 
@@ -126,6 +126,8 @@ def mdm(config: dict, progress: bool = True) -> dict:
                 self.window = []
 
     known = {k: v for k, v in config.items() if k in mdm_train.DEFAULTS}
+    if run_dir is not None:  # each run its own weights (the default out would be shared by every run of a sweep)
+        known["out"] = str(run_dir)
     cfg = mdm_train.load_config(None, **known)
     result = mdm_train.train(cfg, progress=progress, callbacks=[Curve()])
     result.pop("module")
@@ -135,6 +137,8 @@ def mdm(config: dict, progress: bool = True) -> dict:
     late = [p for p in curve[len(curve) // 2:] if "noise_g2" in p]
     g2 = sum(p["noise_g2"] for p in late)
     result["noise_scale_late"] = sum(p["noise_trace"] for p in late) / g2 if late and g2 > 0 else None
+    if run_dir is not None and "weights" in result:
+        result["weights"] = "model.pt"  # relative to the run folder (run_dir is renamed into place)
     return {"final_loss": val.get("bits_per_token", float("nan")), "val": val, "curve": curve, **result}
 
 

@@ -1,7 +1,7 @@
 """Declarative, resumable sweeps: a small TOML file declares a base config and a grid; each run gets its own folder.
 
     name = "physical_batch"
-    workload = "experiments.workloads:mlp"      # module:function(config, progress) -> result dict
+    workload = "experiments.workloads:mlp"      # module:function(config, progress[, run_dir]) -> result dict
     [base]
     logical_batch_size = 32
     [grid]
@@ -13,12 +13,15 @@ listed explicitly). Its id is derived from its config, so a rerun of the sweep s
 continues where it stopped. A run writes into a temporary folder that is renamed into place when complete: a folder
 that exists is a finished run. A run whose loss goes nan/inf is recorded with ``diverged = true`` and the sweep goes
 on; a run that raises is recorded as failed (its traceback in ``error.txt``) and retried by the next invocation.
+A workload that takes a ``run_dir`` argument gets the run's (temporary) folder for its own files, e.g. weights; they
+land in the run folder with the rest.
 """
 from __future__ import annotations
 
 import csv
 import hashlib
 import importlib
+import inspect
 import itertools
 import json
 import math
@@ -115,9 +118,10 @@ def run_one(spec: dict, config: dict, out: Path, *, progress: bool = True) -> di
     tmp.mkdir(parents=True)
     _write_json(tmp / "config.json", {"sweep": spec["name"], "workload": spec["workload"], "run_id": rid, **config})
     fn = _workload(spec["workload"])
+    kwargs = {"run_dir": tmp} if "run_dir" in inspect.signature(fn).parameters else {}
     start = time.time()
     try:
-        result = fn(dict(config), progress=progress)
+        result = fn(dict(config), progress=progress, **kwargs)
     except Exception:
         (out / f"{rid}.error.txt").write_text(traceback.format_exc())
         shutil.rmtree(tmp, ignore_errors=True)
