@@ -7,8 +7,8 @@ import torch
 
 import sdebatch
 from sdebatch.mdm.model import MDM, MDMConfig, CONFIGS, flops_per_token, param_count, param_groups
-from sdebatch.mdm.objective import (MASK_ID, PAD_ID, Schedule, corrupt, elbo, mdm_loss, sample_times,
-                                    subs_logits)
+from sdebatch.mdm.objective import (MASK_ID, PAD_ID, Schedule, corrupt, elbo, mdm_loss, sample_draws,
+                                    sample_times, subs_logits)
 from sdebatch.mdm.sample import generate, guided_logits
 from sdebatch.mdm.vocab import SPECIAL, TEXT, Vocab, layout_pair
 
@@ -167,6 +167,39 @@ def test_antithetic_times_cover_unit_interval():
     assert bool((counts == 1).all())  # exactly one time in each of n equal strata
     gaps = torch.diff(u.sort().values)
     assert torch.allclose(gaps, torch.full_like(gaps, 1 / n), atol=1e-12)
+
+
+def test_per_sample_draws_do_not_depend_on_the_batch():
+    """sample_draws keys every draw by (seed, position): any split of the stream into batches, in any order, gives
+    the same draws (common random numbers across physical batch sizes), and another seed gives other draws."""
+    pos = torch.arange(100, 132)
+    t, u, d = sample_draws(pos, 16, seed=3)
+    for b in (1, 4, 8):
+        parts = [sample_draws(pos[i:i + b], 16, seed=3) for i in range(0, 32, b)]
+        for whole, split in zip((t, u, d), zip(*parts)):
+            assert torch.equal(whole, torch.cat(split))
+    shuffled = torch.randperm(32, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sample_draws(pos[shuffled], 16, seed=3)[1], u[shuffled])
+    other = sample_draws(pos, 16, seed=4)
+    assert not torch.equal(other[0], t) and not torch.equal(other[1], u)
+    assert u.min() >= 0 and u.max() < 1 and d.min() >= 0 and d.max() < 1
+    # the masking uniforms are uniform and independent across positions (a Kolmogorov-Smirnov bound, 4096 values)
+    big = sample_draws(torch.arange(256), 16, seed=0)[1].flatten().sort().values
+    ks = (big - torch.arange(1, big.numel() + 1) / big.numel()).abs().max()
+    assert ks < 1.63 / math.sqrt(big.numel())  # the 1% critical value
+
+
+@pytest.mark.parametrize("n", [4, 8, 16, 64, 256])
+def test_per_sample_times_are_stratified_for_any_batch(n):
+    """t_n = eps + (1 - eps) frac(u + n / phi): any n consecutive positions leave no gap over 3 / n in [0, 1)
+    (three-gap theorem: the largest gap of the golden-ratio sequence is under phi^2 / n), as antithetic does."""
+    eps = 1e-3
+    for start in (0, 17, 10_000_019):
+        t = sample_draws(torch.arange(start, start + n), 4, seed=1, time_eps=eps)[0].double()
+        assert t.min() >= eps and t.max() <= 1
+        v = ((t - eps) / (1 - eps)).sort().values
+        gaps = torch.cat([torch.diff(v), (1 + v[:1] - v[-1:])])  # on the circle
+        assert gaps.max() < 3 / n
 
 
 def test_only_targets_masked_padding_never():
@@ -369,3 +402,4 @@ def test_named_configs():
     assert 300e6 < sizes["320m"]["total"] < 340e6 and 230e6 < sizes["320m"]["embedding"] < 250e6
     assert 2.8e9 < sizes["3b"]["total"] < 3.2e9
     assert CONFIGS["tiny"].width_mult == 1 and CONFIGS["tiny"].depth_mult == 1
+    assert CONFIGS["micro"].width_mult == 0.5 and CONFIGS["micro"].depth_mult == 0.5

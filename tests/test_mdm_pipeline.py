@@ -83,6 +83,7 @@ def test_miniature_demo_sweep_with_kill_and_resume(micro_data, tmp_path):
         assert np.isfinite(r["final_loss"]) and r["tokens_seen"] >= 1500 and r["diverged"] is False
         curve = (folder / r["run_id"] / "curve.csv").read_text().splitlines()
         assert curve[0].startswith("tokens") and len(curve) > 2
+        assert r["weights"] == "model.pt" and (folder / r["run_id"] / "model.pt").exists()  # each run its own
     by = {(r["rule"], r["physical_batch_size"]): r for r in rows}
     assert by[("sqrt_exact", 2)]["updates"] > by[("accumulate", 8)]["updates"] > by[("naive", 16)]["updates"]
     cfg = json.loads((folder / rows[0]["run_id"] / "config.json").read_text())
@@ -109,6 +110,28 @@ def test_trainer_resume_equals_uninterrupted(micro_data, tmp_path):
         assert torch.equal(a[k], b[k]), k
     for p, q in zip(full["module"].model.parameters(), resumed["module"].model.parameters()):
         assert torch.equal(p, q)
+
+
+def test_trainer_accumulation_equals_one_big_batch(micro_data, tmp_path):
+    """sdebatch train in float64 at logical batch 8: 4 micro-batches of 2 give the weights of one batch of 8 (each
+    sample's masking draws depend on its stream position, not on the batch it lands in), to round-off."""
+    from sdebatch.mdm.train import build, load_config, train
+
+    out, _ = micro_data
+    config = load_config(None, data=str(out), model="tiny", logical_batch_size=8, rule="accumulate",
+                         model_overrides={"d_model": 32, "n_layers": 1, "n_heads": 2, "base_width": 32,
+                                          "base_depth": 1},
+                         tokens=3000, lr=3e-3, val_sequences=0, noise_scale=False, precision="64-true", out="")
+    big = train({**config, "physical_batch_size": 8}, progress=False)["module"].model
+    small = train({**config, "physical_batch_size": 2}, progress=False)
+    assert small["updates"] >= 3
+    torch.manual_seed(config["seed"])  # what train() does before building the model
+    init = build({**config, "physical_batch_size": 8})[0].model.double()
+    for (name, p), q in zip(small["module"].model.named_parameters(), big.parameters()):
+        assert p.dtype == torch.float64
+        assert torch.allclose(p, q, rtol=0, atol=1e-10), name
+    moved = max(float((p - q).abs().max()) for p, q in zip(big.parameters(), init.parameters()))
+    assert moved > 1e-3  # the runs did train
 
 
 def test_shipped_train_configs_load():

@@ -129,10 +129,13 @@ class MDMConfig:
 
 
 # Named shapes. Widths grow by adding 64-wide heads. "tiny" is the base shape (m = m_L = 1) and trains on a 2-core CPU;
+# "micro" (m = m_L = 1/2, ~3x the tokens/s of tiny) is for batch-size sweeps that need thousands of updates per run on
+# a CPU (the default demo);
 # "320m" is the paper's batch-study pilot (~240M of its ~324M parameters are the untied embeddings of the assumed
 # 155,661-id joint vocabulary); "3b" is the paper's largest size. Fill vocab_size from the data with
 # get_config(name, vocab.size).
 CONFIGS: dict[str, MDMConfig] = {
+    "micro": MDMConfig(d_model=64, n_layers=2, n_heads=1, seq_len=128),
     "tiny": MDMConfig(d_model=128, n_layers=4, n_heads=2, seq_len=128),
     "small": MDMConfig(d_model=384, n_layers=8, n_heads=6, seq_len=256),
     "320m": MDMConfig(d_model=768, n_layers=12, n_heads=12, seq_len=1024),

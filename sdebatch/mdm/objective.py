@@ -31,6 +31,7 @@ from typing import Mapping, Union
 import torch
 import torch.nn.functional as F
 
+from .data.mixture import _seed
 from .vocab import AUDIO, IMAGE, SPECIAL, SPECIALS, TEXT
 
 PAD_ID = SPECIALS.index("[PAD]")
@@ -140,6 +141,41 @@ def sample_times(n: int, *, method: str = "antithetic", eps: float = 1e-3, gener
         u0 = torch.rand(1, generator=generator, device=device, dtype=dtype)
         u = (u0 + torch.arange(n, device=device, dtype=dtype) / n) % 1
     return eps + (1 - eps) * u
+
+
+_INV_PHI = (math.sqrt(5) - 1) / 2  # n / phi mod 1 spreads any run of consecutive n evenly over [0, 1)
+
+
+def sample_draws(positions: torch.Tensor, length: int, *, seed: int = 0, time_eps: float = 1e-3,
+                 dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each sample's training randomness as a function of (seed, its stream position) alone.
+
+    A sample gets the same time, mask and condition drop whatever batch it lands in, so runs at different physical
+    batch sizes (accumulation or one big batch, one rank or many) see the same stream of (sequence, t, mask): common
+    random numbers, which is what lets a batch-size sweep compare runs at a fraction of the seed-to-seed noise.
+    Times follow the additive recurrence t_n = eps + (1 - eps) frac(u_seed + n / phi), a low-discrepancy sequence:
+    every stretch of consecutive positions is spread evenly over [eps, 1], as antithetic sampling spreads a batch.
+
+    Args:
+        positions: (B,) integer stream positions (``position`` of a batch from :class:`MixtureSampler`).
+        length: sequence length L.
+        seed: run seed (default 0).
+        time_eps: floor of t (default 1e-3).
+        dtype: float dtype of the draws (default torch's default dtype).
+    Returns ``t`` (B,), ``u`` (B, L) masking uniforms, ``drop_u`` (B,) condition-drop uniforms, on ``positions``'
+    device.
+    """
+    dtype = dtype or torch.get_default_dtype()
+    pos = [int(p) for p in positions.reshape(-1).tolist()]
+    if any(p < 0 for p in pos):
+        raise ValueError(f"positions must be non-negative stream positions, got {min(pos)}")
+    u0 = torch.rand(1, generator=torch.Generator().manual_seed(_seed(seed, 2)), dtype=torch.float64)
+    frac = (u0 + torch.tensor(pos, dtype=torch.float64) * _INV_PHI) % 1  # float64: exact enough for n ~ 1e12
+    t = time_eps + (1 - time_eps) * frac
+    draws = torch.stack([torch.rand(length + 1, generator=torch.Generator().manual_seed(_seed(seed, 3, p)),
+                                    dtype=torch.float64) for p in pos]) if pos else torch.zeros(0, length + 1)
+    dev = positions.device
+    return t.to(dev, dtype), draws[:, :length].to(dev, dtype), draws[:, length].to(dev, dtype)
 
 
 def target_modality(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:

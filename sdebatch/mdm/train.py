@@ -28,7 +28,7 @@ from sdebatch.data import ResumableDataLoader
 from .data.dataset import TriModalDataset
 from .data.mixture import MixtureSampler
 from .model import build_model, describe, get_config, param_groups
-from .objective import elbo, mdm_loss
+from .objective import elbo, mdm_loss, sample_draws
 
 DEFAULTS: dict[str, Any] = {
     "data": "data/tiny",             # a folder made by `sdebatch data prepare`
@@ -103,7 +103,7 @@ class MDMModule(pl.LightningModule):
         self.model_config = get_config(config["model"], vocab_size, **config["model_overrides"])
         self.model = build_model(self.model_config)
         self._last = None  # (time, tokens) at the previous update, for tokens/s
-        self.micro_steps = 0  # training_step calls so far (checkpointed): indexes the masking draws
+        self.micro_steps = 0  # training_step calls so far (checkpointed): keys the draws of batches without positions
         self._window_sums: dict[str, list] = {}  # per modality [nats, items] over the current window, for logging
         self.val_results: list[dict] = []
 
@@ -111,14 +111,20 @@ class MDMModule(pl.LightningModule):
         return self.model(tokens, pad=pad, select=select)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        # The masking draws are a function of (seed, rank, micro-step), not of the global RNG, which a checkpoint
-        # does not hold: a resumed run draws exactly what the uninterrupted run drew.
-        gen = torch.Generator(device=batch["tokens"].device)
-        gen.manual_seed((self.config["seed"] * 1_000_003 + self.global_rank * 7919 + self.micro_steps * 104_729)
-                        % 2**63)
+        # The masking draws are a function of the seed and each sample's stream position (common random numbers: the
+        # same draws at every physical batch size); for batches without positions, of (seed, rank, micro-step). Never
+        # of the global RNG, which a checkpoint does not hold: a resumed run draws what the uninterrupted run drew.
         self.micro_steps += 1
+        if "position" in batch:
+            t, u, drop_u = sample_draws(batch["position"], batch["tokens"].shape[1], seed=self.config["seed"])
+            draws = dict(t=t, u=u, drop_u=drop_u)
+        else:
+            gen = torch.Generator(device=batch["tokens"].device)
+            gen.manual_seed((self.config["seed"] * 1_000_003 + self.global_rank * 7919
+                             + (self.micro_steps - 1) * 104_729) % 2**63)
+            draws = dict(generator=gen)
         out = mdm_loss(self.model, batch, schedules=self.config["schedule"], cond_drop=self.config["cond_drop"],
-                       generator=gen)
+                       **draws)
         sl.count(self, num_items=out["num_items"], num_tokens=batch["pad"].sum())
         n = max(int(out["num_items"]), 1)
         self.log("elbo_bits", float(out["elbo_bits"]), prog_bar=True, batch_size=n)
@@ -182,7 +188,7 @@ class MDMDataModule(pl.LightningDataModule):
         c = self.config
         sizes = self.train_set.sizes
         weights = {k: float(c["mix"].get(k, 0.0)) for k in sizes}
-        sampler = MixtureSampler(sizes, weights, self.samples_per_epoch(), seed=c["seed"])
+        sampler = MixtureSampler(sizes, weights, self.samples_per_epoch(), seed=c["seed"], with_position=True)
         return ResumableDataLoader(self.train_set, c["physical_batch_size"], sampler=sampler, drop_last=False)
 
     def val_dataloader(self) -> DataLoader:

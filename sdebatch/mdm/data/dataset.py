@@ -83,16 +83,21 @@ class TriModalDataset(Dataset):
         return layout_pair(self.vocab, task, _captions(self.audio_captions, i), self.audio_codes[a:b].tolist(),
                            self.seq_len)
 
-    def __getitem__(self, key: tuple[str, int]) -> dict:
-        source, i = key
+    def __getitem__(self, key: tuple[str, int] | tuple[str, int, int]) -> dict:
+        """``(source, index)``, or ``(source, index, position)`` to carry the stream position as ``position``."""
+        source, i = key[0], key[1]
         if source == "text":
             tokens = torch.from_numpy(np.asarray(self.text[i], dtype=np.int64))
             modality = self.vocab.modality_of(tokens)
-            return {"tokens": tokens, "pad": torch.ones_like(tokens, dtype=torch.bool), "modality": modality,
+            item = {"tokens": tokens, "pad": torch.ones_like(tokens, dtype=torch.bool), "modality": modality,
                     "target": torch.arange(len(tokens)) > 0, "task": TASKS.index("text")}
-        if source in ("image", "audio"):
-            return self.pair(source, i)
-        raise KeyError(f"source must be 'text', 'image' or 'audio', got {source!r}")
+        elif source in ("image", "audio"):
+            item = self.pair(source, i)
+        else:
+            raise KeyError(f"source must be 'text', 'image' or 'audio', got {source!r}")
+        if len(key) == 3:
+            item["position"] = int(key[2])
+        return item
 
     def __len__(self) -> int:
         return sum(self.sizes.values())

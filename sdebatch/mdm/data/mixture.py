@@ -4,7 +4,9 @@ The global stream is fixed by the seed: position k draws its source from the mix
 of positions, so any position can be recomputed) and takes that source's next index; each source walks through its
 own per-pass permutations. Rank r of W takes positions r, r + W, ... of the stream, so ranks are disjoint and
 together complete, and the first W x b positions form the first global batch whatever the split. It yields keys
-``(source, index)`` for :class:`sdebatch.mdm.data.dataset.TriModalDataset` and has the ``epoch`` / ``start``
+``(source, index)`` (with ``with_position``, ``(source, index, position)``: the global stream position, which keys
+each sample's own random draws in training) for :class:`sdebatch.mdm.data.dataset.TriModalDataset` and has the
+``epoch`` / ``start``
 interface of :class:`sdebatch.data.ResumableSampler`, so :class:`sdebatch.data.ResumableDataLoader` resumes it.
 """
 from __future__ import annotations
@@ -33,11 +35,12 @@ class MixtureSampler(ShardedMixin, Sampler):
         weights: source name -> mixing weight (non-negative, normalised); the same keys as ``sizes``.
         samples_per_epoch: global stream positions per epoch (all ranks together).
         seed: base seed (default 0).
+        with_position: yield ``(source, index, position)`` with the global stream position (default False).
         num_replicas, rank: data-parallel layout; default from ``torch.distributed`` when iterated, else 1 and 0.
     """
 
     def __init__(self, sizes: dict[str, int], weights: dict[str, float], samples_per_epoch: int, *, seed: int = 0,
-                 num_replicas: int | None = None, rank: int | None = None) -> None:
+                 with_position: bool = False, num_replicas: int | None = None, rank: int | None = None) -> None:
         if set(sizes) != set(weights) or not sizes:
             raise ValueError(f"sizes and weights must name the same sources, got {sorted(sizes)} and {sorted(weights)}")
         if any(int(n) < 1 for n in sizes.values()):
@@ -51,6 +54,7 @@ class MixtureSampler(ShardedMixin, Sampler):
         self.sizes = [int(sizes[k]) for k in self.names]
         self.probs = w / w.sum()
         self.samples_per_epoch, self.seed = int(samples_per_epoch), int(seed)
+        self.with_position = bool(with_position)
         self._num_replicas, self._rank = num_replicas, rank
         self.epoch = 0
         self.start = 0  # this rank's positions already consumed in the current epoch
@@ -98,4 +102,6 @@ class MixtureSampler(ShardedMixin, Sampler):
         start, self.start = self.start, 0
         per_rank = len(self)
         keys = self.stream(base, base + per_rank * W)
+        if self.with_position:
+            keys = [(name, i, base + k) for k, (name, i) in enumerate(keys)]
         return iter(keys[r::W][start:])
