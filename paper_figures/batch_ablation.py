@@ -29,8 +29,9 @@ plt.rcParams.update({"font.size": 8, "axes.titlesize": 8, "legend.fontsize": 7, 
 
 
 def summarise(rows: list[dict], tolerance: float = 0.05) -> dict:
-    """Mean final loss per (rule, physical batch); the logical run's loss; each cell's relative deviation from it;
-    the knee (the smallest batch where a rule leaves the logical run by more than ``tolerance``)."""
+    """Mean final loss per (rule, physical batch); the logical run's loss; each cell's relative deviation from it,
+    with the standard error of that deviation over seeds (``deviation_se``, None for a cell of one run); the knee (the
+    smallest batch where a rule leaves the logical run by more than ``tolerance``)."""
     cells: dict[tuple, list[float]] = {}
     for r in rows:
         if r.get("diverged") in (True, "True"):
@@ -48,14 +49,28 @@ def summarise(rows: list[dict], tolerance: float = 0.05) -> dict:
     # run-to-run spread of the logical run over seeds: deviations smaller than this are noise
     spread = statistics.stdev(ref_runs) / reference if len(ref_runs) > 1 else None
     deviation = {k: (v - reference) / reference for k, v in means.items()}
+    # standard error of (cell mean - reference) / reference, from the seeds of the cell and of the logical run
+    ref_var = statistics.variance(ref_runs) / len(ref_runs) if len(ref_runs) > 1 else None
+    deviation_se = {}
+    for k, v in cells.items():
+        finite = all(math.isfinite(x) for x in v)
+        cell_var = statistics.variance(v) / len(v) if len(v) > 1 and finite else None
+        both = None if cell_var is None or ref_var is None else (cell_var + (0 if k in ref_cells else ref_var))
+        deviation_se[k] = math.sqrt(both) / reference if both is not None else None
     knees = {}
     for rule in {k[0] for k in means}:
         above = sorted(b for (r, b), d in deviation.items() if r == rule and b > lb and abs(d) > tolerance)
         knees[rule] = above[0] if above else None
-    # the second-half average of the estimator when the workload records it (more stable than the final value)
-    key = "noise_scale_late" if any(r.get("noise_scale_late") not in (None, "", "None") for r in rows) else "noise_scale"
-    noise = [float(r[key]) for r in rows if r.get(key) not in (None, "", "None")]
+    # B_simple of the logical runs: the end-of-run probe when the workload made one (two batch sizes 16x apart),
+    # else the in-run estimator's second-half average, else its final value
+    ref_rows = [r for r in rows if (r["rule"], int(r["physical_batch_size"])) in ref_cells] or rows
+    noise = []
+    for key in ("noise_probe.b_simple", "noise_scale_late", "noise_scale"):
+        noise = [float(r[key]) for r in ref_rows if r.get(key) not in (None, "", "None")]
+        if noise:
+            break
     return {"means": means, "reference": reference, "logical_batch_size": lb, "deviation": deviation,
+            "deviation_se": deviation_se,
             "reference_runs": len(ref_runs), "reference_spread": spread, "seeds": {k: len(v) for k, v in cells.items()},
             "knee": knees, "noise_scale": statistics.median(noise) if noise else None, "tolerance": tolerance}
 
@@ -86,7 +101,9 @@ def loss_vs_batch(summary: dict, out: Path, name: str, ylabel: str) -> list[Path
         pts.setdefault(lb, ref)
         pts = [(b, v) for b, v in sorted(pts.items()) if math.isfinite(v)]
         if pts:
-            ax.plot(*zip(*pts), "o-", color=COLORS.get(rule, "grey"), label=LABELS.get(rule, rule), ms=3, lw=1.2)
+            se = [(summary["deviation_se"].get((rule, b)) or 0.0) * ref for b, _ in pts]
+            ax.errorbar(*zip(*pts), yerr=se if any(se) else None, fmt="o-", color=COLORS.get(rule, "grey"),
+                        label=LABELS.get(rule, rule), ms=3, lw=1.2, capsize=2)
     ax.axhline(summary["reference"], color="grey", lw=0.8, ls=":", label=f"logical run (B={lb})")
     ax.axvline(lb, color="grey", lw=0.5)
     if summary["noise_scale"]:
@@ -148,10 +165,11 @@ def loss_vs_tokens(folder: Path, out: Path, name: str, x: str, bins: int = 20) -
 
 
 def table(summary: dict) -> str:
-    lines = [f"{'batch':>6} {'rule':>12} {'seeds':>6} {'final loss':>11} {'vs logical':>11}"]
+    lines = [f"{'batch':>6} {'rule':>12} {'seeds':>6} {'final loss':>11} {'vs logical':>11} {'+- se':>7}"]
     for (rule, b), v in sorted(summary["means"].items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        se = summary["deviation_se"].get((rule, b))
         lines.append(f"{b:>6} {rule:>12} {summary['seeds'][(rule, b)]:>6} {v:>11.4f} "
-                     f"{100 * summary['deviation'][(rule, b)]:>+10.1f}%")
+                     f"{100 * summary['deviation'][(rule, b)]:>+10.1f}% " + (f"{100 * se:>6.1f}%" if se else ""))
     if summary["reference_spread"] is not None:
         lines.append(f"logical run: {summary['reference_runs']} runs, seed-to-seed std "
                      f"{100 * summary['reference_spread']:.1f}% of its loss")

@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--out", default="runs", help="parent folder of the sweep's run folders (default runs)")
     run.add_argument("--dry-run", action="store_true", help="list the runs and their batch arithmetic")
     run.add_argument("--backend", default="local", choices=["local", "submitit"])
+    run.add_argument("--jobs", type=int, default=1,
+                     help="local runs at once, each its own process (default 1); keep jobs x threads <= cores")
     col = swsub.add_parser("collect", help="one CSV row per finished run")
     col.add_argument("folder", help="a sweep's folder, e.g. runs/mlp_physical_batch")
     col.add_argument("--out", help="CSV path (default <folder>/results.csv)")
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         from . import sweep
         try:
             if args.sweep_command == "run":
-                sweep.run_sweep(args.file, args.out, dry_run=args.dry_run, backend=args.backend)
+                sweep.run_sweep(args.file, args.out, dry_run=args.dry_run, backend=args.backend, jobs=args.jobs)
             else:
                 out = args.out or str(Path(args.folder) / "results.csv")
                 rows = sweep.collect(args.folder, out)

@@ -107,3 +107,56 @@ class MicroGradNorms:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+def probe_noise_scale(params, losses, *, micro_batch_size: int, group_size: int) -> dict:
+    """B_simple at fixed weights, from gradients at two batch sizes far apart (an offline probe, not an EMA).
+
+    The in-run estimator compares a micro-batch with its window, often only 2-4x larger, and its |G|^2 estimate can
+    stay within noise of zero. This probe takes ``losses`` (callables, each returning the mean loss of one
+    micro-batch of ``micro_batch_size`` samples), computes each micro-batch's gradient, and per group of
+    ``group_size`` micro-batches uses the micro-batch (b) and group-mean (B = b x group_size) gradients in the
+    unbiased two-size formulas of :class:`NoiseScaleEstimator`. The weights are not changed; ``.grad`` is left None.
+
+    Args:
+        params: the parameters (an iterable of tensors that require grad).
+        losses: iterable of zero-argument callables; a multiple of ``group_size`` of them is used (the tail is not).
+        micro_batch_size: samples per micro-batch, b (>= 1).
+        group_size: micro-batches per group (>= 2), so B = b x group_size.
+
+    Returns a dict: ``gradient_sq_norm`` and ``trace_sigma`` (means over groups), their standard errors
+    (``*_se``, None with one group), ``b_simple`` = trace_sigma / gradient_sq_norm (None if either mean is <= 0),
+    ``groups``, ``small_batch``, ``big_batch``.
+    """
+    if int(micro_batch_size) < 1 or int(group_size) < 2:
+        raise ValueError(f"micro_batch_size must be >= 1 and group_size >= 2, got {micro_batch_size}, {group_size}")
+    params = [p for p in params if p.requires_grad]
+    b, B = float(micro_batch_size), float(micro_batch_size * group_size)
+    g2s, traces = [], []
+    small, total, n = 0.0, None, 0
+    for fn in losses:
+        grads = torch.autograd.grad(fn(), params, allow_unused=True)
+        flat = torch.cat([(g if g is not None else torch.zeros_like(p)).detach().flatten().double()
+                          for g, p in zip(grads, params)])
+        small += float(flat.square().sum())
+        total = flat if total is None else total + flat
+        n += 1
+        if n == group_size:
+            small_sq, big_sq = small / n, float((total / n).square().sum())
+            g2s.append((B * big_sq - b * small_sq) / (B - b))
+            traces.append((small_sq - big_sq) / (1.0 / b - 1.0 / B))
+            small, total, n = 0.0, None, 0
+    if not g2s:
+        raise ValueError(f"losses must hold at least group_size = {group_size} micro-batches")
+
+    def mean_se(v: list[float]) -> tuple[float, float | None]:
+        m = sum(v) / len(v)
+        if len(v) < 2:
+            return m, None
+        return m, math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1) / len(v))
+
+    g2, g2_se = mean_se(g2s)
+    trace, trace_se = mean_se(traces)
+    return {"gradient_sq_norm": g2, "gradient_sq_norm_se": g2_se, "trace_sigma": trace, "trace_sigma_se": trace_se,
+            "b_simple": trace / g2 if g2 > 0 and trace > 0 else None, "groups": len(g2s), "small_batch": int(b),
+            "big_batch": int(B)}

@@ -155,7 +155,7 @@ def describe_run(config: dict) -> str:
 
 
 def run_sweep(path: str | os.PathLike, out: str | os.PathLike = "runs", *, dry_run: bool = False,
-              backend: str = "local", progress: bool = True, max_runs: int | None = None) -> list[dict]:
+              backend: str = "local", progress: bool = True, max_runs: int | None = None, jobs: int = 1) -> list[dict]:
     """Run (or list, with ``dry_run``) every unfinished run of a sweep file.
 
     Args:
@@ -164,11 +164,16 @@ def run_sweep(path: str | os.PathLike, out: str | os.PathLike = "runs", *, dry_r
         dry_run: print the runs and their batch arithmetic, run nothing.
         backend: "local" (one after another, default) or "submitit" (submits each run as a SLURM job via submitit;
             without a cluster submitit's local executor runs them as processes).
-        progress: let workloads show progress.
+        progress: let workloads show progress (with ``jobs`` > 1, a line per finished run instead).
         max_runs: stop after this many new runs (for tests of kill-and-resume).
+        jobs: local runs at once, each in its own process (default 1). Small models use several cores poorly, so
+            two one-thread runs finish sooner than two two-thread runs in turn; set the sweep's ``threads`` so that
+            jobs x threads is at most the number of cores.
     """
     if backend not in ("local", "submitit"):
         raise ValueError(f"backend must be 'local' or 'submitit', got {backend!r}")
+    if int(jobs) != jobs or jobs < 1:
+        raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
     spec = load_sweep(path)
     folder = Path(out) / spec["name"]
     configs = expand(spec)
@@ -184,6 +189,10 @@ def run_sweep(path: str | os.PathLike, out: str | os.PathLike = "runs", *, dry_r
     results, new = [], 0
     if backend == "submitit":
         return _run_submitit(spec, configs, folder, progress)
+    if jobs > 1:
+        todo = [c for c in configs if c not in done][:max_runs]
+        return [json.loads((folder / run_id(c) / "metrics.json").read_text()) for c in done] + \
+            _run_parallel(spec, todo, folder, jobs)
     for i, c in enumerate(configs):
         if c in done:
             results.append(json.loads((folder / run_id(c) / "metrics.json").read_text()))
@@ -200,6 +209,29 @@ def run_sweep(path: str | os.PathLike, out: str | os.PathLike = "runs", *, dry_r
         status = "DIVERGED" if m["diverged"] else f"final loss {m.get('final_loss'):.5g}"
         print(f"  {status}, {m['wall_clock_s']:.1f}s", flush=True)
         results.append(m)
+    return results
+
+
+def _run_parallel(spec: dict, todo: list[dict], folder: Path, jobs: int) -> list[dict]:
+    """The runs in ``jobs`` worker processes (spawned: no forked torch state); a failed run is reported, not fatal."""
+    import concurrent.futures
+    import multiprocessing
+
+    results = []
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        futures = {pool.submit(run_one, spec, c, folder, progress=False): c for c in todo}
+        for i, f in enumerate(concurrent.futures.as_completed(futures)):
+            rid = run_id(futures[f])
+            try:
+                m = f.result()
+            except Exception as e:  # recorded in <run_id>.error.txt by run_one; the sweep goes on
+                print(f"[{i + 1}/{len(todo)}] {rid} failed: {type(e).__name__}: {e}", flush=True)
+                continue
+            status = "DIVERGED" if m["diverged"] else f"final loss {m.get('final_loss'):.5g}"
+            print(f"[{i + 1}/{len(todo)}] {rid}  {describe_run(futures[f])}: {status}, {m['wall_clock_s']:.1f}s",
+                  flush=True)
+            results.append(m)
     return results
 
 

@@ -22,7 +22,29 @@ def test_reference_is_exact_accumulation_and_knee_is_first_batch_past_tolerance(
     assert s["knee"]["sqrt_exact"] == 128  # 64 is within 5%, 128 is not
     assert s["knee"]["naive"] == 64  # 4.4 is 7% off
     assert s["means"][("naive", 128)] == float("inf")  # a diverged run counts as infinitely bad
-    assert s["noise_scale"] == pytest.approx(120.0)  # median of the estimates
+    assert s["noise_scale"] == pytest.approx(120.0)  # median of the logical runs' estimates
+    assert s["deviation_se"][("sqrt_exact", 64)] is None  # one run: no error to give
+
+
+def test_noise_scale_prefers_the_logical_runs_probe():
+    rows = [row("accumulate", 8, 4.0, 0, noise=100.0), row("accumulate", 8, 4.1, 1, noise=300.0),
+            row("naive", 64, 4.4, noise=5.0)]
+    assert summarise(rows)["noise_scale"] == pytest.approx(200.0)  # the naive run's estimate is not the logical's
+    rows[0]["noise_probe.b_simple"], rows[1]["noise_probe.b_simple"] = 50.0, None
+    assert summarise(rows)["noise_scale"] == pytest.approx(50.0)
+
+
+def test_deviation_standard_error_over_seeds():
+    """se of (mean of cell - mean of reference) / reference, the two sets of seeds independent."""
+    rows = [row("accumulate", 8, 4.0, 0), row("accumulate", 8, 4.2, 1), row("accumulate", 8, 4.1, 2),
+            row("naive", 64, 4.4, 0), row("naive", 64, 4.8, 1)]
+    s = summarise(rows)
+    ref = 4.1
+    var_ref = statistics.variance([4.0, 4.2, 4.1]) / 3
+    var_cell = statistics.variance([4.4, 4.8]) / 2
+    assert s["deviation"][("naive", 64)] == pytest.approx(0.5 / ref)
+    assert s["deviation_se"][("naive", 64)] == pytest.approx((var_ref + var_cell) ** 0.5 / ref)
+    assert s["deviation_se"][("accumulate", 8)] == pytest.approx(var_ref ** 0.5 / ref)  # the reference itself
 
 
 def test_without_accumulation_the_logical_run_is_physical_equal_logical():

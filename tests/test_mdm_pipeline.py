@@ -84,6 +84,7 @@ def test_miniature_demo_sweep_with_kill_and_resume(micro_data, tmp_path):
         curve = (folder / r["run_id"] / "curve.csv").read_text().splitlines()
         assert curve[0].startswith("tokens") and len(curve) > 2
         assert r["weights"] == "model.pt" and (folder / r["run_id"] / "model.pt").exists()  # each run its own
+        assert r["noise_probe.groups"] == 8 and r["noise_probe.big_batch"] == 64  # the end-of-run B_simple probe
     by = {(r["rule"], r["physical_batch_size"]): r for r in rows}
     assert by[("sqrt_exact", 2)]["updates"] > by[("accumulate", 8)]["updates"] > by[("naive", 16)]["updates"]
     cfg = json.loads((folder / rows[0]["run_id"] / "config.json").read_text())
@@ -145,3 +146,15 @@ def test_shipped_train_configs_load():
     for f in files:
         config = load_config(f)
         assert config["tokens"] > 0 and sum(config["mix"].values()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("noise_probe", 10, "noise_probe must be 0 .off. or an int >= 64"),
+    ("noise_probe", 1.5, "noise_probe must be 0"),
+    ("rule", "sqrt", "rule"),
+])
+def test_bad_train_config_names_the_key(key, value, needle):
+    from sdebatch.mdm.train import load_config
+
+    with pytest.raises(ValueError, match=needle):
+        load_config(None, **{key: value})

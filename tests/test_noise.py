@@ -84,3 +84,54 @@ def test_needs_two_batch_sizes():
     opt, _, gs, _ = regression_run(32, 32, 5)
     assert opt.noise_scale is None and len(gs) == 0
     assert opt.noise.count == 0
+
+
+def test_probe_matches_the_regression_closed_form():
+    """probe_noise_scale at fixed weights on y = x.w* + eps: the group means of the unbiased two-size estimates
+    agree with |G|^2 = |delta|^2 and tr(Sigma) = d(|delta|^2 + sigma^2) + |delta|^2 within 4 standard errors;
+    nothing is written to .grad or to the weights."""
+    from sdebatch.noise import probe_noise_scale
+
+    d, sigma, offset, b = 8, 1.0, 0.5, 4
+    g = torch.Generator().manual_seed(3)
+    w_star = torch.randn(d, generator=g, dtype=torch.float64)
+    model = torch.nn.Linear(d, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(w_star + offset)
+    before = model.weight.detach().clone()
+
+    def loss(x, y):
+        return lambda: 0.5 * (model(x).squeeze(1) - y).square().mean()
+
+    losses = []
+    for _ in range(300 * 16):
+        x = torch.randn(b, d, generator=g, dtype=torch.float64)
+        losses.append(loss(x, x @ w_star + sigma * torch.randn(b, generator=g, dtype=torch.float64)))
+    r = probe_noise_scale(model.parameters(), losses, micro_batch_size=b, group_size=16)
+    delta2 = d * offset ** 2
+    g2_true, trace_true = delta2, d * (delta2 + sigma ** 2) + delta2
+    assert r["groups"] == 300 and r["small_batch"] == 4 and r["big_batch"] == 64
+    assert abs(r["gradient_sq_norm"] - g2_true) < 4 * r["gradient_sq_norm_se"]
+    assert abs(r["trace_sigma"] - trace_true) < 4 * r["trace_sigma_se"]
+    assert r["b_simple"] == pytest.approx(trace_true / g2_true, rel=0.15)
+    assert model.weight.grad is None and torch.equal(model.weight, before)
+
+
+def test_probe_is_the_two_size_formula_per_group():
+    """Given fixed micro-batch gradients (loss = g_i . w), one group's estimates are the formulas written out."""
+    from sdebatch.noise import probe_noise_scale
+
+    w = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+    vecs = torch.randn(6, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    r = probe_noise_scale([w], [lambda v=v: v @ w for v in vecs], micro_batch_size=2, group_size=3)
+    assert r["groups"] == 2 and r["gradient_sq_norm_se"] is not None
+    est = []
+    for grp in (vecs[:3], vecs[3:]):
+        small, big = grp.square().sum(1).mean(), grp.mean(0).square().sum()
+        est.append(((6 * big - 2 * small) / 4, (small - big) / (1 / 2 - 1 / 6)))
+    assert r["gradient_sq_norm"] == pytest.approx(float(sum(e[0] for e in est) / 2), rel=1e-12)
+    assert r["trace_sigma"] == pytest.approx(float(sum(e[1] for e in est) / 2), rel=1e-12)
+    with pytest.raises(ValueError, match="group_size >= 2"):
+        probe_noise_scale([w], [lambda: vecs[0] @ w], micro_batch_size=2, group_size=1)
+    with pytest.raises(ValueError, match="at least group_size"):
+        probe_noise_scale([w], [lambda: vecs[0] @ w], micro_batch_size=2, group_size=3)

@@ -65,6 +65,23 @@ def test_kill_and_resume_runs_each_config_once(tmp_path, capsys):
     assert (run_dir / "curve.csv").exists() and json.loads((run_dir / "config.json").read_text())["sweep"] == "mini"
 
 
+def test_parallel_jobs_write_the_same_runs_as_one_after_another(tmp_path):
+    """jobs=2 (two spawned worker processes) finishes every run into the same folders, with the same results, as the
+    sequential runner; a failing run is recorded and does not stop the others; jobs must be a positive integer."""
+    path = write_sweep(tmp_path, extra='[[runs]]\nphysical_batch_size = 16\nrule = "naive"\nfail = true\n')
+    sweep.run_sweep(path, tmp_path / "seq", progress=False)
+    sweep.run_sweep(path, tmp_path / "par", progress=False, jobs=2)
+    seq, par = (sorted(sweep.collect(tmp_path / d / "mini"), key=lambda r: r["run_id"]) for d in ("seq", "par"))
+    assert len(par) == 6 and [r["run_id"] for r in par] == [r["run_id"] for r in seq]
+    for a, b in zip(seq, par):
+        a.pop("wall_clock_s"), b.pop("wall_clock_s")
+        assert a == b
+    assert len(list((tmp_path / "par" / "mini").glob("*.error.txt"))) == 1
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="jobs must be a positive integer"):
+            sweep.run_sweep(path, tmp_path / "par", jobs=bad)
+
+
 def test_failed_run_is_recorded_and_retried(tmp_path):
     CALLS.clear()
     path = write_sweep(tmp_path, extra='[[runs]]\nphysical_batch_size = 16\nrule = "naive"\nfail = true\n')

@@ -59,7 +59,9 @@ DEFAULTS: dict[str, Any] = {
     "out": "runs/train",
     "checkpoint_every": 0,           # Lightning training steps between checkpoints in <out>/checkpoints (0: none);
                                      # resume with `sdebatch train --ckpt <out>/checkpoints/last.ckpt`
-    "noise_scale": True,
+    "noise_scale": True,             # in-run B_simple estimate from micro-batches vs their window (needs accumulation)
+    "noise_probe": 512,              # sequences for an end-of-run B_simple probe on the training stream, in groups of
+                                     # 16 micro-batches of 4 (B = 64 vs b = 4); 0: no probe
     "threads": 0,                    # torch CPU threads (0: torch's default)
 }
 
@@ -89,6 +91,9 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> dict:
     for key in ("val_sequences", "checkpoint_every"):
         if not isinstance(config[key], int) or config[key] < 0:
             raise ValueError(f"{key} must be a non-negative int, got {config[key]!r}")
+    if config["noise_probe"] is not False and (not isinstance(config["noise_probe"], int) or
+                                               (config["noise_probe"] != 0 and config["noise_probe"] < 64)):
+        raise ValueError(f"noise_probe must be 0 (off) or an int >= 64 (sequences), got {config['noise_probe']!r}")
     if config["checkpoint_every"] and not config["out"]:
         raise ValueError("checkpoint_every needs an out folder (out = '' writes nothing)")
     return config
@@ -244,6 +249,8 @@ def train(config: dict, *, progress: bool = True, ckpt_path: str | None = None,
     result = {"tokens_seen": opt.tokens_seen, "samples_seen": opt.samples_seen, "updates": opt.updates,
               "wall_clock_s": wall, "tokens_per_s": opt.tokens_seen / max(wall, 1e-9),
               "noise_scale": opt.noise_scale, "train_elbo_bits": float(trainer.callback_metrics.get("elbo_bits", "nan"))}
+    if config["noise_probe"]:
+        result["noise_probe"] = noise_probe(module, data, start=opt.samples_seen, sequences=config["noise_probe"])
     if config["val_sequences"]:
         if callback.ema is not None:
             with callback.ema.swapped(module):
@@ -263,6 +270,34 @@ def train(config: dict, *, progress: bool = True, ckpt_path: str | None = None,
         result["weights"] = str(out / "model.pt")
     result["module"] = module
     return result
+
+
+def noise_probe(module: MDMModule, data: MDMDataModule, *, start: int, sequences: int, micro_batch: int = 4,
+                group_size: int = 16) -> dict:
+    """B_simple of the final (raw, not EMA) weights on the next ``sequences`` of the training stream (from position
+    ``start``), by :func:`sdebatch.noise.probe_noise_scale`: micro-batches of ``micro_batch`` sequences, groups of
+    ``group_size``; each micro-batch's loss is its ELBO per target token, as the optimizer sees it."""
+    from sdebatch.noise import probe_noise_scale
+
+    c = module.config
+    sampler = MixtureSampler(data.train_set.sizes, {k: float(c["mix"].get(k, 0.0)) for k in data.train_set.sizes},
+                             data.samples_per_epoch(), seed=c["seed"])
+    keys = sampler.stream(start, start + sequences)
+    items = [data.train_set[(name, i, start + k)] for k, (name, i) in enumerate(keys)]
+    collate = torch.utils.data.default_collate
+    device = next(module.parameters()).device
+
+    def loss(chunk):
+        def fn():
+            batch = {k: v.to(device) for k, v in collate(chunk).items()}
+            t, u, drop_u = sample_draws(batch["position"], batch["tokens"].shape[1], seed=c["seed"])
+            out = mdm_loss(module.model, batch, schedules=c["schedule"], cond_drop=c["cond_drop"], t=t, u=u,
+                           drop_u=drop_u)
+            return out["loss_sum"] / out["num_items"].clamp(min=1)
+        return fn
+
+    losses = [loss(items[i:i + micro_batch]) for i in range(0, len(items) - micro_batch + 1, micro_batch)]
+    return probe_noise_scale(module.model.parameters(), losses, micro_batch_size=micro_batch, group_size=group_size)
 
 
 @torch.no_grad()
