@@ -89,12 +89,13 @@ def _save(fig, out: Path, name: str) -> list[Path]:
 
 
 def loss_vs_batch(summary: dict, out: Path, name: str, ylabel: str) -> list[Path]:
-    fig, ax = plt.subplots(figsize=(3.4, 2.5))
+    fig, ax = plt.subplots(figsize=(3.4, 3.0))
     lb = summary["logical_batch_size"]
     rules = sorted({r for r, _ in summary["means"]} - {"accumulate"}, key=list(COLORS).index)
     ref = summary["reference"]
-    err = ref * summary["reference_spread"] if summary["reference_spread"] else None
-    ax.errorbar([lb], [ref], yerr=err, fmt="s", color="black", ms=4, capsize=2, zorder=3)
+    # error bars: standard errors over seeds (of the logical run's mean, and of each cell's deviation from it)
+    ref_se = summary["reference_spread"] / math.sqrt(summary["reference_runs"]) if summary["reference_spread"] else None
+    ax.errorbar([lb], [ref], yerr=ref * ref_se if ref_se else None, fmt="s", color="black", ms=4, capsize=2, zorder=3)
     for rule in rules:
         # every rule passes through the logical run at kappa = 1 (update batch = logical batch)
         pts = {b: v for (r, b), v in summary["means"].items() if r == rule}
@@ -114,24 +115,29 @@ def loss_vs_batch(summary: dict, out: Path, name: str, ylabel: str) -> list[Path
     ax.set_xscale("log", base=2)
     ax.set_xlabel("physical batch per update (samples)")
     ax.set_ylabel(ylabel)
-    ax.legend(frameon=False)
+    ax.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)  # below: no data hidden
     return _save(fig, out, f"{name}_loss_vs_batch")
 
 
-def _binned(curve: list[dict], x: str, bins: int) -> tuple[list[float], list[float]]:
-    """Mean training loss in equal-width bins of ``x``: per-micro-batch losses of a masked diffusion model are noisy
-    (the 1/t weight), the binned mean shows the trend; every point is kept, nothing is dropped."""
-    hi = max(p[x] for p in curve)
+def _binned(curve: list[dict], x: str, bins: int, hi: float) -> dict[int, float]:
+    """Mean training loss in ``bins`` equal-width bins of ``x`` over [0, hi]: per-micro-batch losses of a masked
+    diffusion model are noisy (the 1/t weight), the binned mean shows the trend; every point is kept."""
     sums: dict[int, list[float]] = {}
     for p in curve:
-        i = min(int(p[x] / hi * bins), bins - 1)
-        sums.setdefault(i, []).append(p["loss"])
-    keys = sorted(sums)
-    return [(i + 0.5) * hi / bins for i in keys], [statistics.fmean(sums[i]) for i in keys]
+        sums.setdefault(min(int(p[x] / hi * bins), bins - 1), []).append(p["loss"])
+    return {i: statistics.fmean(v) for i, v in sums.items()}
+
+
+def _seed_mean(curves: list[list[dict]], x: str, bins: int, hi: float) -> tuple[list[float], list[float]]:
+    """The binned curves of several seeds, averaged bin by bin (bins shared: one ``hi`` for the whole figure)."""
+    per_run = [_binned(c, x, bins, hi) for c in curves]
+    keys = sorted(set().union(*per_run))
+    return ([(i + 0.5) * hi / bins for i in keys],
+            [statistics.fmean(r[i] for r in per_run if i in r) for i in keys])
 
 
 def loss_vs_tokens(folder: Path, out: Path, name: str, x: str, bins: int = 20) -> list[Path]:
-    runs = []
+    groups: dict[tuple[str, int], list[list[dict]]] = {}  # (rule, physical batch) -> the seeds' curves
     for cfg_path in sorted(folder.glob("*/config.json")):
         curve_path = cfg_path.parent / "curve.csv"
         if not curve_path.exists():
@@ -140,23 +146,24 @@ def loss_vs_tokens(folder: Path, out: Path, name: str, x: str, bins: int = 20) -
         with open(curve_path) as f:
             curve = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
         if curve and x in curve[0]:
-            runs.append((cfg, curve))
-    rules = [r for r in ("sqrt_exact", "naive") if any(c["rule"] == r for c, _ in runs)]
+            b = int(cfg["physical_batch_size"]) if cfg["rule"] != "accumulate" else int(cfg["logical_batch_size"])
+            groups.setdefault((cfg["rule"], b), []).append(curve)
+    rules = [r for r in ("sqrt_exact", "naive") if any(k[0] == r for k in groups)]
     if not rules:
         return []
+    hi = max(p[x] for curves in groups.values() for c in curves for p in c)
     fig, axes = plt.subplots(1, len(rules), figsize=(3.4 * len(rules) / 1.4, 2.4), sharey=True, squeeze=False)
-    batches = sorted({int(c["physical_batch_size"]) for c, _ in runs if c["rule"] != "accumulate"})
+    batches = sorted({b for r, b in groups if r != "accumulate"})
     shades = plt.cm.viridis([i / max(len(batches) - 1, 1) for i in range(len(batches))])
     for ax, rule in zip(axes[0], rules):
-        logical_labelled = False
-        for cfg, curve in sorted(runs, key=lambda r: int(r[0]["physical_batch_size"])):
-            b = int(cfg["physical_batch_size"])
-            if cfg["rule"] == "accumulate":
-                label = None if logical_labelled else f"logical B={cfg['logical_batch_size']}"
-                logical_labelled = True
-                ax.plot(*_binned(curve, x, bins), ":", color="black", lw=1.4, label=label, zorder=3)
-            elif cfg["rule"] == rule:
-                ax.plot(*_binned(curve, x, bins), "-", color=shades[batches.index(b)], lw=1, label=f"B={b}")
+        for (r, b), curves in sorted(groups.items(), key=lambda kv: kv[0][1]):
+            seeds = f" ({len(curves)} runs)" if len(curves) > 1 else ""
+            if r == "accumulate":
+                ax.plot(*_seed_mean(curves, x, bins, hi), ":", color="black", lw=1.4, label=f"logical B={b}{seeds}",
+                        zorder=3)
+            elif r == rule:
+                ax.plot(*_seed_mean(curves, x, bins, hi), "-", color=shades[batches.index(b)], lw=1,
+                        label=f"B={b}{seeds}")
         ax.set_title(LABELS.get(rule, rule))
         ax.set_xlabel(f"{x} seen")
     axes[0][0].set_ylabel(f"training loss (mean per {100 // bins}% of the run)")

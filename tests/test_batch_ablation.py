@@ -56,3 +56,13 @@ def test_without_accumulation_the_logical_run_is_physical_equal_logical():
 def test_rules_at_kappa_one_are_one_run_not_seeds():
     s = summarise([row("sqrt_exact", 32, 3.0), row("naive", 32, 3.0), row("naive", 64, 3.3)])
     assert s["reference_runs"] == 1 and s["reference_spread"] is None
+
+
+def test_loss_vs_tokens_averages_seeds_bin_by_bin():
+    from paper_figures.batch_ablation import _seed_mean
+
+    a = [{"tokens": 10.0, "loss": 4.0}, {"tokens": 30.0, "loss": 2.0}, {"tokens": 40.0, "loss": 1.0}]
+    b = [{"tokens": 15.0, "loss": 6.0}, {"tokens": 35.0, "loss": 3.0}]
+    x, y = _seed_mean([a, b], "tokens", bins=2, hi=40.0)  # bins [0, 20) and [20, 40]
+    assert x == [10.0, 30.0]
+    assert y == pytest.approx([(4.0 + 6.0) / 2, ((2.0 + 1.0) / 2 + 3.0) / 2])
