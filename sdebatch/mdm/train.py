@@ -10,6 +10,7 @@ A run is described by one flat config dict (a TOML file for ``sdebatch train --c
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -235,6 +236,9 @@ def train(config: dict, *, progress: bool = True, ckpt_path: str | None = None,
             save_top_k=-1, save_last=True, filename="{step}"))
     if progress:
         print(describe(module.model_config, config["model"]), flush=True)
+    else:  # quiet runs (sweep workers, tests): no Lightning banners ("GPU available", tips) either
+        for name in ("lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     checkpointing = any(isinstance(cb, pl.callbacks.Checkpoint) for cb in callbacks)
     trainer = pl.Trainer(accelerator="auto", devices=config["devices"], precision=config["precision"],
                          max_epochs=1000, callbacks=[callback] + callbacks, logger=False,
