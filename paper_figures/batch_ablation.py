@@ -69,10 +69,43 @@ def summarise(rows: list[dict], tolerance: float = 0.05) -> dict:
         noise = [float(r[key]) for r in ref_rows if r.get(key) not in (None, "", "None")]
         if noise:
             break
+    paired, contrast = _paired(rows, ref_cells)
     return {"means": means, "reference": reference, "logical_batch_size": lb, "deviation": deviation,
-            "deviation_se": deviation_se,
+            "deviation_se": deviation_se, "paired": paired, "contrast": contrast,
             "reference_runs": len(ref_runs), "reference_spread": spread, "seeds": {k: len(v) for k, v in cells.items()},
             "knee": knees, "noise_scale": statistics.median(noise) if noise else None, "tolerance": tolerance}
+
+
+def _mean_se(v: list[float]) -> tuple[float, float | None, int]:
+    return statistics.fmean(v), (statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else None), len(v)
+
+
+def _paired(rows: list[dict], ref_cells: list[tuple]) -> tuple[dict, dict]:
+    """Deviations paired by seed: each run against the logical run(s) of its own seed, mean +- se over seeds
+    (``paired[(rule, batch)]``), and the naive - sqrt_exact difference per batch over the seeds that have both
+    (``contrast[batch]``), both relative to the seed's logical loss. Runs of one seed share their samples and draws
+    (common random numbers), so paired differences can be less noisy than differences of means."""
+    ref: dict[int, list[float]] = {}
+    runs: dict[tuple, dict[int, float]] = {}
+    for r in rows:
+        if r.get("diverged") in (True, "True") or "seed" not in r:
+            continue
+        key, seed = (r["rule"], int(r["physical_batch_size"])), int(r["seed"])
+        if key in ref_cells:
+            ref.setdefault(seed, []).append(float(r["final_loss"]))
+        else:
+            runs.setdefault(key, {})[seed] = float(r["final_loss"])
+    base = {s: statistics.fmean(v) for s, v in ref.items()}
+    paired = {k: _mean_se([(v - base[s]) / base[s] for s, v in by.items() if s in base])
+              for k, by in runs.items() if any(s in base for s in by)}
+    contrast = {}
+    for (rule, b), by in runs.items():
+        other = runs.get(("sqrt_exact", b), {})
+        if rule == "naive":
+            d = [(v - other[s]) / base[s] for s, v in by.items() if s in other and s in base]
+            if d:
+                contrast[b] = _mean_se(d)
+    return paired, contrast
 
 
 def _save(fig, out: Path, name: str) -> list[Path]:
@@ -177,6 +210,12 @@ def table(summary: dict) -> str:
         se = summary["deviation_se"].get((rule, b))
         lines.append(f"{b:>6} {rule:>12} {summary['seeds'][(rule, b)]:>6} {v:>11.4f} "
                      f"{100 * summary['deviation'][(rule, b)]:>+10.1f}% " + (f"{100 * se:>6.1f}%" if se else ""))
+    if any(n > 1 for _, _, n in summary["paired"].values()):
+        lines.append("paired by seed (each run against its own seed's logical run; mean +- se over seeds):")
+        for (rule, b), (m, se, n) in sorted(summary["paired"].items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            c = summary["contrast"].get(b) if rule == "naive" else None
+            lines.append(f"{b:>6} {rule:>12} {n:>6} {100 * m:>+10.1f}% " + (f"{100 * se:>6.1f}%" if se else "")
+                         + (f"   naive - sqrt_exact {100 * c[0]:+.1f}% +- {100 * c[1]:.1f}%" if c and c[1] else ""))
     if summary["reference_spread"] is not None:
         lines.append(f"logical run: {summary['reference_runs']} runs, seed-to-seed std "
                      f"{100 * summary['reference_spread']:.1f}% of its loss")

@@ -66,3 +66,17 @@ def test_loss_vs_tokens_averages_seeds_bin_by_bin():
     x, y = _seed_mean([a, b], "tokens", bins=2, hi=40.0)  # bins [0, 20) and [20, 40]
     assert x == [10.0, 30.0]
     assert y == pytest.approx([(4.0 + 6.0) / 2, ((2.0 + 1.0) / 2 + 3.0) / 2])
+
+
+def test_paired_deviations_use_each_seeds_own_logical_run():
+    rows = [row("accumulate", 8, 4.0, 0), row("accumulate", 8, 5.0, 1),
+            row("sqrt_exact", 64, 4.4, 0), row("sqrt_exact", 64, 5.5, 1),
+            row("naive", 64, 4.8, 0), row("naive", 64, 5.0, 1), row("naive", 128, 9.0, 7)]  # seed 7: no logical run
+    s = summarise(rows)
+    m, se, n = s["paired"][("sqrt_exact", 64)]
+    assert n == 2 and m == pytest.approx(0.1) and se == pytest.approx(0.0, abs=1e-12)  # +10% for both seeds
+    m, se, n = s["paired"][("naive", 64)]
+    assert n == 2 and m == pytest.approx((0.2 + 0.0) / 2) and se == pytest.approx(statistics.stdev([0.2, 0.0]) / 2 ** 0.5)
+    c = s["contrast"][64]  # naive - sqrt, relative to the seed's logical run: (0.4 / 4, -0.5 / 5)
+    assert c[2] == 2 and c[0] == pytest.approx((0.1 - 0.1) / 2)
+    assert ("naive", 128) not in s["paired"]
