@@ -134,15 +134,18 @@ def probe_noise_scale(params, losses, *, micro_batch_size: int, group_size: int)
     b, B = float(micro_batch_size), float(micro_batch_size * group_size)
     g2s, traces = [], []
     small, total, n = 0.0, None, 0
+    def sq_norm(tensors) -> float:  # summed in float64 without float64 copies of the parameters
+        return float(sum(torch.linalg.vector_norm(t, dtype=torch.float64) ** 2 for t in tensors))
+
     for fn in losses:
         grads = torch.autograd.grad(fn(), params, allow_unused=True)
-        flat = torch.cat([(g if g is not None else torch.zeros_like(p)).detach().flatten().double()
-                          for g, p in zip(grads, params)])
-        small += float(flat.square().sum())
-        total = flat if total is None else total + flat
+        grads = [(g if g is not None else torch.zeros_like(p)).detach().to(torch.promote_types(p.dtype, torch.float32))
+                 for g, p in zip(grads, params)]  # half precision accumulates in float32
+        small += sq_norm(grads)
+        total = grads if total is None else [t.add_(g) for t, g in zip(total, grads)]
         n += 1
         if n == group_size:
-            small_sq, big_sq = small / n, float((total / n).square().sum())
+            small_sq, big_sq = small / n, sq_norm(t / n for t in total)
             g2s.append((B * big_sq - b * small_sq) / (B - b))
             traces.append((small_sq - big_sq) / (1.0 / b - 1.0 / B))
             small, total, n = 0.0, None, 0
