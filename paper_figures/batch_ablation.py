@@ -44,7 +44,13 @@ def summarise(rows: list[dict], tolerance: float = 0.05) -> dict:
     # The logical run: exact accumulation at any physical batch (kappa = 1), else any rule at physical = logical.
     # (at physical = logical every rule is the same run: take one rule's cell, so only seeds count as repeats)
     ref_cells = [k for k in cells if k[0] == "accumulate"] or sorted(k for k in cells if k[1] == lb)[:1]
-    ref_runs = [v for k in ref_cells for v in cells[k]]
+    # one value per seed (a seed's logical runs averaged: e.g. 4 at once and 2 x 2 accumulated are one seed, not two)
+    by_seed: dict = {}
+    for i, r in enumerate(rows):
+        if (r["rule"], int(r["physical_batch_size"])) in ref_cells:
+            loss = float("inf") if r.get("diverged") in (True, "True") else float(r["final_loss"])
+            by_seed.setdefault(r.get("seed", f"run{i}"), []).append(loss)
+    ref_runs = [statistics.fmean(v) for v in by_seed.values()]
     reference = statistics.fmean(ref_runs) if ref_runs else float("nan")
     # run-to-run spread of the logical run over seeds: deviations smaller than this are noise
     spread = statistics.stdev(ref_runs) / reference if len(ref_runs) > 1 else None
@@ -55,8 +61,9 @@ def summarise(rows: list[dict], tolerance: float = 0.05) -> dict:
     for k, v in cells.items():
         finite = all(math.isfinite(x) for x in v)
         cell_var = statistics.variance(v) / len(v) if len(v) > 1 and finite else None
-        both = None if cell_var is None or ref_var is None else (cell_var + (0 if k in ref_cells else ref_var))
-        deviation_se[k] = math.sqrt(both) / reference if both is not None else None
+        both = None if cell_var is None or ref_var is None else cell_var + ref_var
+        # the logical run's own cell deviates by construction (0 for a single cell): no error to give
+        deviation_se[k] = math.sqrt(both) / reference if both is not None and k not in ref_cells else None
     knees = {}
     for rule in {k[0] for k in means}:
         above = sorted(b for (r, b), d in deviation.items() if r == rule and b > lb and abs(d) > tolerance)
@@ -77,6 +84,8 @@ def summarise(rows: list[dict], tolerance: float = 0.05) -> dict:
 
 
 def _mean_se(v: list[float]) -> tuple[float, float | None, int]:
+    if not all(math.isfinite(x) for x in v):
+        return float("inf"), None, len(v)
     return statistics.fmean(v), (statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else None), len(v)
 
 
@@ -88,13 +97,14 @@ def _paired(rows: list[dict], ref_cells: list[tuple]) -> tuple[dict, dict]:
     ref: dict[int, list[float]] = {}
     runs: dict[tuple, dict[int, float]] = {}
     for r in rows:
-        if r.get("diverged") in (True, "True") or "seed" not in r:
+        if "seed" not in r:
             continue
         key, seed = (r["rule"], int(r["physical_batch_size"])), int(r["seed"])
+        loss = float("inf") if r.get("diverged") in (True, "True") else float(r["final_loss"])  # diverged: infinitely bad
         if key in ref_cells:
-            ref.setdefault(seed, []).append(float(r["final_loss"]))
+            ref.setdefault(seed, []).append(loss)
         else:
-            runs.setdefault(key, {})[seed] = float(r["final_loss"])
+            runs.setdefault(key, {})[seed] = loss
     base = {s: statistics.fmean(v) for s, v in ref.items()}
     paired = {k: _mean_se([(v - base[s]) / base[s] for s, v in by.items() if s in base])
               for k, by in runs.items() if any(s in base for s in by)}

@@ -186,6 +186,7 @@ def run_sweep(path: str | os.PathLike, out: str | os.PathLike = "runs", *, dry_r
             print(f"  [{mark}] {run_id(c)}  {describe_run(c)}")
         return []
     folder.mkdir(parents=True, exist_ok=True)
+    _remove_orphans(folder)
     results, new = [], 0
     if backend == "submitit":
         return _run_submitit(spec, configs, folder, progress)
@@ -212,6 +213,18 @@ def run_sweep(path: str | os.PathLike, out: str | os.PathLike = "runs", *, dry_r
     return results
 
 
+def _remove_orphans(folder: Path) -> None:
+    """Delete the temporary folders of interrupted runs (``.<run id>.tmp-<pid>`` whose process is gone); a live
+    process's folder (another sweep running on the same folder) is left alone."""
+    for d in folder.glob(".*.tmp-*"):
+        try:
+            os.kill(int(d.name.rsplit("-", 1)[1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (ValueError, PermissionError):  # not ours to judge
+            continue
+
+
 def _run_parallel(spec: dict, todo: list[dict], folder: Path, jobs: int) -> list[dict]:
     """The runs in ``jobs`` worker processes (spawned: no forked torch state); a failed run is reported, not fatal."""
     import concurrent.futures
@@ -219,7 +232,8 @@ def _run_parallel(spec: dict, todo: list[dict], folder: Path, jobs: int) -> list
 
     results = []
     ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+    pool = concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx)
+    try:
         futures = {pool.submit(run_one, spec, c, folder, progress=False): c for c in todo}
         for i, f in enumerate(concurrent.futures.as_completed(futures)):
             rid = run_id(futures[f])
@@ -232,6 +246,10 @@ def _run_parallel(spec: dict, todo: list[dict], folder: Path, jobs: int) -> list
             print(f"[{i + 1}/{len(todo)}] {rid}  {describe_run(futures[f])}: {status}, {m['wall_clock_s']:.1f}s",
                   flush=True)
             results.append(m)
+    except BaseException:  # Ctrl-C: start nothing new (finished runs are kept; a rerun continues)
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     return results
 
 

@@ -44,7 +44,18 @@ def test_deviation_standard_error_over_seeds():
     var_cell = statistics.variance([4.4, 4.8]) / 2
     assert s["deviation"][("naive", 64)] == pytest.approx(0.5 / ref)
     assert s["deviation_se"][("naive", 64)] == pytest.approx((var_ref + var_cell) ** 0.5 / ref)
-    assert s["deviation_se"][("accumulate", 8)] == pytest.approx(var_ref ** 0.5 / ref)  # the reference itself
+    assert s["deviation_se"][("accumulate", 8)] is None  # the reference itself: 0 by construction
+
+
+def test_a_seeds_logical_runs_count_once():
+    """Seed 0's logical run twice (4 at once, 2 x 2 accumulated) and seed 1's once: the reference is the mean over
+    seeds of each seed's mean, and its spread is over 2 seeds, not 3 runs."""
+    rows = [row("accumulate", 4, 4.0, 0, lb=4), row("accumulate", 2, 4.2, 0, lb=4), row("accumulate", 4, 5.0, 1, lb=4),
+            row("naive", 64, 5.5, 0, lb=4, diverged=True), row("naive", 64, 5.5, 1, lb=4)]
+    s = summarise(rows)
+    assert s["reference"] == pytest.approx((4.1 + 5.0) / 2) and s["reference_runs"] == 2
+    assert s["reference_spread"] == pytest.approx(statistics.stdev([4.1, 5.0]) / 4.55)
+    assert s["paired"][("naive", 64)][0] == float("inf")  # a diverged seed is not dropped from the paired mean
 
 
 def test_without_accumulation_the_logical_run_is_physical_equal_logical():

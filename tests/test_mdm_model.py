@@ -403,3 +403,18 @@ def test_named_configs():
     assert 2.8e9 < sizes["3b"]["total"] < 3.2e9
     assert CONFIGS["tiny"].width_mult == 1 and CONFIGS["tiny"].depth_mult == 1
     assert CONFIGS["micro"].width_mult == 0.5 and CONFIGS["micro"].depth_mult == 0.5
+
+
+def test_probe_positions_give_independent_times_consecutive_ones_do_not():
+    """The noise probe keys its draws by scattered positions: the mean time of 4 of them varies like that of 4 i.i.d.
+    uniforms (1 / 48), while 4 consecutive positions are stratified (their mean varies 2-3x less)."""
+    from sdebatch.mdm.train import probe_positions
+
+    def var_of_group_means(pos):
+        t = sample_draws(pos, 2, seed=0, time_eps=0.0)[0].double()
+        return float(t.reshape(-1, 4).mean(1).var())
+
+    scattered = var_of_group_means(probe_positions(4096, seed=0))
+    assert abs(scattered - 1 / 48) < 0.2 / 48
+    assert var_of_group_means(torch.arange(4096)) < 0.6 / 48  # 0.42 / 48 measured
+    assert not torch.equal(probe_positions(8, seed=0), probe_positions(8, seed=1))

@@ -49,9 +49,13 @@ def test_kill_and_resume_runs_each_config_once(tmp_path, capsys):
     assert CALLS == [] and "6 to run" in capsys.readouterr().out
     sweep.run_sweep(path, tmp_path / "runs", max_runs=2, progress=False)  # "killed" after two runs
     assert len(CALLS) == 2
-    # a run killed mid-way leaves only a hidden temporary folder, which is not a finished run
+    # a run killed mid-way leaves only a hidden temporary folder, which is not a finished run; the next invocation
+    # deletes it once its process is gone (pid 1 is alive: kept; a pid past the kernel's limit is not: removed)
     (tmp_path / "runs" / "mini" / ".half.tmp-1").mkdir()
+    (tmp_path / "runs" / "mini" / ".dead.tmp-4194305").mkdir()
     sweep.run_sweep(path, tmp_path / "runs", progress=False)
+    assert (tmp_path / "runs" / "mini" / ".half.tmp-1").exists()
+    assert not (tmp_path / "runs" / "mini" / ".dead.tmp-4194305").exists()
     assert len(CALLS) == 6 and len({json.dumps(c, sort_keys=True) for c in CALLS}) == 6
     sweep.run_sweep(path, tmp_path / "runs", progress=False)
     assert len(CALLS) == 6  # everything finished: nothing reruns

@@ -155,17 +155,21 @@ def sample_draws(positions: torch.Tensor, length: int, *, seed: int = 0, time_ep
     random numbers, which is what lets a batch-size sweep compare runs at a fraction of the seed-to-seed noise.
     Times follow the additive recurrence t_n = eps + (1 - eps) frac(u_seed + n / phi), a low-discrepancy sequence:
     every stretch of consecutive positions is spread evenly over [eps, 1], as antithetic sampling spreads a batch.
+    So samples at consecutive positions are not independent: the gradient noise of b of them shrinks faster than
+    1/b in its time component, as it does under antithetic sampling, and estimators that assume i.i.d. samples (the
+    two-size noise scale) see that stratified noise; key draws by scattered positions where independence matters.
 
     Args:
         positions: (B,) integer stream positions (``position`` of a batch from :class:`MixtureSampler`).
         length: sequence length L.
         seed: run seed (default 0).
         time_eps: floor of t (default 1e-3).
-        dtype: float dtype of the draws (default torch's default dtype).
+        dtype: float dtype of the draws (default torch's default dtype; float32 at least).
     Returns ``t`` (B,), ``u`` (B, L) masking uniforms, ``drop_u`` (B,) condition-drop uniforms, on ``positions``'
     device.
     """
-    dtype = dtype or torch.get_default_dtype()
+    # at least float32: in bf16 about 0.2% of the uniforms would round to 1.0 (never masked)
+    dtype = torch.promote_types(dtype or torch.get_default_dtype(), torch.float32)
     pos = [int(p) for p in positions.reshape(-1).tolist()]
     if any(p < 0 for p in pos):
         raise ValueError(f"positions must be non-negative stream positions, got {min(pos)}")

@@ -62,7 +62,7 @@ DEFAULTS: dict[str, Any] = {
                                      # resume with `sdebatch train --ckpt <out>/checkpoints/last.ckpt`
     "noise_scale": True,             # in-run B_simple estimate from micro-batches vs their window (needs accumulation)
     "noise_probe": 512,              # sequences for an end-of-run B_simple probe on the training stream, in groups of
-                                     # 16 micro-batches of 4 (B = 64 vs b = 4); 0: no probe
+                                     # 16 micro-batches of 4 (B = 64 vs b = 4); 0: no probe; single-device runs only
     "threads": 0,                    # torch CPU threads (0: torch's default)
 }
 
@@ -253,7 +253,7 @@ def train(config: dict, *, progress: bool = True, ckpt_path: str | None = None,
     result = {"tokens_seen": opt.tokens_seen, "samples_seen": opt.samples_seen, "updates": opt.updates,
               "wall_clock_s": wall, "tokens_per_s": opt.tokens_seen / max(wall, 1e-9),
               "noise_scale": opt.noise_scale, "train_elbo_bits": float(trainer.callback_metrics.get("elbo_bits", "nan"))}
-    if config["noise_probe"]:
+    if config["noise_probe"] and trainer.world_size == 1:  # a diagnostic of single-device runs (not of sharded ones)
         result["noise_probe"] = noise_probe(module, data, start=opt.samples_seen, sequences=config["noise_probe"])
     if config["val_sequences"]:
         if callback.ema is not None:
@@ -276,18 +276,30 @@ def train(config: dict, *, progress: bool = True, ckpt_path: str | None = None,
     return result
 
 
+def probe_positions(n: int, *, seed: int = 0) -> torch.Tensor:
+    """``n`` positions drawn at random from [2^40, 2^41), far beyond any training stream: keys of independent draws
+    (their golden-ratio times are as good as i.i.d. uniform, unlike those of consecutive positions)."""
+    g = torch.Generator().manual_seed(seed + 7_777)
+    return torch.randint(2 ** 40, 2 ** 41, (n,), generator=g)
+
+
 def noise_probe(module: MDMModule, data: MDMDataModule, *, start: int, sequences: int, micro_batch: int = 4,
                 group_size: int = 16) -> dict:
     """B_simple of the final (raw, not EMA) weights on the next ``sequences`` of the training stream (from position
     ``start``), by :func:`sdebatch.noise.probe_noise_scale`: micro-batches of ``micro_batch`` sequences, groups of
-    ``group_size``; each micro-batch's loss is its ELBO per target token, as the optimizer sees it."""
+    ``group_size``; each micro-batch's loss is its ELBO per target token, as the optimizer sees it.
+
+    The masking draws are keyed by :func:`probe_positions`, not by the sequences' own positions: consecutive positions
+    have stratified times (the golden-ratio sequence), which would correlate the micro-batches of a group and bias the
+    two-size estimator (it assumes independent samples; tr Sigma came out ~3x low in a toy check)."""
     from sdebatch.noise import probe_noise_scale
 
     c = module.config
     sampler = MixtureSampler(data.train_set.sizes, {k: float(c["mix"].get(k, 0.0)) for k in data.train_set.sizes},
                              data.samples_per_epoch(), seed=c["seed"])
     keys = sampler.stream(start, start + sequences)
-    items = [data.train_set[(name, i, start + k)] for k, (name, i) in enumerate(keys)]
+    draw_at = probe_positions(sequences, seed=c["seed"])
+    items = [data.train_set[(name, i, int(draw_at[k]))] for k, (name, i) in enumerate(keys)]
     collate = torch.utils.data.default_collate
     device = next(module.parameters()).device
 
