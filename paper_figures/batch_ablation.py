@@ -34,10 +34,7 @@ def summarise(rows: list[dict], tolerance: float = 0.05) -> dict:
     smallest batch where a rule leaves the logical run by more than ``tolerance``)."""
     cells: dict[tuple, list[float]] = {}
     for r in rows:
-        if r.get("diverged") in (True, "True"):
-            cells.setdefault((r["rule"], int(r["physical_batch_size"])), []).append(float("inf"))
-        else:
-            cells.setdefault((r["rule"], int(r["physical_batch_size"])), []).append(float(r["final_loss"]))
+        cells.setdefault(_cell(r), []).append(_loss(r))
     means = {k: statistics.fmean(v) for k, v in cells.items()}
     logical = {int(r["logical_batch_size"]) for r in rows}
     lb = min(logical)
@@ -47,10 +44,10 @@ def summarise(rows: list[dict], tolerance: float = 0.05) -> dict:
     # one value per seed (a seed's logical runs averaged: e.g. 4 at once and 2 x 2 accumulated are one seed, not two)
     by_seed: dict = {}
     for i, r in enumerate(rows):
-        if (r["rule"], int(r["physical_batch_size"])) in ref_cells:
-            loss = float("inf") if r.get("diverged") in (True, "True") else float(r["final_loss"])
-            by_seed.setdefault(r.get("seed", f"run{i}"), []).append(loss)
-    ref_runs = [statistics.fmean(v) for v in by_seed.values()]
+        if _cell(r) in ref_cells:
+            by_seed.setdefault(int(r["seed"]) if "seed" in r else f"run{i}", []).append(_loss(r))
+    base = {s: statistics.fmean(v) for s, v in by_seed.items()}
+    ref_runs = list(base.values())
     reference = statistics.fmean(ref_runs) if ref_runs else float("nan")
     # run-to-run spread of the logical run over seeds: deviations smaller than this are noise
     spread = statistics.stdev(ref_runs) / reference if len(ref_runs) > 1 else None
@@ -70,17 +67,26 @@ def summarise(rows: list[dict], tolerance: float = 0.05) -> dict:
         knees[rule] = above[0] if above else None
     # B_simple of the logical runs: the end-of-run probe when the workload made one (two batch sizes 16x apart),
     # else the in-run estimator's second-half average, else its final value
-    ref_rows = [r for r in rows if (r["rule"], int(r["physical_batch_size"])) in ref_cells] or rows
+    ref_rows = [r for r in rows if _cell(r) in ref_cells] or rows
     noise = []
     for key in ("noise_probe.b_simple", "noise_scale_late", "noise_scale"):
         noise = [float(r[key]) for r in ref_rows if r.get(key) not in (None, "", "None")]
         if noise:
             break
-    paired, contrast = _paired(rows, ref_cells)
+    paired, contrast = _paired(rows, ref_cells, base)
     return {"means": means, "reference": reference, "logical_batch_size": lb, "deviation": deviation,
             "deviation_se": deviation_se, "paired": paired, "contrast": contrast,
             "reference_runs": len(ref_runs), "reference_spread": spread, "seeds": {k: len(v) for k, v in cells.items()},
             "knee": knees, "noise_scale": statistics.median(noise) if noise else None, "tolerance": tolerance}
+
+
+def _cell(row: dict) -> tuple[str, int]:
+    return row["rule"], int(row["physical_batch_size"])
+
+
+def _loss(row: dict) -> float:
+    """The run's final loss; a diverged run counts as infinitely bad."""
+    return float("inf") if row.get("diverged") in (True, "True") else float(row["final_loss"])
 
 
 def _mean_se(v: list[float]) -> tuple[float, float | None, int]:
@@ -89,23 +95,16 @@ def _mean_se(v: list[float]) -> tuple[float, float | None, int]:
     return statistics.fmean(v), (statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else None), len(v)
 
 
-def _paired(rows: list[dict], ref_cells: list[tuple]) -> tuple[dict, dict]:
+def _paired(rows: list[dict], ref_cells: list[tuple], base: dict) -> tuple[dict, dict]:
     """Deviations paired by seed: each run against the logical run(s) of its own seed, mean +- se over seeds
     (``paired[(rule, batch)]``), and the naive - sqrt_exact difference per batch over the seeds that have both
     (``contrast[batch]``), both relative to the seed's logical loss. Runs of one seed share their samples and draws
-    (common random numbers), so paired differences can be less noisy than differences of means."""
-    ref: dict[int, list[float]] = {}
+    (common random numbers), so paired differences can be less noisy than differences of means. ``base``: each
+    seed's logical loss (the mean of its logical runs)."""
     runs: dict[tuple, dict[int, float]] = {}
     for r in rows:
-        if "seed" not in r:
-            continue
-        key, seed = (r["rule"], int(r["physical_batch_size"])), int(r["seed"])
-        loss = float("inf") if r.get("diverged") in (True, "True") else float(r["final_loss"])  # diverged: infinitely bad
-        if key in ref_cells:
-            ref.setdefault(seed, []).append(loss)
-        else:
-            runs.setdefault(key, {})[seed] = loss
-    base = {s: statistics.fmean(v) for s, v in ref.items()}
+        if "seed" in r and _cell(r) not in ref_cells:
+            runs.setdefault(_cell(r), {})[int(r["seed"])] = _loss(r)
     paired = {k: _mean_se([(v - base[s]) / base[s] for s, v in by.items() if s in base])
               for k, by in runs.items() if any(s in base for s in by)}
     contrast = {}

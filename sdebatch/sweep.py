@@ -207,10 +207,14 @@ def run_sweep(path: str | os.PathLike, out: str | os.PathLike = "runs", *, dry_r
             print(f"  failed: {type(e).__name__}: {e}", flush=True)
             continue
         new += 1
-        status = "DIVERGED" if m["diverged"] else f"final loss {m.get('final_loss'):.5g}"
-        print(f"  {status}, {m['wall_clock_s']:.1f}s", flush=True)
+        print(f"  {_status(m)}", flush=True)
         results.append(m)
     return results
+
+
+def _status(metrics: dict) -> str:
+    loss = "DIVERGED" if metrics["diverged"] else f"final loss {metrics.get('final_loss'):.5g}"
+    return f"{loss}, {metrics['wall_clock_s']:.1f}s"
 
 
 def _remove_orphans(folder: Path) -> None:
@@ -242,9 +246,7 @@ def _run_parallel(spec: dict, todo: list[dict], folder: Path, jobs: int) -> list
             except Exception as e:  # recorded in <run_id>.error.txt by run_one; the sweep goes on
                 print(f"[{i + 1}/{len(todo)}] {rid} failed: {type(e).__name__}: {e}", flush=True)
                 continue
-            status = "DIVERGED" if m["diverged"] else f"final loss {m.get('final_loss'):.5g}"
-            print(f"[{i + 1}/{len(todo)}] {rid}  {describe_run(futures[f])}: {status}, {m['wall_clock_s']:.1f}s",
-                  flush=True)
+            print(f"[{i + 1}/{len(todo)}] {rid}  {describe_run(futures[f])}: {_status(m)}", flush=True)
             results.append(m)
     except BaseException:  # Ctrl-C: start nothing new (finished runs are kept; a rerun continues)
         pool.shutdown(wait=False, cancel_futures=True)

@@ -116,21 +116,25 @@ class MDMModule(pl.LightningModule):
     def forward(self, tokens, pad=None, select=None):
         return self.model(tokens, pad=pad, select=select)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        # The masking draws are a function of the seed and each sample's stream position (common random numbers: the
-        # same draws at every physical batch size); for batches without positions, of (seed, rank, micro-step). Never
-        # of the global RNG, which a checkpoint does not hold: a resumed run draws what the uninterrupted run drew.
-        self.micro_steps += 1
+    def loss(self, batch: dict) -> dict:
+        """:func:`mdm_loss` of a training batch. The masking draws are a function of the seed and each sample's
+        stream position (common random numbers: the same draws at every physical batch size); for batches without
+        positions, of (seed, rank, micro-step). Never of the global RNG, which a checkpoint does not hold: a resumed
+        run draws what the uninterrupted run drew."""
         if "position" in batch:
             t, u, drop_u = sample_draws(batch["position"], batch["tokens"].shape[1], seed=self.config["seed"])
             draws = dict(t=t, u=u, drop_u=drop_u)
         else:
             gen = torch.Generator(device=batch["tokens"].device)
             gen.manual_seed((self.config["seed"] * 1_000_003 + self.global_rank * 7919
-                             + (self.micro_steps - 1) * 104_729) % 2**63)
+                             + self.micro_steps * 104_729) % 2**63)
             draws = dict(generator=gen)
-        out = mdm_loss(self.model, batch, schedules=self.config["schedule"], cond_drop=self.config["cond_drop"],
-                       **draws)
+        return mdm_loss(self.model, batch, schedules=self.config["schedule"], cond_drop=self.config["cond_drop"],
+                        **draws)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self.loss(batch)
+        self.micro_steps += 1
         sl.count(self, num_items=out["num_items"], num_tokens=batch["pad"].sum())
         n = max(int(out["num_items"]), 1)
         self.log("elbo_bits", float(out["elbo_bits"]), prog_bar=True, batch_size=n)
@@ -190,12 +194,15 @@ class MDMDataModule(pl.LightningDataModule):
         tokens_per_seq = self.train_set.seq_len
         return int(self.config["tokens"] / (0.5 * tokens_per_seq)) + self.config["logical_batch_size"] * 4
 
-    def train_dataloader(self) -> DataLoader:
-        c = self.config
-        sizes = self.train_set.sizes
+    def train_sampler(self) -> MixtureSampler:
+        """The training stream: the sources mixed by ``mix``, seeded by ``seed``, with stream positions."""
+        c, sizes = self.config, self.train_set.sizes
         weights = {k: float(c["mix"].get(k, 0.0)) for k in sizes}
-        sampler = MixtureSampler(sizes, weights, self.samples_per_epoch(), seed=c["seed"], with_position=True)
-        return ResumableDataLoader(self.train_set, c["physical_batch_size"], sampler=sampler, drop_last=False)
+        return MixtureSampler(sizes, weights, self.samples_per_epoch(), seed=c["seed"], with_position=True)
+
+    def train_dataloader(self) -> DataLoader:
+        return ResumableDataLoader(self.train_set, self.config["physical_batch_size"], sampler=self.train_sampler(),
+                                   drop_last=False)
 
     def val_dataloader(self) -> DataLoader:
         sizes = self.val_set.sizes
@@ -294,21 +301,15 @@ def noise_probe(module: MDMModule, data: MDMDataModule, *, start: int, sequences
     two-size estimator (it assumes independent samples; tr Sigma came out ~3x low in a toy check)."""
     from sdebatch.noise import probe_noise_scale
 
-    c = module.config
-    sampler = MixtureSampler(data.train_set.sizes, {k: float(c["mix"].get(k, 0.0)) for k in data.train_set.sizes},
-                             data.samples_per_epoch(), seed=c["seed"])
-    keys = sampler.stream(start, start + sequences)
-    draw_at = probe_positions(sequences, seed=c["seed"])
+    keys = data.train_sampler().stream(start, start + sequences)
+    draw_at = probe_positions(sequences, seed=module.config["seed"])
     items = [data.train_set[(name, i, int(draw_at[k]))] for k, (name, i) in enumerate(keys)]
     collate = torch.utils.data.default_collate
     device = next(module.parameters()).device
 
     def loss(chunk):
         def fn():
-            batch = {k: v.to(device) for k, v in collate(chunk).items()}
-            t, u, drop_u = sample_draws(batch["position"], batch["tokens"].shape[1], seed=c["seed"])
-            out = mdm_loss(module.model, batch, schedules=c["schedule"], cond_drop=c["cond_drop"], t=t, u=u,
-                           drop_u=drop_u)
+            out = module.loss({k: v.to(device) for k, v in collate(chunk).items()})
             return out["loss_sum"] / out["num_items"].clamp(min=1)
         return fn
 
