@@ -17,7 +17,8 @@ class ModelEMA:
         decay: rho, the per-update decay at the logical batch size (kappa = 1), in [0, 1). Default 0.999.
             An update covering kappa logical batches uses rho**kappa.
 
-    Pass it as ``LogicalBatchOptimizer(..., ema=ema)`` and it is updated after every applied update. The averages
+    Pass it as ``LogicalBatchOptimizer(..., ema=ema)`` and it is updated after every applied update (with
+    rho**kappa, or rho under ``rule="none"``: see ``ema_rescale``). The averages
     are ``ema.params`` (in ``model.parameters()`` order); ``ema.copy_to(model)`` writes them into a model and
     ``with ema.swapped(model):`` evaluates with them and puts the training weights back.
     """
@@ -66,7 +67,8 @@ class ModelEMA:
 
 
 def ema_avg_fn(decay: float, optimizer: Any) -> Callable:
-    """An ``avg_fn`` for ``torch.optim.swa_utils.AveragedModel`` that uses rho**kappa of the optimizer's last update.
+    """An ``avg_fn`` for ``torch.optim.swa_utils.AveragedModel`` that uses rho**kappa of the optimizer's last update
+    (rho when the optimizer's ``ema_rescale`` is off, as it is by default under ``rule="none"``).
 
     ``AveragedModel(model, avg_fn=ema_avg_fn(0.999, opt))``, then ``averaged.update_parameters(model)`` whenever
     ``opt.did_update``.
@@ -74,7 +76,8 @@ def ema_avg_fn(decay: float, optimizer: Any) -> Callable:
     ema_decay(decay, 1.0)
 
     def avg_fn(averaged: torch.Tensor, current: torch.Tensor, num_averaged: Any) -> torch.Tensor:
-        d = ema_decay(decay, optimizer.last_kappa or 1.0)
+        kappa = optimizer.last_kappa if getattr(optimizer, "ema_rescale", True) else None
+        d = ema_decay(decay, kappa or 1.0)
         return d * averaged + (1.0 - d) * current
 
     return avg_fn

@@ -73,6 +73,8 @@ class LogicalBatch(pl.Callback):
         schedule_unit: "samples" (default) or "tokens".
         ema_decay: optional model-EMA decay at the logical batch (rho; rho**kappa per update). The EMA is
             ``callback.ema`` and is saved in checkpoints.
+        ema_rescale: as in :class:`LogicalBatchOptimizer`: None (default) follows ``rule`` (rho per update under
+            ``rule="none"``, else rho**kappa); True / False forces it.
         max_samples, max_tokens: stop training once the clock reaches this many samples / tokens (at an update).
         batch_size_fn: batch -> number of samples. Default: Lightning's ``extract_batch_size``.
         noise_scale: estimate the gradient noise scale B_simple and log it as ``noise_scale`` (needs accumulation or
@@ -85,7 +87,8 @@ class LogicalBatch(pl.Callback):
                  beta_form: str = "exact", momentum_mode: str = "fixed", weight_decay_form: str | None = None,
                  horizon: float | None = None, reference_horizon: float | None = None, gamma: float = 0.0,
                  max_grad_norm: float | None = None, lr_schedule: Callable[[float], float] | None = None,
-                 schedule_unit: str = "samples", ema_decay: float | None = None, max_samples: int | None = None,
+                 schedule_unit: str = "samples", ema_decay: float | None = None, ema_rescale: bool | None = None,
+                 max_samples: int | None = None,
                  max_tokens: int | None = None, batch_size_fn: Callable[[Any], int] | None = None,
                  noise_scale: bool = False, verbose: bool = True) -> None:
         for name, v in (("logical_batch_size", logical_batch_size), ("physical_batch_size", physical_batch_size),
@@ -98,6 +101,8 @@ class LogicalBatch(pl.Callback):
             raise ValueError(f"schedule_unit must be 'samples' or 'tokens', got {schedule_unit!r}")
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}")
+        if ema_rescale is not None and not isinstance(ema_rescale, bool):
+            raise ValueError(f"ema_rescale must be True, False or None (follow rule), got {ema_rescale!r}")
         if max_grad_norm is not None:
             _positive_finite("max_grad_norm", max_grad_norm)
         kappa_fn(1, 1, horizon=horizon, reference_horizon=reference_horizon, gamma=gamma)  # validates
@@ -108,7 +113,7 @@ class LogicalBatch(pl.Callback):
         self.optimizer_kwargs = dict(rule=rule, beta_form=beta_form, momentum_mode=momentum_mode,
                                      weight_decay_form=weight_decay_form, horizon=horizon,
                                      reference_horizon=reference_horizon, gamma=gamma, max_grad_norm=max_grad_norm,
-                                     noise_scale=noise_scale)
+                                     noise_scale=noise_scale, ema_rescale=ema_rescale)
         self.lr_schedule, self.schedule_unit = lr_schedule, schedule_unit
         self.ema_decay, self.ema = ema_decay, None
         self.max_samples, self.max_tokens = max_samples, max_tokens

@@ -68,6 +68,9 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
             inf/nan is dropped (clock not advanced, counted in ``clock.skipped_updates``). Default None.
         model: the model (optionally DDP-wrapped). Used to warn about BatchNorm and by :meth:`accumulate`.
         ema: an object with ``update(kappa)`` (e.g. :class:`sdebatch.ModelEMA`), updated after each update.
+        ema_rescale: whether the EMA's decay follows the rule too (rho**kappa per update, its half-life fixed in
+            samples) or stays rho per update (``ema.update(1.0)``). Default None: follows ``rule``, rescaled unless
+            ``rule="none"``, so a run without rescaling rescales nothing.
         process_group: data-parallel group for counting samples across ranks. Default: the world, when
             ``torch.distributed`` is initialised.
         noise_scale: estimate the gradient noise scale B_simple (``opt.noise_scale``, in samples) from the
@@ -87,7 +90,7 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
                  weight_decay_form: str | None = None, horizon: float | None = None,
                  reference_horizon: float | None = None, gamma: float = 0.0, max_grad_norm: float | None = None,
                  grad_scaler: "torch.amp.GradScaler | None" = None, model: torch.nn.Module | None = None,
-                 ema: Any = None, process_group: Any = None, noise_scale: bool = False,
+                 ema: Any = None, ema_rescale: bool | None = None, process_group: Any = None, noise_scale: bool = False,
                  noise_scale_decay: float = 0.95, noise_scale_warn: float | None = 1.0,
                  noise_scale_every: int = 1) -> None:
         # --- validate everything before touching any state ---
@@ -125,6 +128,8 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
         noise = NoiseScaleEstimator(noise_scale_decay) if noise_scale else None  # validates the decay
         if ema is not None and not callable(getattr(ema, "update", None)):
             raise TypeError("ema must have an update(kappa) method (for example sdebatch.ModelEMA)")
+        if ema_rescale is not None and not isinstance(ema_rescale, bool):
+            raise ValueError(f"ema_rescale must be True, False or None (follow rule), got {ema_rescale!r}")
 
         self.process_group = process_group
         self.world_size = dist.get_world_size(process_group) if dist.is_available() and dist.is_initialized() else 1
@@ -143,6 +148,7 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
         self.grad_scaler = grad_scaler
         self.model = model
         self.ema = ema
+        self.ema_rescale = family != "none" if ema_rescale is None else ema_rescale
         self.clock = Clock()
         self.noise = noise
         self.noise_scale_warn = noise_scale_warn
@@ -554,7 +560,7 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
         self._reset_window()
         self._backward_synced = True
         if self.ema is not None:
-            self.ema.update(k)
+            self.ema.update(k if self.ema_rescale else 1.0)
         for hook in list(self._post_update_hooks.values()):
             hook(self)
 

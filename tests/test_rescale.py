@@ -319,3 +319,38 @@ def test_weight_decay_and_ema_are_invariant_in_samples(k):
     e = dk ** n * 1.0 + (1 - dk) * 2.0 * rk * (rk ** n - dk ** n) / (rk - dk)
     e0 = ema.params[0]
     assert torch.allclose(e0, torch.full_like(e0, e), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("rule,ema_rescale,per_update", [
+    ("adam", None, 0.9 ** 4),      # the square-root rule rescales the EMA too: rho**kappa
+    ("none", None, 0.9),           # no rescaling means none: rho per update, as a user without sdebatch has it
+    ("none", True, 0.9 ** 4),      # forced either way
+    ("adam", False, 0.9),
+])
+def test_ema_decay_follows_the_rule(rule, ema_rescale, per_update):
+    """A constant model (zero gradients, no decay) seen by an EMA from 0: after n updates at kappa 4 the EMA is
+    1 - d**n with d the per-update decay the rule implies (closed form of e <- d e + (1 - d) 1)."""
+    model = make_model()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(0.0)
+    ema = sdebatch.ModelEMA(model, decay=0.9)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1.0)
+    opt = sdebatch.LogicalBatchOptimizer(torch.optim.Adam(model.parameters(), lr=0.01), 4, 16, rule=rule,
+                                         ema=ema, ema_rescale=ema_rescale)
+    for _ in range(5):
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        opt.zero_grad()
+    assert opt.last_kappa == 4 and opt.ema_rescale == (rule != "none" if ema_rescale is None else ema_rescale)
+    e0 = ema.params[0]
+    assert torch.allclose(e0, torch.full_like(e0, 1 - per_update ** 5), rtol=1e-12, atol=0)
+
+
+def test_ema_rescale_must_be_a_bool():
+    model = make_model()
+    with pytest.raises(ValueError, match="ema_rescale must be True, False or None"):
+        sdebatch.LogicalBatchOptimizer(torch.optim.Adam(model.parameters()), 4, ema_rescale="yes")
