@@ -11,6 +11,7 @@ Rules, as the sweeps name them (``rule`` in a config):
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
@@ -97,9 +98,14 @@ def mlp(config: dict, progress: bool = True) -> dict:
 def mdm(config: dict, progress: bool = True, run_dir=None) -> dict:
     """The tri-modal masked diffusion model (``sdebatch.mdm.train``); keys of ``sdebatch.mdm.train.DEFAULTS``.
 
-    The final loss is the held-out ELBO (bits per token); the curve is the training ELBO averaged over each update's
-    window, against tokens seen. Under a sweep (``run_dir`` given) the weights go to the run's folder as model.pt.
+    The final loss is the held-out ELBO (bits per token), ``final_loss_se`` its estimator's own standard error; the
+    curve is the training ELBO averaged over each update's window, against tokens seen. Under a sweep (``run_dir``
+    given) the weights go to the run's folder as model.pt, and each held-out sequence's estimates to val_rows.json
+    (for the estimator's error of paired differences between runs, which share the draws).
     """
+    import json
+
+    from sdebatch.utils import atomic_write
     import lightning.pytorch as pl
 
     from sdebatch.lightning import find_optimizer
@@ -132,6 +138,9 @@ def mdm(config: dict, progress: bool = True, run_dir=None) -> dict:
     result = mdm_train.train(cfg, progress=progress, callbacks=[Curve()])
     result.pop("module")
     val = result.pop("val", {})
+    rows = val.pop("rows", None)
+    if run_dir is not None and rows is not None:
+        atomic_write(Path(run_dir) / "val_rows.json", json.dumps(rows).encode())
     # B_simple = tr(Sigma) / |G|^2 from the estimator's EMAs averaged over the second half of the run: the final
     # value rests on the last ~20 updates and varies severalfold between seeds on short runs
     late = [p for p in curve[len(curve) // 2:] if "noise_g2" in p]
@@ -139,7 +148,8 @@ def mdm(config: dict, progress: bool = True, run_dir=None) -> dict:
     result["noise_scale_late"] = sum(p["noise_trace"] for p in late) / g2 if late and g2 > 0 else None
     if run_dir is not None and "weights" in result:
         result["weights"] = "model.pt"  # relative to the run folder (run_dir is renamed into place)
-    return {"final_loss": val.get("bits_per_token", float("nan")), "val": val, "curve": curve, **result}
+    return {"final_loss": val.get("bits_per_token", float("nan")), "final_loss_se": val.get("bits_per_token_se"),
+            "val": val, "curve": curve, **result}
 
 
 def quadratic(config: dict, progress: bool = True) -> dict:

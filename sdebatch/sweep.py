@@ -81,7 +81,7 @@ def run_id(config: dict) -> str:
     blob = json.dumps(config, sort_keys=True, default=str)
     digest = hashlib.sha1(blob.encode()).hexdigest()[:8]
     names = {"physical_batch_size": "pb", "logical_batch_size": "lb", "rule": "", "samples": "n", "tokens": "tok",
-             "gamma": "g", "seed": "s"}
+             "gamma": "g", "lr": "lr", "seed": "s", "init_seed": "si", "data_seed": "sd", "draw_seed": "sr"}
     short = "_".join(f"{names[k]}{config[k]}" for k in names if k in config)
     return f"{short}_{digest}" if short else digest
 

@@ -418,3 +418,39 @@ def test_probe_positions_give_independent_times_consecutive_ones_do_not():
     assert abs(scattered - 1 / 48) < 0.2 / 48
     assert var_of_group_means(torch.arange(4096)) < 0.6 / 48  # 0.42 / 48 measured
     assert not torch.equal(probe_positions(8, seed=0), probe_positions(8, seed=1))
+
+
+def test_elbo_standard_error_against_closed_form():
+    """A model uniform over the V - 2 allowed ids, linear schedule, one time per row and replicate: a row's estimate
+    is c M / t with c = ln(V - 2), M ~ Bin(L, t) its masked targets, so E = c L whatever t and the variance is
+    c^2 L E[(1 - t) / t] = c^2 L (-ln eps - (1 - eps)) / (1 - eps) for t uniform on [eps, 1]. The standard error the
+    replicates give must match sqrt(N var) / (N L) / ln 2, and the rows must add up to the estimate."""
+    from sdebatch.mdm.objective import elbo_standard_error
+
+    n, seq_len, eps = 4000, 9, 0.05
+    batch = text_batch(n, seq_len)
+    r = elbo(TableModel(torch.zeros(seq_len, V)), batch, n_t=1, replicates=2, time_eps=eps, seed=3)
+    L, c = seq_len - 1, math.log(V - 2)
+    assert r["row_nats"].shape == (2, n) and int(r["row_items"].sum()) == r["num_items"] == n * L
+    assert abs(float(r["row_nats"].mean(0).sum()) - r["nats_sum"]) < 1e-6 * r["nats_sum"]
+    var_row = c ** 2 * L * (-math.log(eps) - (1 - eps)) / (1 - eps)
+    expect = math.sqrt(n * var_row / 2) / (n * L) / math.log(2)  # the mean of 2 replicates per row
+    se = elbo_standard_error(r["row_nats"], r["num_items"])
+    assert abs(se / expect - 1) < 0.1, (se, expect)
+    # and the estimate sits within a few of its standard errors of the exact value log2(V - 2)
+    assert abs(r["bits_per_token"] - math.log2(V - 2)) < 4 * expect
+    # identical models under the same draws: a paired difference with no estimator error
+    assert elbo_standard_error(r["row_nats"] - r["row_nats"], r["num_items"]) == 0.0
+    with pytest.raises(ValueError, match="replicates >= 2"):
+        elbo_standard_error(r["row_nats"][:1], r["num_items"])
+    with pytest.raises(ValueError, match="replicates must be an int >= 1"):
+        elbo(TableModel(torch.zeros(seq_len, V)), batch, replicates=0)
+
+
+def test_elbo_replicate_one_keeps_the_old_draws():
+    """replicates=1 draws exactly what the single-replicate estimator drew (numbers of earlier runs stay valid)."""
+    batch = mixed_batch(6)
+    model = MDM(small_config())
+    a = elbo(model, batch, n_t=4, seed=5)
+    b = elbo(model, batch, n_t=4, replicates=1, seed=5)
+    assert a["bits_per_token"] == b["bits_per_token"] and b["row_nats"].shape == (1, 6)

@@ -158,3 +158,66 @@ def test_bad_train_config_names_the_key(key, value, needle):
 
     with pytest.raises(ValueError, match=needle):
         load_config(None, **{key: value})
+
+
+def test_held_out_set_is_independent_of_the_training_seeds(micro_data):
+    """The held-out sequences (and each pair's task direction) depend on the data folder alone: runs of any seed are
+    scored on the same set, while the training stream follows data_seed (and seed when data_seed is unset)."""
+    from sdebatch.mdm.train import MDMDataModule, load_config
+
+    out, _ = micro_data
+
+    def held_out(**kw):
+        batches = list(MDMDataModule(load_config(None, data=str(out), val_sequences=64, **kw)).val_dataloader())
+        return torch.cat([b["tokens"] for b in batches]), torch.cat([b["target"] for b in batches])
+
+    def stream(**kw):
+        data = MDMDataModule(load_config(None, data=str(out), **kw))
+        keys = data.train_sampler().stream(0, 64)
+        return [data.train_set[k]["tokens"].tolist() for k in keys]
+
+    ref = held_out(seed=0)
+    for kw in ({"seed": 1}, {"seed": 7, "data_seed": 3}, {"data_seed": 5}):
+        other = held_out(**kw)
+        assert torch.equal(ref[0], other[0]) and torch.equal(ref[1], other[1]), kw
+    # the training side does move with the seed (else the test above proves nothing)
+    assert stream(seed=0) != stream(seed=1)
+    assert stream(seed=0, data_seed=4) == stream(seed=9, data_seed=4) != stream(seed=0)
+    # the held-out set mixes both directions of a pair source (so a seed-dependent direction would show)
+    ds = MDMDataModule(load_config(None, data=str(out))).val_set
+    directions = {ds._direction("image", i) for i in range(ds.sizes["image"])}
+    assert directions == {"t2i", "i2t"}
+
+
+def test_seeds_of_each_source_apart(micro_data):
+    """init_seed, data_seed and draw_seed each move one source and default to seed."""
+    from sdebatch.mdm.train import MDMModule, build, load_config, seed_of
+
+    out, _ = micro_data
+    config = load_config(None, data=str(out), seed=2, draw_seed=5)
+    assert (seed_of(config, "init"), seed_of(config, "data"), seed_of(config, "draw")) == (2, 2, 5)
+    module = build(config)[0]
+    data = build(config)[1]
+    batch = torch.utils.data.default_collate([data.train_set[(*k, p)] for p, k in
+                                              enumerate(data.train_sampler().stream(0, 4))])
+    batch["position"] = torch.arange(4)
+    a = module.loss(batch)["t"]
+    b = MDMModule({**config, "draw_seed": 6}, data.vocab.size).loss(batch)["t"]
+    c = MDMModule({**config, "draw_seed": None, "seed": 5}, data.vocab.size).loss(batch)["t"]
+    assert not torch.equal(a, b) and torch.equal(a, c)  # draw_seed 5 = seed 5 with no draw_seed
+
+
+@pytest.mark.parametrize("key,value", [("init_seed", True), ("data_seed", -1), ("draw_seed", 1.5), ("seed", None)])
+def test_bad_seed_names_the_key(key, value):
+    from sdebatch.mdm.train import load_config
+
+    with pytest.raises(ValueError, match=key):
+        load_config(None, **{key: value})
+
+
+def test_max_grad_norm_is_checked():
+    from sdebatch.mdm.train import load_config
+
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        load_config(None, max_grad_norm=-1.0)
+    assert load_config(None, max_grad_norm=1)["max_grad_norm"] == 1

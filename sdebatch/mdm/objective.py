@@ -281,7 +281,8 @@ def mdm_loss(model, batch: Mapping[str, torch.Tensor], *, schedules: ScheduleSpe
             Passing them makes a micro-batch draw identical to the same rows of a big-batch draw.
 
     Returns a dict: ``loss_sum`` (scalar, differentiable, nats), ``num_items`` (real target positions, int64
-    tensor), ``elbo_bits`` (loss_sum / num_items / ln 2, detached: bits per token), ``num_masked``, and per modality
+    tensor), ``elbo_bits`` (loss_sum / num_items / ln 2, detached: bits per token), ``num_masked``, ``row_sum`` (B,
+    detached: each row's share of loss_sum), and per modality
     (text, image, audio) ``sum/<name>`` and ``count/<name>`` (detached) for logging; ``t`` used.
     """
     tokens, pad = batch["tokens"], batch["pad"]
@@ -296,8 +297,11 @@ def mdm_loss(model, batch: Mapping[str, torch.Tensor], *, schedules: ScheduleSpe
     per_pos = c["weight"][masked].to(nll.dtype) * nll
     loss_sum = per_pos.sum()
     num_items = c["items"].sum()
+    row = masked.nonzero()[:, 0]  # the row of each masked position, in the order of per_pos
     out = {"loss_sum": loss_sum, "num_items": num_items, "num_masked": masked.sum(), "t": t,
-           "elbo_bits": loss_sum.detach() / num_items.clamp(min=1) / math.log(2)}
+           "elbo_bits": loss_sum.detach() / num_items.clamp(min=1) / math.log(2),
+           "row_sum": torch.zeros(tokens.shape[0], dtype=per_pos.dtype, device=per_pos.device).index_add_(
+               0, row, per_pos.detach())}
     sid_masked = c["sid"][masked]
     for name in ("text", "image", "audio"):
         m = MODALITY_NAMES[name]
@@ -307,38 +311,71 @@ def mdm_loss(model, batch: Mapping[str, torch.Tensor], *, schedules: ScheduleSpe
 
 
 @torch.no_grad()
-def elbo(model, batch: Mapping[str, torch.Tensor], *, n_t: int = 8, schedules: ScheduleSpec = "linear",
-         time_eps: float = 1e-3, generator: torch.Generator | None = None, seed: int = 0) -> dict:
-    """Evaluate the negative ELBO in bits per target token, averaging ``n_t`` draws of t per row (stratified per row:
-    t_k = (u + k / n_t) mod 1, floored at time_eps) and of the masks; no condition drop.
+def elbo(model, batch: Mapping[str, torch.Tensor], *, n_t: int = 8, replicates: int = 1,
+         schedules: ScheduleSpec = "linear", time_eps: float = 1e-3, generator: torch.Generator | None = None,
+         seed: int = 0) -> dict:
+    """Evaluate the negative ELBO in bits per target token, averaging ``n_t`` draws of t per row and replicate
+    (stratified per row: t_k = (u + k / n_t) mod 1, floored at time_eps, with u independent per row and replicate)
+    and of the masks; no condition drop.
 
     Args:
-        n_t: time samples per row (default 8).
+        n_t: time samples per row and replicate (default 8).
+        replicates: independent stratified sets of ``n_t`` times per row (default 1). With 2 or more, the spread
+            between a row's replicates measures the estimator's own Monte Carlo error (:func:`elbo_standard_error`);
+            stratified draws within one replicate are not independent, so they cannot.
         generator: random generator; default a fresh one seeded with ``seed`` (default 0) so evaluations repeat.
 
-    Returns ``bits_per_token``, ``nats_sum`` (mean over draws), ``num_items``, and ``bits/<modality>`` for the
-    modalities present.
+    Returns ``bits_per_token``, ``nats_sum`` (mean over draws), ``num_items``, ``bits/<modality>`` for the
+    modalities present, and per row: ``row_nats`` (replicates, B) each replicate's estimate of the row's negative
+    ELBO in nats, ``row_items`` (B,) its target positions, ``row_modality`` (B,) its target modality id.
     """
-    if n_t < 1:
-        raise ValueError(f"n_t must be >= 1, got {n_t}")
+    if isinstance(n_t, bool) or not isinstance(n_t, int) or n_t < 1:
+        raise ValueError(f"n_t must be an int >= 1, got {n_t!r}")
+    if isinstance(replicates, bool) or not isinstance(replicates, int) or replicates < 1:
+        raise ValueError(f"replicates must be an int >= 1, got {replicates!r}")
     tokens = batch["tokens"]
     if generator is None:
         generator = torch.Generator(device=tokens.device).manual_seed(seed)
     dtype = torch.get_default_dtype()
-    u0 = torch.rand(tokens.shape[0], generator=generator, device=tokens.device, dtype=dtype)
-    total = 0.0
+    row_nats = torch.zeros(replicates, tokens.shape[0], dtype=torch.float64)
     mod_sum = {name: 0.0 for name in ("text", "image", "audio")}
-    for k in range(n_t):
-        t = time_eps + (1 - time_eps) * ((u0 + k / n_t) % 1)
-        r = mdm_loss(model, batch, schedules=schedules, cond_drop=0.0, t=t, generator=generator)
-        total += float(r["loss_sum"]) / n_t
-        for name in mod_sum:
-            mod_sum[name] += float(r[f"sum/{name}"]) / n_t
+    for rep in range(replicates):
+        u0 = torch.rand(tokens.shape[0], generator=generator, device=tokens.device, dtype=dtype)
+        for k in range(n_t):
+            t = time_eps + (1 - time_eps) * ((u0 + k / n_t) % 1)
+            r = mdm_loss(model, batch, schedules=schedules, cond_drop=0.0, t=t, generator=generator)
+            row_nats[rep] += r["row_sum"].double().cpu() / n_t
+            for name in mod_sum:
+                mod_sum[name] += float(r[f"sum/{name}"]) / (n_t * replicates)
+    total = float(row_nats.mean(0).sum())
     items = int(r["num_items"])
-    out = {"bits_per_token": total / max(items, 1) / math.log(2), "nats_sum": total, "num_items": items}
+    out = {"bits_per_token": total / max(items, 1) / math.log(2), "nats_sum": total, "num_items": items,
+           "row_nats": row_nats, "row_items": (batch["target"] & batch["pad"]).sum(-1).cpu(),
+           "row_modality": target_modality(batch).cpu()}
     for name, s in mod_sum.items():
         count = int(r[f"count/{name}"])
         if count:
             out[f"bits/{name}"] = s / count / math.log(2)
             out[f"count/{name}"] = count
     return out
+
+
+def elbo_standard_error(row_nats: torch.Tensor, items: float) -> float:
+    """Standard error, in bits per token, of the ELBO estimate sum_i mean_r row_nats[r, i] / items / ln 2 that comes
+    from the draws of t and masks alone (the model and the held-out rows fixed).
+
+    Rows are drawn independently and the ``R`` replicates of a row are i.i.d., so the estimator's variance is
+    sum_i Var(row i) / R / items^2, with Var(row i) estimated without bias by the sample variance over its
+    replicates. Pass the difference of two models' ``row_nats`` under the same draws for the error of a paired
+    difference (common draws cancel most of it).
+
+    Args:
+        row_nats: (R, N) per replicate and row, nats (R >= 2).
+        items: the denominator (target positions of the N rows).
+    """
+    if row_nats.dim() != 2 or row_nats.shape[0] < 2:
+        raise ValueError(f"row_nats must be (replicates >= 2, rows), got shape {tuple(row_nats.shape)}")
+    if not items > 0:
+        raise ValueError(f"items must be positive, got {items!r}")
+    var_of_mean = row_nats.double().var(dim=0, unbiased=True) / row_nats.shape[0]
+    return math.sqrt(float(var_of_mean.sum())) / items / math.log(2)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 import tomllib
 from pathlib import Path
@@ -25,11 +24,12 @@ from torch.utils.data import DataLoader
 import sdebatch
 import sdebatch.lightning as sl
 from sdebatch.data import ResumableDataLoader
+from sdebatch.utils import atomic_write
 
 from .data.dataset import TriModalDataset
 from .data.mixture import MixtureSampler
 from .model import build_model, describe, get_config, param_groups
-from .objective import elbo, mdm_loss, sample_draws
+from .objective import MODALITY_NAMES, elbo, elbo_standard_error, mdm_loss, sample_draws
 
 DEFAULTS: dict[str, Any] = {
     "data": "data/tiny",             # a folder made by `sdebatch data prepare`
@@ -43,6 +43,7 @@ DEFAULTS: dict[str, Any] = {
     "betas": [0.9, 0.99],
     "eps": 1e-8,
     "weight_decay": 0.01,
+    "max_grad_norm": 0.0,            # clip each update's gradient to this 2-norm (0: no clipping)
     "warmup": 0.05,                  # fraction of the token budget
     "final_lr": 0.1,                 # cosine floor, fraction of the peak
     "ema": 0.0,                      # model EMA decay at the logical batch (0: off)
@@ -50,12 +51,18 @@ DEFAULTS: dict[str, Any] = {
     "generate_prob": 0.8,            # pairs: share laid out as text->image/speech (else the reverse)
     "schedule": "linear",            # masking schedule, or a table per modality
     "cond_drop": 0.1,                # condition dropout for classifier-free guidance
-    "seed": 0,
+    "seed": 0,                       # the run's seed: initialisation, data order and masking draws
+    "init_seed": None,               # the three sources of run-to-run variation, each apart (None: ``seed``), so a
+    "data_seed": None,               # study can vary one alone (initial weights / order of the training stream and
+    "draw_seed": None,               # the task direction of its pairs / time, mask and condition-drop draws)
     "devices": 1,
     "precision": "32-true",
     "val_sequences": 256,            # held-out sequences for the validation ELBO at the end (0: none); the same
                                      # set and draws whatever the batch sizes, so runs of a sweep compare
     "val_batch_size": 16,            # sequences per validation forward (fixed: the masking draws follow it)
+    "val_time_points": 4,            # stratified diffusion times per held-out sequence and replicate
+    "val_replicates": 2,             # independent replicates of those times: their spread gives the estimator's
+                                     # own standard error (val.bits_per_token_se), reported with every number
     "eval_every_tokens": 0,          # validation during training every this many tokens (0: only at the end)
     "out": "runs/train",
     "checkpoint_every": 0,           # Lightning training steps between checkpoints in <out>/checkpoints (0: none);
@@ -86,18 +93,33 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> dict:
         raise ValueError(f"unknown config keys {unknown}; known: {sorted(DEFAULTS)}")
     if config["rule"] not in RULES:
         raise ValueError(f"rule must be one of {', '.join(RULES)}; got {config['rule']!r}")
-    for key in ("logical_batch_size", "physical_batch_size", "tokens", "val_batch_size"):
+    for key in ("logical_batch_size", "physical_batch_size", "tokens", "val_batch_size", "val_time_points",
+                "val_replicates"):
         if not isinstance(config[key], int) or config[key] < 1:
             raise ValueError(f"{key} must be a positive int, got {config[key]!r}")
     for key in ("val_sequences", "checkpoint_every"):
         if not isinstance(config[key], int) or config[key] < 0:
             raise ValueError(f"{key} must be a non-negative int, got {config[key]!r}")
+    if isinstance(config["max_grad_norm"], bool) or not isinstance(config["max_grad_norm"], (int, float)) \
+            or not 0 <= config["max_grad_norm"] < math.inf:
+        raise ValueError(f"max_grad_norm must be a finite number >= 0 (0: off), got {config['max_grad_norm']!r}")
     if config["noise_probe"] is not False and (not isinstance(config["noise_probe"], int) or
                                                (config["noise_probe"] != 0 and config["noise_probe"] < 64)):
         raise ValueError(f"noise_probe must be 0 (off) or an int >= 64 (sequences), got {config['noise_probe']!r}")
+    for key in ("seed", "init_seed", "data_seed", "draw_seed"):
+        if (config[key] is not None or key == "seed") and (isinstance(config[key], bool)
+                                                         or not isinstance(config[key], int) or config[key] < 0):
+            raise ValueError(f"{key} must be a non-negative int{' or None' if key != 'seed' else ''}, "
+                             f"got {config[key]!r}")
     if config["checkpoint_every"] and not config["out"]:
         raise ValueError("checkpoint_every needs an out folder (out = '' writes nothing)")
     return config
+
+
+def seed_of(config: dict, source: str) -> int:
+    """The seed of one source of randomness ("init", "data" or "draw"): ``<source>_seed`` if set, else ``seed``."""
+    value = config.get(f"{source}_seed")
+    return int(config["seed"] if value is None else value)
 
 
 class MDMModule(pl.LightningModule):
@@ -122,11 +144,11 @@ class MDMModule(pl.LightningModule):
         positions, of (seed, rank, micro-step). Never of the global RNG, which a checkpoint does not hold: a resumed
         run draws what the uninterrupted run drew."""
         if "position" in batch:
-            t, u, drop_u = sample_draws(batch["position"], batch["tokens"].shape[1], seed=self.config["seed"])
+            t, u, drop_u = sample_draws(batch["position"], batch["tokens"].shape[1], seed=seed_of(self.config, "draw"))
             draws = dict(t=t, u=u, drop_u=drop_u)
         else:
             gen = torch.Generator(device=batch["tokens"].device)
-            gen.manual_seed((self.config["seed"] * 1_000_003 + self.global_rank * 7919
+            gen.manual_seed((seed_of(self.config, "draw") * 1_000_003 + self.global_rank * 7919
                              + self.micro_steps * 104_729) % 2**63)
             draws = dict(generator=gen)
         return mdm_loss(self.model, batch, schedules=self.config["schedule"], cond_drop=self.config["cond_drop"],
@@ -165,7 +187,7 @@ class MDMModule(pl.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         r = elbo(self.model, batch, n_t=4, schedules=self.config["schedule"], seed=batch_idx)
-        self.val_results.append({k: float(v) for k, v in r.items() if not isinstance(v, dict)})
+        self.val_results.append({k: float(v) for k, v in r.items() if not isinstance(v, (dict, torch.Tensor))})
         self.log("val_elbo_bits", float(r["bits_per_token"]), batch_size=int(r["num_items"]), sync_dist=True)
 
     def configure_optimizers(self):
@@ -181,9 +203,10 @@ class MDMDataModule(pl.LightningDataModule):
         super().__init__()
         self.config = config
         self.train_set = TriModalDataset(config["data"], "train", generate_prob=config["generate_prob"],
-                                         seed=config["seed"])
-        self.val_set = TriModalDataset(config["data"], "val", generate_prob=config["generate_prob"],
-                                       seed=config["seed"])
+                                         seed=seed_of(config, "data"))
+        # the held-out set (which pairs are scored in which direction) depends on the data folder alone: runs of
+        # any seed are scored on the same sequences
+        self.val_set = TriModalDataset(config["data"], "val", generate_prob=config["generate_prob"], seed=0)
 
     @property
     def vocab(self):
@@ -198,7 +221,7 @@ class MDMDataModule(pl.LightningDataModule):
         """The training stream: the sources mixed by ``mix``, seeded by ``seed``, with stream positions."""
         c, sizes = self.config, self.train_set.sizes
         weights = {k: float(c["mix"].get(k, 0.0)) for k in sizes}
-        return MixtureSampler(sizes, weights, self.samples_per_epoch(), seed=c["seed"], with_position=True)
+        return MixtureSampler(sizes, weights, self.samples_per_epoch(), seed=seed_of(c, "data"), with_position=True)
 
     def train_dataloader(self) -> DataLoader:
         return ResumableDataLoader(self.train_set, self.config["physical_batch_size"], sampler=self.train_sampler(),
@@ -225,7 +248,7 @@ def build(config: dict) -> tuple[MDMModule, MDMDataModule, sl.LogicalBatch]:
         lr_schedule=sdebatch.warmup_cosine(total=config["tokens"], warmup=config["warmup"] * config["tokens"],
                                            final=config["final_lr"]),
         schedule_unit="tokens", max_tokens=config["tokens"], ema_decay=config["ema"] or None,
-        noise_scale=config["noise_scale"], **rule)
+        noise_scale=config["noise_scale"], max_grad_norm=config["max_grad_norm"] or None, **rule)
     return module, data, callback
 
 
@@ -234,7 +257,7 @@ def train(config: dict, *, progress: bool = True, ckpt_path: str | None = None,
     """Train one config; returns final metrics (validation ELBO per modality, tokens, wall clock, tokens/s)."""
     if config.get("threads"):
         torch.set_num_threads(int(config["threads"]))
-    pl.seed_everything(config["seed"], verbose=False)
+    pl.seed_everything(seed_of(config, "init"), verbose=False)
     module, data, callback = build(config)
     callbacks = list(callbacks or [])
     if config["checkpoint_every"]:
@@ -275,9 +298,7 @@ def train(config: dict, *, progress: bool = True, ckpt_path: str | None = None,
         if callback.ema is not None:  # evaluate the averaged weights, as validation did
             names = [n for n, _ in module.model.named_parameters()]
             weights.update({n: p.detach().cpu() for n, p in zip(names, callback.ema.params[-len(names):])})
-        tmp = out / "model.pt.tmp"
-        torch.save(weights, tmp)
-        os.replace(tmp, out / "model.pt")
+        atomic_write(out / "model.pt", lambda f: torch.save(weights, f))
         result["weights"] = str(out / "model.pt")
     result["module"] = module
     return result
@@ -319,24 +340,39 @@ def noise_probe(module: MDMModule, data: MDMDataModule, *, start: int, sequences
 
 @torch.no_grad()
 def validate(module: MDMModule, data: MDMDataModule) -> dict:
-    """Held-out ELBO in bits per token, overall and per modality (fixed draws, so runs compare like for like)."""
+    """Held-out ELBO in bits per token, overall and per modality, each with the estimator's own standard error
+    (``*_se``: from the time/mask draws alone, see :func:`elbo_standard_error`; None with one replicate). The draws
+    are fixed (seeded by batch), so runs compare like for like. ``rows`` holds each held-out sequence's estimate per
+    replicate (``nats`` R x N), ``items`` and ``modality``, for paired comparisons between runs."""
     module.eval()
-    rows = []
+    c = module.config
+    nats, items, modality = [], [], []
     for i, batch in enumerate(data.val_dataloader()):
         batch = {k: v.to(module.device) for k, v in batch.items()}
-        r = elbo(module.model, batch, n_t=4, schedules=module.config["schedule"], seed=i)
-        rows.append({k: float(v) for k, v in r.items() if not isinstance(v, dict)})
+        r = elbo(module.model, batch, n_t=c["val_time_points"], replicates=c["val_replicates"],
+                 schedules=c["schedule"], seed=i)
+        nats.append(r["row_nats"])
+        items.append(r["row_items"])
+        modality.append(r["row_modality"])
     module.train()
-    return _aggregate(rows)
+    rows = {"nats": torch.cat(nats, 1), "items": torch.cat(items), "modality": torch.cat(modality)}
+    out = summarize_rows(rows)
+    out["rows"] = {k: v.tolist() for k, v in rows.items()}
+    return out
 
 
-def _aggregate(rows: list[dict]) -> dict:
-    """Item-weighted mean bits per token over validation batches, overall and per modality."""
-    total = sum(r["num_items"] for r in rows) or 1
-    out = {"bits_per_token": sum(r["bits_per_token"] * r["num_items"] for r in rows) / total}
-    for m in ("text", "image", "audio"):
-        key = f"bits/{m}"
-        vals = [(r[key], r[f"count/{m}"]) for r in rows if key in r]
-        if vals:
-            out[m] = sum(v * n for v, n in vals) / max(sum(n for _, n in vals), 1)
+def summarize_rows(rows: dict) -> dict:
+    """Bits per token and its estimator standard error, overall and per modality, from per-sequence estimates
+    (``nats`` (R, N), ``items`` (N,), ``modality`` (N,) as :func:`validate` records them; lists or tensors)."""
+    nats = torch.as_tensor(rows["nats"], dtype=torch.float64)
+    items = torch.as_tensor(rows["items"], dtype=torch.float64)
+    modality = torch.as_tensor(rows["modality"])
+    out = {}
+    for name, sel in [("bits_per_token", torch.ones_like(modality, dtype=torch.bool))] + [
+            (m, modality == MODALITY_NAMES[m]) for m in ("text", "image", "audio")]:
+        n = float(items[sel].sum())
+        if n <= 0:
+            continue
+        out[name] = float(nats[:, sel].mean(0).sum()) / n / math.log(2)
+        out[f"{name}_se"] = elbo_standard_error(nats[:, sel], n) if nats.shape[0] > 1 else None
     return out
