@@ -35,8 +35,11 @@ def main() -> None:
     if summary["reference_spread"] is not None:
         print(f"logical run: {summary['reference']:.4f} bits/token over {summary['reference_runs']} seeds, "
               f"seed-to-seed std {100 * summary['reference_spread']:.2f}%")
+    for (rule, b), (m, se, n) in sorted(summary["contrast"].items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        if se:
+            print(f"{rule} - sqrt_exact at batch {b}: {100 * m:+.2f}% +- {100 * se:.2f}% (paired over {n} seeds)")
     knee, noise = summary["knee"].get("sqrt_exact"), summary["noise_scale"]
-    print(f"knee of the square-root rule ({100 * summary['tolerance']:.0f}% off the logical run): "
+    print(f"knee of the square-root rule (paired deviation beyond 2 se and {100 * summary['tolerance']:.0f}%): "
           + (f"batch {knee}" if knee else "none in the sweep")
           + (f"; gradient noise scale B_simple ~ {noise:.0f} (median over the logical runs)" if noise else
              "; gradient noise scale not resolved (|G|^2 estimate <= 0)"))

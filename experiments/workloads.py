@@ -125,6 +125,8 @@ def mdm(config: dict, progress: bool = True, run_dir=None) -> dict:
             if opt.did_update and self.window:
                 point = {"tokens": opt.tokens_seen, "samples": opt.samples_seen, "updates": opt.updates,
                          "loss": sum(self.window) / len(self.window), "kappa": opt.last_kappa}
+                for m in ("text", "image", "audio"):  # the window's training ELBO per modality (for diagnosis)
+                    point[m] = module.window_elbo_bits.get(m, float("nan"))
                 noise = getattr(opt, "noise", None)
                 if noise is not None and noise.count:  # the estimator's EMAs of |G|^2 and tr(Sigma)
                     point.update(noise_g2=noise.gradient_sq_norm, noise_trace=noise.trace_sigma)

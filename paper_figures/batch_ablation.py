@@ -28,10 +28,14 @@ LABELS = {"accumulate": "accumulate (exact)", "sqrt_exact": r"square-root rule, 
 plt.rcParams.update({"font.size": 8, "axes.titlesize": 8, "legend.fontsize": 7, "figure.dpi": 150})
 
 
-def summarise(rows: list[dict], tolerance: float = 0.05) -> dict:
+def summarise(rows: list[dict], tolerance: float = 0.01, folder: str | os.PathLike | None = None) -> dict:
     """Mean final loss per (rule, physical batch); the logical run's loss; each cell's relative deviation from it,
-    with the standard error of that deviation over seeds (``deviation_se``, None for a cell of one run); the knee (the
-    smallest batch where a rule leaves the logical run by more than ``tolerance``)."""
+    with the standard error of that deviation over seeds (``deviation_se``, None for a cell of one run); deviations
+    and contrasts paired by seed (``paired``, ``contrast``, see :func:`_paired`); the knee of each rule: the smallest
+    batch above the logical one whose paired deviation exceeds both 2 standard errors and ``tolerance`` (relative,
+    default 1%), or, for a cell without paired seeds, ``tolerance`` alone. With ``folder`` (the sweep folder), the
+    paired numbers also carry the held-out estimator's own standard error from each run's val_rows.json
+    (``paired_estimator_se``, ``contrast_estimator_se``)."""
     cells: dict[tuple, list[float]] = {}
     for r in rows:
         cells.setdefault(_cell(r), []).append(_loss(r))
@@ -61,10 +65,17 @@ def summarise(rows: list[dict], tolerance: float = 0.05) -> dict:
         both = None if cell_var is None or ref_var is None else cell_var + ref_var
         # the logical run's own cell deviates by construction (0 for a single cell): no error to give
         deviation_se[k] = math.sqrt(both) / reference if both is not None and k not in ref_cells else None
+    paired, contrast = _paired(rows, ref_cells, base)
     knees = {}
     for rule in {k[0] for k in means}:
-        above = sorted(b for (r, b), d in deviation.items() if r == rule and b > lb and abs(d) > tolerance)
-        knees[rule] = above[0] if above else None
+        above = []
+        for (r, b), d in deviation.items():
+            if r != rule or b <= lb:
+                continue
+            m, se, n = paired.get((r, b), (d, None, 1))
+            if abs(m) > tolerance and (se is None or abs(m) > 2 * se):
+                above.append(b)
+        knees[rule] = min(above) if above else None
     # B_simple of the logical runs: the end-of-run probe when the workload made one (two batch sizes 16x apart),
     # else the in-run estimator's second-half average, else its final value
     ref_rows = [r for r in rows if _cell(r) in ref_cells] or rows
@@ -73,11 +84,15 @@ def summarise(rows: list[dict], tolerance: float = 0.05) -> dict:
         noise = [float(r[key]) for r in ref_rows if r.get(key) not in (None, "", "None")]
         if noise:
             break
-    paired, contrast = _paired(rows, ref_cells, base)
-    return {"means": means, "reference": reference, "logical_batch_size": lb, "deviation": deviation,
-            "deviation_se": deviation_se, "paired": paired, "contrast": contrast,
-            "reference_runs": len(ref_runs), "reference_spread": spread, "seeds": {k: len(v) for k, v in cells.items()},
-            "knee": knees, "noise_scale": statistics.median(noise) if noise else None, "tolerance": tolerance}
+    out = {"means": means, "reference": reference, "logical_batch_size": lb, "deviation": deviation,
+           "deviation_se": deviation_se, "paired": paired, "contrast": contrast,
+           "reference_runs": len(ref_runs), "reference_spread": spread, "seeds": {k: len(v) for k, v in cells.items()},
+           "knee": knees, "noise_scale": statistics.median(noise) if noise else None, "tolerance": tolerance,
+           "estimator_se": _median_se(rows)}
+    if folder is not None:
+        out["paired_estimator_se"], out["contrast_estimator_se"] = _estimator_errors(rows, ref_cells, base,
+                                                                                     Path(folder))
+    return out
 
 
 def _cell(row: dict) -> tuple[str, int]:
@@ -95,25 +110,85 @@ def _mean_se(v: list[float]) -> tuple[float, float | None, int]:
     return statistics.fmean(v), (statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else None), len(v)
 
 
-def _paired(rows: list[dict], ref_cells: list[tuple], base: dict) -> tuple[dict, dict]:
-    """Deviations paired by seed: each run against the logical run(s) of its own seed, mean +- se over seeds
-    (``paired[(rule, batch)]``), and the naive - sqrt_exact difference per batch over the seeds that have both
-    (``contrast[batch]``), both relative to the seed's logical loss. Runs of one seed share their samples and draws
-    (common random numbers), so paired differences can be less noisy than differences of means. ``base``: each
-    seed's logical loss (the mean of its logical runs)."""
-    runs: dict[tuple, dict[int, float]] = {}
+def _median_se(rows: list[dict]) -> float | None:
+    """Median over runs of one run's estimator standard error (``final_loss_se``), relative to its loss."""
+    v = [float(r["final_loss_se"]) / float(r["final_loss"]) for r in rows
+         if r.get("final_loss_se") not in (None, "", "None") and math.isfinite(float(r["final_loss"]))]
+    return statistics.median(v) if v else None
+
+
+CONTRAST_BASE = "sqrt_exact"  # every other rule is contrasted with the square-root rule, run for run
+
+
+def _by_seed(rows: list[dict], ref_cells: list[tuple]) -> dict[tuple, dict[int, dict]]:
+    runs: dict[tuple, dict[int, dict]] = {}
     for r in rows:
         if "seed" in r and _cell(r) not in ref_cells:
-            runs.setdefault(_cell(r), {})[int(r["seed"])] = _loss(r)
-    paired = {k: _mean_se([(v - base[s]) / base[s] for s, v in by.items() if s in base])
+            runs.setdefault(_cell(r), {})[int(r["seed"])] = r
+    return runs
+
+
+def _paired(rows: list[dict], ref_cells: list[tuple], base: dict) -> tuple[dict, dict]:
+    """Deviations paired by seed: each run against the logical run(s) of its own seed, mean +- se over seeds
+    (``paired[(rule, batch)] = (mean, se, seeds)``), and each rule's difference from the square-root rule at the same
+    batch over the seeds that have both (``contrast[(rule, batch)]``, e.g. naive - sqrt_exact), both relative to the
+    seed's logical loss. Runs of one seed share their samples and draws (common random numbers), so paired
+    differences can be less noisy than differences of means. ``base``: each seed's logical loss (the mean of its
+    logical runs)."""
+    runs = _by_seed(rows, ref_cells)
+    paired = {k: _mean_se([(_loss(r) - base[s]) / base[s] for s, r in by.items() if s in base])
               for k, by in runs.items() if any(s in base for s in by)}
     contrast = {}
     for (rule, b), by in runs.items():
-        other = runs.get(("sqrt_exact", b), {})
-        if rule == "naive":
-            d = [(v - other[s]) / base[s] for s, v in by.items() if s in other and s in base]
+        other = runs.get((CONTRAST_BASE, b), {})
+        if rule != CONTRAST_BASE:
+            d = [(_loss(r) - _loss(other[s])) / base[s] for s, r in by.items() if s in other and s in base]
             if d:
-                contrast[b] = _mean_se(d)
+                contrast[(rule, b)] = _mean_se(d)
+    return paired, contrast
+
+
+def _val_rows(folder: Path, row: dict) -> dict | None:
+    path = folder / str(row.get("run_id")) / "val_rows.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _estimator_errors(rows: list[dict], ref_cells: list[tuple], base: dict, folder: Path) -> tuple[dict, dict]:
+    """The held-out estimator's own standard error of each paired mean (relative to the seed's logical loss): per
+    seed from the per-sequence replicates of the two runs under their common draws, combined over seeds as the
+    error of a mean. None where a run has no val_rows.json."""
+    import torch
+
+    from sdebatch.mdm.objective import elbo_standard_error
+
+    def nats(r):
+        v = _val_rows(folder, r)
+        return None if v is None else (torch.tensor(v["nats"], dtype=torch.float64), float(sum(v["items"])))
+
+    logical: dict[int, list] = {}
+    for r in rows:
+        if _cell(r) in ref_cells and "seed" in r:
+            logical.setdefault(int(r["seed"]), []).append(nats(r))
+    ref = {s: (None if any(x is None for x in v) else (sum(x[0] for x in v) / len(v), v[0][1]))
+           for s, v in logical.items()}
+
+    def combine(pairs):
+        ses = []
+        for s, a, b in pairs:
+            if a is None or b is None:
+                return None
+            ses.append(elbo_standard_error(a[0] - b[0], a[1]) / base[s])
+        return math.sqrt(sum(x * x for x in ses)) / len(ses) if ses else None
+
+    runs = _by_seed(rows, ref_cells)
+    cache = {(k, s): nats(r) for k, by in runs.items() for s, r in by.items()}
+    paired = {k: combine([(s, cache[(k, s)], ref.get(s)) for s in by if s in base]) for k, by in runs.items()}
+    contrast = {}
+    for (rule, b), by in runs.items():
+        if rule != CONTRAST_BASE and (CONTRAST_BASE, b) in runs:
+            other = runs[(CONTRAST_BASE, b)]
+            contrast[(rule, b)] = combine([(s, cache[((rule, b), s)], cache[((CONTRAST_BASE, b), s)])
+                                           for s in by if s in other and s in base])
     return paired, contrast
 
 
@@ -159,6 +234,37 @@ def loss_vs_batch(summary: dict, out: Path, name: str, ylabel: str) -> list[Path
     ax.set_ylabel(ylabel)
     ax.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)  # below: no data hidden
     return _save(fig, out, f"{name}_loss_vs_batch")
+
+
+def paired_vs_batch(summary: dict, out: Path, name: str) -> list[Path]:
+    """Each rule's deviation from the logical run of its own seed vs physical batch (mean +- se over seeds), the
+    band of the knee's tolerance, and the estimator's own error where known: the figure that answers the question."""
+    paired = {k: v for k, v in summary["paired"].items() if v[2] > 1}
+    if not paired:
+        return []
+    fig, ax = plt.subplots(figsize=(3.4, 2.8))
+    lb, tol = summary["logical_batch_size"], summary["tolerance"]
+    ax.axhspan(-100 * tol, 100 * tol, color="grey", alpha=0.15, lw=0, label=f"+-{tol:.0%}")
+    ax.axhline(0, color="black", lw=0.8, ls=":")
+    rules = sorted({r for r, _ in paired}, key=lambda r: list(COLORS).index(r) if r in COLORS else 99)
+    for rule in rules:
+        pts = sorted((b, m, se) for (r, b), (m, se, n) in paired.items() if r == rule and math.isfinite(m))
+        if pts:
+            b, m, se = zip(*pts)
+            n = min(v[2] for (r, _), v in paired.items() if r == rule)
+            ax.errorbar(b, [100 * x for x in m], yerr=[100 * (x or 0) for x in se], fmt="o-", ms=3, lw=1.2,
+                        capsize=2, color=COLORS.get(rule, "grey"), label=f"{LABELS.get(rule, rule)} ({n}+ seeds)")
+    knee = summary["knee"].get("sqrt_exact")
+    if knee:
+        ax.axvline(knee, color=COLORS["sqrt_exact"], lw=0.8, ls="-.", label="knee (square-root rule)")
+    if summary["noise_scale"]:
+        ax.axvline(summary["noise_scale"], color="#CC79A7", lw=1, ls="--", label="B_simple (probe)")
+    ax.axvline(lb, color="grey", lw=0.5)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("physical batch per update (samples)")
+    ax.set_ylabel("vs the logical run of the same seed (%)")
+    ax.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=6)
+    return _save(fig, out, f"{name}_paired_vs_batch")
 
 
 def _binned(curve: list[dict], x: str, bins: int, hi: float) -> dict[int, float]:
@@ -220,14 +326,23 @@ def table(summary: dict) -> str:
         lines.append(f"{b:>6} {rule:>12} {summary['seeds'][(rule, b)]:>6} {v:>11.4f} "
                      f"{100 * summary['deviation'][(rule, b)]:>+10.1f}% " + (f"{100 * se:>6.1f}%" if se else ""))
     if any(n > 1 for _, _, n in summary["paired"].values()):
-        lines.append("paired by seed (each run against its own seed's logical run; mean +- se over seeds):")
+        est = summary.get("paired_estimator_se", {})
+        cest = summary.get("contrast_estimator_se", {})
+        lines.append("paired by seed (each run against its own seed's logical run; mean +- se over seeds; "
+                     "[estimator's own se]; and each rule - sqrt_exact, run for run):")
         for (rule, b), (m, se, n) in sorted(summary["paired"].items(), key=lambda kv: (kv[0][1], kv[0][0])):
-            c = summary["contrast"].get(b) if rule == "naive" else None
-            lines.append(f"{b:>6} {rule:>12} {n:>6} {100 * m:>+10.1f}% " + (f"{100 * se:>6.1f}%" if se else "")
-                         + (f"   naive - sqrt_exact {100 * c[0]:+.1f}% +- {100 * c[1]:.1f}%" if c and c[1] else ""))
+            c, e, ce = summary["contrast"].get((rule, b)), est.get((rule, b)), cest.get((rule, b))
+            lines.append(f"{b:>6} {rule:>12} {n:>6} {100 * m:>+10.2f}% " + (f"+- {100 * se:.2f}" if se else "")
+                         + (f" [{100 * e:.2f}]" if e is not None else "")
+                         + (f"   {rule} - sqrt_exact {100 * c[0]:+.2f}% +- {100 * c[1]:.2f}" if c and c[1] else "")
+                         + (f" [{100 * ce:.2f}]" if c and c[1] and ce is not None else ""))
     if summary["reference_spread"] is not None:
-        lines.append(f"logical run: {summary['reference_runs']} runs, seed-to-seed std "
+        lines.append(f"logical run: {summary['reference_runs']} seeds, seed-to-seed std "
                      f"{100 * summary['reference_spread']:.1f}% of its loss")
+    if summary.get("estimator_se") is not None:
+        lines.append(f"one run's held-out estimator se: {100 * summary['estimator_se']:.2f}% (median over runs)")
+    lines.append("knee (paired deviation beyond 2 se and {:.0%}): ".format(summary["tolerance"]) + ", ".join(
+        f"{rule} {b if b else 'none'}" for rule, b in sorted(summary["knee"].items()) if rule != "accumulate"))
     return "\n".join(lines)
 
 
@@ -236,16 +351,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("folder", help="a sweep folder, e.g. runs/demo")
     parser.add_argument("--out", default="paper_figures/out")
     parser.add_argument("--ylabel", default="held-out loss")
-    parser.add_argument("--tolerance", type=float, default=0.05)
+    parser.add_argument("--tolerance", type=float, default=0.01, help="knee: relative deviation (with 2 paired se)")
     args = parser.parse_args(argv)
     folder = Path(args.folder)
     rows = collect(folder, folder / "results.csv")
     if not rows:
         raise SystemExit(f"no finished runs in {folder}")
-    summary = summarise(rows, args.tolerance)
+    summary = summarise(rows, args.tolerance, folder=folder)
     name = folder.name
     x = "tokens" if "tokens" in (folder / "results.csv").read_text().split("\n")[0] else "samples"
-    paths = loss_vs_batch(summary, Path(args.out), name, args.ylabel)
+    paths = paired_vs_batch(summary, Path(args.out), name)
+    paths += loss_vs_batch(summary, Path(args.out), name, args.ylabel)
     paths += loss_vs_tokens(folder, Path(args.out), name, x)
     print(table(summary))
     print("wrote " + ", ".join(str(p) for p in paths))

@@ -88,6 +88,43 @@ def test_paired_deviations_use_each_seeds_own_logical_run():
     assert n == 2 and m == pytest.approx(0.1) and se == pytest.approx(0.0, abs=1e-12)  # +10% for both seeds
     m, se, n = s["paired"][("naive", 64)]
     assert n == 2 and m == pytest.approx((0.2 + 0.0) / 2) and se == pytest.approx(statistics.stdev([0.2, 0.0]) / 2 ** 0.5)
-    c = s["contrast"][64]  # naive - sqrt, relative to the seed's logical run: (0.4 / 4, -0.5 / 5)
+    c = s["contrast"][("naive", 64)]  # naive - sqrt, relative to the seed's logical run: (0.4 / 4, -0.5 / 5)
     assert c[2] == 2 and c[0] == pytest.approx((0.1 - 0.1) / 2)
     assert ("naive", 128) not in s["paired"]
+
+
+def test_knee_needs_two_paired_standard_errors_and_the_tolerance():
+    """Three seeds: at 64 the rescaled runs are +2% +- 1% (paired): beyond 1% but within 2 se, not the knee; at
+    128 +3% with no spread: the knee. Contrasts of every rule against the square-root rule, run for run."""
+    rows = [row("accumulate", 8, 4.0, s) for s in range(3)]
+    rows += [row("sqrt_exact", 64, 4.0 * (1 + d), s) for s, d in enumerate((0.01, 0.02, 0.03 + 0.03))]
+    rows += [row("sqrt_exact", 128, 4.12, s) for s in range(3)]
+    rows += [row("linear", 64, 4.4, s) for s in range(3)]
+    s = summarise(rows)
+    m, se, n = s["paired"][("sqrt_exact", 64)]
+    assert n == 3 and m == pytest.approx(0.03) and 0.015 < 2 * se and abs(m) < 2 * se
+    assert s["knee"]["sqrt_exact"] == 128 and s["tolerance"] == 0.01
+    c = s["contrast"][("linear", 64)]
+    assert c[2] == 3 and c[0] == pytest.approx(statistics.fmean([0.1 - 0.01, 0.1 - 0.02, 0.1 - 0.06]))
+    assert ("sqrt_exact", 64) not in s["contrast"]
+
+
+def test_estimator_error_of_paired_numbers_from_val_rows(tmp_path):
+    """Two runs of one seed whose per-sequence replicates differ by known amounts: the paired estimator se is the
+    closed form sqrt(sum_i var_i / R) / items / ln 2 of their differences, relative to the seed's logical loss."""
+    import json
+    import math
+
+    import torch
+
+    rows = []
+    for rid, rule, b, nats in (("ref", "accumulate", 8, [[10.0, 20.0], [12.0, 20.0]]),
+                               ("sq", "sqrt_exact", 64, [[11.0, 21.0], [13.0, 23.0]])):
+        (tmp_path / rid).mkdir()
+        (tmp_path / rid / "val_rows.json").write_text(json.dumps({"nats": nats, "items": [5, 5], "modality": [1, 1]}))
+        rows.append(dict(row(rule, b, 4.0 if rule == "accumulate" else 4.4, 0), run_id=rid))
+    s = summarise(rows, folder=tmp_path)
+    diff = torch.tensor([[1.0, 1.0], [1.0, 3.0]])  # sq - ref per replicate (rows) and sequence (columns)
+    var = diff.var(0, unbiased=True) / 2  # per sequence: 0 and 2 / 2
+    expect = math.sqrt(float(var.sum())) / 10 / math.log(2) / 4.0
+    assert s["paired_estimator_se"][("sqrt_exact", 64)] == pytest.approx(expect)

@@ -133,6 +133,7 @@ class MDMModule(pl.LightningModule):
         self._last = None  # (time, tokens) at the previous update, for tokens/s
         self.micro_steps = 0  # training_step calls so far (checkpointed): keys the draws of batches without positions
         self._window_sums: dict[str, list] = {}  # per modality [nats, items] over the current window, for logging
+        self.window_elbo_bits: dict[str, float] = {}  # the last complete window's training ELBO per modality
         self.val_results: list[dict] = []
 
     def forward(self, tokens, pad=None, select=None):
@@ -168,9 +169,9 @@ class MDMModule(pl.LightningModule):
             acc[1] += int(out[f"count/{m}"])
         opt = sl.find_optimizer(self)
         if opt.next_step_updates:
-            for m, (total, c) in self._window_sums.items():
-                if c:
-                    self.log(f"elbo_bits/{m}", total / c / math.log(2), batch_size=c)
+            self.window_elbo_bits = {m: total / c / math.log(2) for m, (total, c) in self._window_sums.items() if c}
+            for m, v in self.window_elbo_bits.items():
+                self.log(f"elbo_bits/{m}", v, batch_size=self._window_sums[m][1])
             self._window_sums = {}
             now = time.time()
             if self._last is not None and opt.tokens_seen > self._last[1]:
