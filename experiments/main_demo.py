@@ -1,9 +1,11 @@
-"""`make demo`: the default batch-size ablation on the tri-modal masked diffusion model, end to end on a CPU.
+"""`make demo`: the default batch-size ablation, end to end on a CPU.
 
 1. prepares the built-in data (`sdebatch data prepare --preset tiny --out data/tiny`; skipped once done),
-2. runs the sweep `experiments/sweeps/demo.toml`, two runs at a time (resumable: finished runs are skipped),
-3. collects the table (`runs/demo/results.csv`) and draws the figures (`paper_figures/out/demo_*.png|pdf`),
-4. prints the held-out ELBO per physical batch and rule, and how far each run is from the logical run.
+2. the clean panel: `experiments/sweeps/demo_mlp.toml`, an MLP regression in the SDE regime (about a minute),
+3. the tri-modal MDM: `experiments/sweeps/demo.toml`, two runs at a time (resumable: finished runs are skipped),
+4. prints, for each, every rule's deviation from the logical run of its own seed and the naive - square-root contrast
+   (paired over seeds, with standard errors, and for the MDM the held-out estimator's own error), and draws
+   `paper_figures/out/demo_paired_vs_batch.png|pdf` (both panels) and the per-sweep figures.
 """
 from __future__ import annotations
 
@@ -12,37 +14,51 @@ from pathlib import Path
 
 from paper_figures import batch_ablation
 from sdebatch.mdm.data.prepare import prepare
-from sdebatch.sweep import run_sweep
+from sdebatch.sweep import collect, run_sweep
 
-SWEEP = Path("experiments/sweeps/demo.toml")
+OUT = Path("paper_figures/out")
+
+
+def report(title: str, summary: dict) -> None:
+    print(f"\n{title}")
+    est = summary.get("contrast_estimator_se") or {}
+    for (rule, b), (m, se, n) in sorted(summary["paired"].items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        line = f"  batch {b:>4} {rule:>10}: {100 * m:+6.2f}% +- {100 * se:.2f} vs the logical run" if se else ""
+        c = summary["contrast"].get((rule, b))
+        if c and c[1]:
+            verdict = "resolved" if abs(c[0]) > 2 * c[1] else "within 2 se"
+            line += (f"; naive - sqrt_exact {100 * c[0]:+.2f}% +- {100 * c[1]:.2f} ({verdict}"
+                     + (f"; estimator se {100 * est[(rule, b)]:.2f}" if est.get((rule, b)) is not None else "") + ")")
+        if line:
+            print(line + f"  [{n} seeds]")
+    if summary["reference_spread"] is not None:
+        print(f"  logical run {summary['reference']:.4f} over {summary['reference_runs']} seeds "
+              f"(seed-to-seed std {100 * summary['reference_spread']:.1f}%)"
+              + (f"; one run's estimator se {100 * summary['estimator_se']:.2f}%" if summary["estimator_se"] else ""))
+    knee, noise = summary["knee"].get("sqrt_exact"), summary["noise_scale"]
+    print(f"  knee of the square-root rule (paired deviation beyond 2 se and {100 * summary['tolerance']:.0f}%): "
+          + (f"batch {knee}" if knee else "none in the sweep")
+          + (f"; B_simple ~ {noise:.0f} (median over the logical runs)" if noise else ""))
 
 
 def main() -> None:
     start = time.time()
     if not Path("data/tiny/index.json").exists():
         prepare("data/tiny", preset="tiny")
-    run_sweep(SWEEP, "runs", jobs=2)
-    summary = batch_ablation.main(["runs/demo", "--out", "paper_figures/out", "--ylabel", "held-out ELBO (bits/token)"])
-    lb = summary["logical_batch_size"]
-    dev = summary["deviation"]
-    se = summary["deviation_se"]
-    for rule in ("sqrt_exact", "naive"):
-        cells = {b: d for (r, b), d in dev.items() if r == rule and b != lb}
-        if cells:
-            parts = [f"batch {b}: {100 * d:+.1f}%" + (f" +- {100 * se[(rule, b)]:.1f}%" if se[(rule, b)] else "")
-                     for b, d in sorted(cells.items())]
-            print(f"{rule}: vs the logical run (mean over seeds +- standard error) " + ", ".join(parts))
-    if summary["reference_spread"] is not None:
-        print(f"logical run: {summary['reference']:.4f} bits/token over {summary['reference_runs']} seeds, "
-              f"seed-to-seed std {100 * summary['reference_spread']:.2f}%")
-    for (rule, b), (m, se, n) in sorted(summary["contrast"].items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        if se:
-            print(f"{rule} - sqrt_exact at batch {b}: {100 * m:+.2f}% +- {100 * se:.2f}% (paired over {n} seeds)")
-    knee, noise = summary["knee"].get("sqrt_exact"), summary["noise_scale"]
-    print(f"knee of the square-root rule (paired deviation beyond 2 se and {100 * summary['tolerance']:.0f}%): "
-          + (f"batch {knee}" if knee else "none in the sweep")
-          + (f"; gradient noise scale B_simple ~ {noise:.0f} (median over the logical runs)" if noise else
-             "; gradient noise scale not resolved (|G|^2 estimate <= 0)"))
+    panels = []
+    for sweep, title in (("demo_mlp", "MLP regression (Adam), logical batch 32: held-out excess MSE"),
+                         ("demo", "tri-modal MDM (micro), logical batch 4: held-out ELBO")):
+        run_sweep(Path("experiments/sweeps") / f"{sweep}.toml", "runs", jobs=1 if sweep == "demo_mlp" else 2,
+                  progress=False)
+        folder = Path("runs") / sweep
+        rows = collect(folder, folder / "results.csv")
+        summary = batch_ablation.summarise(rows, folder=folder)
+        batch_ablation.loss_vs_batch(summary, OUT, sweep, title.split(": ")[1])
+        batch_ablation.loss_vs_tokens(folder, OUT, sweep, "tokens" if sweep == "demo" else "samples")
+        report(title, summary)
+        panels.append((title.split(":")[0], summary))
+    paths = batch_ablation.paired_vs_batch(panels, OUT, "demo")
+    print(f"\nwrote {', '.join(str(p) for p in paths)} and the per-sweep figures in {OUT}")
     print(f"demo done in {time.time() - start:.0f}s")
 
 

@@ -236,14 +236,9 @@ def loss_vs_batch(summary: dict, out: Path, name: str, ylabel: str) -> list[Path
     return _save(fig, out, f"{name}_loss_vs_batch")
 
 
-def paired_vs_batch(summary: dict, out: Path, name: str) -> list[Path]:
-    """Each rule's deviation from the logical run of its own seed vs physical batch (mean +- se over seeds), the
-    band of the knee's tolerance, and the estimator's own error where known: the figure that answers the question."""
-    paired = {k: v for k, v in summary["paired"].items() if v[2] > 1}
-    if not paired:
-        return []
-    fig, ax = plt.subplots(figsize=(3.4, 2.8))
+def _paired_panel(ax, summary: dict, title: str | None = None) -> None:
     lb, tol = summary["logical_batch_size"], summary["tolerance"]
+    paired = {k: v for k, v in summary["paired"].items() if v[2] > 1}
     ax.axhspan(-100 * tol, 100 * tol, color="grey", alpha=0.15, lw=0, label=f"+-{tol:.0%}")
     ax.axhline(0, color="black", lw=0.8, ls=":")
     rules = sorted({r for r, _ in paired}, key=lambda r: list(COLORS).index(r) if r in COLORS else 99)
@@ -262,8 +257,23 @@ def paired_vs_batch(summary: dict, out: Path, name: str) -> list[Path]:
     ax.axvline(lb, color="grey", lw=0.5)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("physical batch per update (samples)")
-    ax.set_ylabel("vs the logical run of the same seed (%)")
-    ax.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=6)
+    if title:
+        ax.set_title(title)
+
+
+def paired_vs_batch(summary: dict | list[tuple[str, dict]], out: Path, name: str) -> list[Path]:
+    """Each rule's deviation from the logical run of its own seed vs physical batch (mean +- se over seeds), the
+    band of the knee's tolerance: the figure that answers the question. ``summary`` may be a list of (title,
+    summary) pairs, drawn side by side (e.g. a clean regression next to the MDM)."""
+    panels = summary if isinstance(summary, list) else [(None, summary)]
+    panels = [(t, s) for t, s in panels if any(v[2] > 1 for v in s["paired"].values())]
+    if not panels:
+        return []
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 2.9), squeeze=False)
+    for ax, (title, s) in zip(axes[0], panels):
+        _paired_panel(ax, s, title)
+        ax.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=6)
+    axes[0][0].set_ylabel("vs the logical run of the same seed (%)")
     return _save(fig, out, f"{name}_paired_vs_batch")
 
 

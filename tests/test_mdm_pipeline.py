@@ -55,6 +55,7 @@ tokens = 1500
 lr = 0.003
 val_sequences = 8
 noise_scale = false
+seed = 0
 [[runs]]
 physical_batch_size = 8
 rule = "accumulate"
@@ -89,6 +90,15 @@ def test_miniature_demo_sweep_with_kill_and_resume(micro_data, tmp_path):
     assert by[("sqrt_exact", 2)]["updates"] > by[("accumulate", 8)]["updates"] > by[("naive", 16)]["updates"]
     cfg = json.loads((folder / rows[0]["run_id"] / "config.json").read_text())
     assert cfg["sweep"] == "mini_demo"
+    # every held-out number comes with its estimator's error, and the demo's summary pairs runs by seed with it
+    from experiments.main_demo import report
+    from paper_figures.batch_ablation import summarise
+
+    for r in rows:
+        assert r["final_loss_se"] > 0 and (folder / r["run_id"] / "val_rows.json").exists()
+    s = summarise(rows, folder=folder)
+    assert s["paired_estimator_se"][("sqrt_exact", 2)] > 0 and s["paired"][("naive", 16)][2] == 1
+    report("mini", s)
 
 
 def test_trainer_resume_equals_uninterrupted(micro_data, tmp_path):
