@@ -231,3 +231,22 @@ def test_max_grad_norm_is_checked():
     with pytest.raises(ValueError, match="max_grad_norm"):
         load_config(None, max_grad_norm=-1.0)
     assert load_config(None, max_grad_norm=1)["max_grad_norm"] == 1
+
+
+def test_shipped_mdm_sweeps_are_valid_configs():
+    """Every run of every shipped MDM sweep file passes load_config (names, types, values), so a GPU sweep does not
+    fail hours in."""
+    from pathlib import Path
+
+    from sdebatch.mdm.train import load_config
+
+    files = sorted((Path(__file__).resolve().parents[1] / "experiments" / "sweeps").glob("*.toml"))
+    checked = 0
+    for f in files:
+        spec = sweep.load_sweep(f)
+        if spec["workload"] != "experiments.workloads:mdm":
+            continue
+        for config in sweep.expand(spec):
+            load_config(None, **config)
+            checked += 1
+    assert checked > 100
