@@ -82,3 +82,22 @@ def test_variance_decomposition_groups_runs_by_the_one_source_they_change():
     rng = random.Random(0)
     hits = sum(lo <= 1.0 <= hi for lo, hi in (spread([rng.gauss(0, 1) for _ in range(5)])[1:] for _ in range(4000)))
     assert 0.93 < hits / 4000 < 0.97
+
+
+def test_variance_decomposition_estimator_error_of_a_difference(tmp_path):
+    import json
+
+    import torch
+
+    from sdebatch.mdm.objective import elbo_standard_error
+
+    base = {"rule": "accumulate", "physical_batch_size": 4, "logical_batch_size": 4, "final_loss": 6.0,
+            "run_id": "a"}
+    other = dict(base, draw_seed=1, final_loss=6.3, run_id="b")
+    nats = {"a": [[10.0, 20.0, 5.0], [12.0, 18.0, 5.0]], "b": [[11.0, 20.0, 7.0], [11.0, 19.0, 6.0]]}
+    for rid, n in nats.items():
+        (tmp_path / rid).mkdir()
+        (tmp_path / rid / "val_rows.json").write_text(json.dumps({"nats": n, "items": [4, 4, 4], "modality": [1] * 3}))
+    d = decompose([base, other], folder=tmp_path)
+    diff = torch.tensor(nats["b"]) - torch.tensor(nats["a"])
+    assert d["sources"]["draw_seed"]["paired_estimator_se"] == pytest.approx(elbo_standard_error(diff, 12) / 6.0)
