@@ -8,7 +8,7 @@
     physical_batch_size = [4, 8, 16, 32, 64]
     rule = ["accumulate", "sqrt_exact", "naive"]
 
-A run is the base updated with one point of the grid (the product of all grid lists, plus any ``[[runs]]`` tables
+A run is the base updated with one point of the grid (the product of all grid lists, after any ``[[runs]]`` tables
 listed explicitly). Its id is derived from its config, so a rerun of the sweep skips finished runs and a killed sweep
 continues where it stopped. A run writes into a temporary folder that is renamed into place when complete: a folder
 that exists is a finished run. A run whose loss goes nan/inf is recorded with ``diverged = true`` and the sweep goes
@@ -60,13 +60,15 @@ def load_sweep(path: str | os.PathLike) -> dict:
 
 
 def expand(spec: dict) -> list[dict]:
-    """All run configs of a sweep: base x grid product, then explicit runs (duplicates removed, order kept)."""
+    """All run configs of a sweep: the explicit runs first (usually the references, e.g. the logical runs: a partial
+    sweep has its baselines, and slow reference runs do not finish alone at the end), then the base x grid product
+    (duplicates removed, order kept)."""
     grid = spec.get("grid", {})
     keys = list(grid)
-    configs = [{**spec["base"], **dict(zip(keys, values))} for values in itertools.product(*(grid[k] for k in keys))]
-    if not grid and spec.get("runs"):
-        configs = []  # only the listed runs (an empty grid would otherwise add the base as a run)
-    configs += [{**spec["base"], **extra} for extra in spec.get("runs", [])]
+    configs = [{**spec["base"], **extra} for extra in spec.get("runs", [])]
+    if grid or not spec.get("runs"):  # an empty grid with listed runs: only those (not the base as a run too)
+        configs += [{**spec["base"], **dict(zip(keys, values))}
+                    for values in itertools.product(*(grid[k] for k in keys))]
     seen, out = set(), []
     for c in configs:
         rid = run_id(c)
