@@ -122,11 +122,14 @@ class LogicalBatch(pl.Callback):
         self.optimizer: LogicalBatchOptimizer | None = None
         self._original_configure = None
         self._ema_state: dict | None = None
+        self._flush_on_resume = False
+        self._trainer: pl.Trainer | None = None
 
     # --- before training: validate, then wrap the optimizer where Lightning makes it ---
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._trainer = trainer
         if trainer.accumulate_grad_batches != 1:
             raise ValueError(f"Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}) conflicts with "
                              "LogicalBatch, which derives the accumulation from logical_batch_size; leave it at 1")
@@ -180,6 +183,11 @@ class LogicalBatch(pl.Callback):
         opt = self.optimizer
         if opt is None:
             raise RuntimeError("LogicalBatch did not see configure_optimizers; was the callback added after setup?")
+        if self._flush_on_resume:  # resumed from an epoch's last batch: the epoch-end flush it had not reached
+            self._flush_on_resume = False
+            if opt.in_window and opt.flush():
+                self._after_update(trainer, pl_module, in_batch=False)
+            opt.zero_grad()
         physical = self.physical_batch_size or _loader_batch_size(trainer.train_dataloader)
         if physical is None:
             raise ValueError("cannot read the per-device batch size from the train dataloader; pass "
@@ -247,20 +255,32 @@ class LogicalBatch(pl.Callback):
     # --- checkpoints ---
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         # Lightning fetched one batch ahead: record the batches actually trained on as the loader's position.
+        # (Lightning 2.x keeps the loader states under fit_loop.state_dict.combined_loader; older ones one level up.)
         processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        n_batches = trainer.num_training_batches
-        for state in checkpoint.get("loops", {}).get("fit_loop", {}).get("combined_loader", []):
+        fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
+        states = fit_loop.get("state_dict", {}).get("combined_loader", []) or fit_loop.get("combined_loader", [])
+        for state in states:
             if isinstance(state, dict) and state.get("sdebatch_resumable"):
-                if processed >= n_batches:  # the epoch is complete: resume at the start of the next one
+                if self._epoch_complete(trainer):  # resume at the start of the next epoch
                     state["epoch"], state["batches"] = state["epoch"] + 1, 0
                 else:
                     state["batches"] = processed
 
+    @staticmethod
+    def _epoch_complete(trainer: pl.Trainer) -> bool:
+        return trainer.fit_loop.epoch_loop.batch_progress.current.processed >= trainer.num_training_batches
+
     def state_dict(self) -> dict:
-        return {"ema": self.ema.state_dict() if self.ema is not None else None}
+        # a checkpoint taken on an epoch's last batch holds the window that on_train_epoch_end is about to flush:
+        # a run resumed from it must flush that window before the next epoch, as the uninterrupted run did
+        trainer = getattr(self, "_trainer", None)
+        pending = bool(trainer is not None and self.optimizer is not None and self.optimizer.in_window
+                       and self._epoch_complete(trainer))
+        return {"ema": self.ema.state_dict() if self.ema is not None else None, "flush_on_resume": pending}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._ema_state = state_dict.get("ema")
+        self._flush_on_resume = bool(state_dict.get("flush_on_resume", False))
 
 
 def _optimizers_in(out: Any) -> list:

@@ -420,6 +420,8 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
         was applied (False if the window was empty or AMP skipped it)."""
         self.did_update = False
         if self._window["micro_steps"] > 0:
+            if self._restore_grads is not None:  # a window restored from a checkpoint and flushed before any step
+                self._add_restored_grads()
             self._update()
         return self.did_update
 

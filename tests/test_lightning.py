@@ -98,7 +98,7 @@ def test_resume_mid_window_equals_uninterrupted(tmp_path):
     trainer(cb2, epochs=3).fit(resumed, train_dataloaders=loader(N, 4, shuffle=True, seed=3), ckpt_path=str(ckpt))
     assert torch.allclose(flat_params(resumed.net), flat_params(full.net), atol=1e-10, rtol=0)
     assert cb2.optimizer.clock == cb_full.optimizer.clock
-    # and a checkpoint at an epoch boundary (step 24 = end of epoch 1) resumes at the next epoch
+    # and a later checkpoint (step 21, mid-epoch; epoch ends are covered by test_resume_at_every_position)
     resumed2 = Regression("adamw", "sum")
     cb3 = sl.LogicalBatch(16, verbose=False)
     trainer(cb3, epochs=3).fit(resumed2, train_dataloaders=loader(N, 4, shuffle=True, seed=3),
@@ -168,3 +168,24 @@ def test_unknown_optimizer_family_fails_before_training():
     module = Odd()
     with pytest.raises(ValueError, match="rule='none'"):
         trainer(sl.LogicalBatch(16, verbose=False)).fit(module, train_dataloaders=loader(N, 4))
+
+
+@pytest.mark.parametrize("logical,every", [(16, 12), (20, 12), (16, 8), (20, 8)])
+def test_resume_at_every_position_equals_uninterrupted(tmp_path, logical, every):
+    """24 batches of 4 per epoch, 3 epochs; windows of 4 (even: 6 per epoch) or 5 (ragged: 4 full windows and a short
+    one of 4 flushed at each epoch end). Checkpoints every ``every`` batches land mid-window, at a window's end, at an
+    epoch's end (with and without a pending short window) and at the end of the run; resuming from each gives the
+    uninterrupted run's parameters and clock."""
+    full, cb_full = fit(4, logical, protocol="sum", shuffle=True, epochs=3)
+    module = Regression("adamw", "sum")
+    t = trainer(sl.LogicalBatch(logical, verbose=False), epochs=3, ckpt_dir=tmp_path, every=every)
+    t.fit(module, train_dataloaders=loader(N, 4, shuffle=True, seed=3))
+    steps = sorted(int(p.stem.split("=")[1]) for p in tmp_path.glob("step=*.ckpt"))
+    assert 24 in steps and 72 in steps  # an epoch's end and the run's end are among them
+    for step in steps:
+        resumed = Regression("adamw", "sum")
+        cb = sl.LogicalBatch(logical, verbose=False)
+        trainer(cb, epochs=3).fit(resumed, train_dataloaders=loader(N, 4, shuffle=True, seed=3),
+                                  ckpt_path=str(tmp_path / f"step={step}.ckpt"))
+        assert cb.optimizer.clock == cb_full.optimizer.clock, step
+        assert torch.allclose(flat_params(resumed.net), flat_params(full.net), atol=1e-10, rtol=0), step
