@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -26,6 +27,34 @@ def _fmt(v) -> str:
     return str(v)
 
 
+# reference values a table can start from: (test, accepted values), by key
+_REFERENCE = {
+    "lr": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "eps": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "weight_decay": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "alpha": (lambda v: 0 <= v < 1, "in [0, 1)"),
+}
+
+
+def check_reference(ref: dict, logical_batch_size: int, physical_batch_sizes: list[int],
+                    ema: float | None = None) -> None:
+    """Raise one ValueError naming the first invalid input (``--key`` as the command line spells it)."""
+    for key, value in ref.items():
+        values = value if key == "betas" else (value,)
+        test, accepted = (lambda v: 0 <= v < 1, "in [0, 1)") if key == "betas" else _REFERENCE.get(key, (None, ""))
+        if test is not None and not all(isinstance(v, (int, float)) and test(float(v)) for v in values):
+            raise ValueError(f"--{key.replace('_', '-')} must be {accepted}" + (" (each)" if key == "betas" else "")
+                             + f", got {value!r}")
+    if ema is not None and not 0 <= ema < 1:
+        raise ValueError(f"--ema must be in [0, 1), got {ema!r}")
+    if logical_batch_size < 1:
+        raise ValueError(f"--logical must be a positive int (samples), got {logical_batch_size!r}")
+    bad = [b for b in physical_batch_sizes if b < 1]
+    if bad:
+        raise ValueError(f"--physical must be positive ints (samples), got {bad}")
+
+
 def rules_table(optimizer: str, hparams: dict, logical_batch_size: int, physical_batch_sizes: list[int], *,
                 ema: float | None = None, beta_form: str = "exact", momentum_mode: str = "fixed",
                 horizon: float | None = None, reference_horizon: float | None = None, gamma: float = 0.0) -> str:
@@ -43,6 +72,7 @@ def rules_table(optimizer: str, hparams: dict, logical_batch_size: int, physical
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}")
     family, wd_form, defaults = OPTIMIZERS[optimizer]
     ref = {**defaults, **hparams}
+    check_reference(ref, logical_batch_size, physical_batch_sizes, ema)
     keys = list(ref)
     header = ["batch", "kappa"] + keys + (["ema"] if ema is not None else [])
     rows = []

@@ -118,3 +118,22 @@ def test_rules_table_and_cli(capsys):
 def test_linear_form_fails_at_the_boundary_despite_rounding():
     with pytest.raises(ValueError, match="betas"):
         sdebatch.rescale("adam", {"lr": 1.0, "betas": (0.9, 0.99)}, 10.0, beta_form="linear")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--betas", "1.5", "0.9"], "--betas must be in"),
+    (["--lr=-1"], "--lr must be a finite number > 0"),
+    (["--eps=-1e-8"], "--eps must be"),
+    (["--weight-decay=-0.1"], "--weight-decay must be"),
+    (["--ema", "1.0"], "--ema must be in"),
+    (["--physical", "0"], "--physical must be positive"),
+])
+def test_rules_cli_rejects_invalid_reference_values_once(capsys, args, needle):
+    """An invalid reference value fails once, naming the argument, with exit code 2 (not a table of invalid rows)."""
+    base = ["rules", "--optimizer", "adamw", "--logical", "8"]
+    if "--physical" not in args:
+        base += ["--physical", "8", "16"]
+    with pytest.raises(SystemExit) as e:
+        cli_main(base + args)
+    out = capsys.readouterr()
+    assert e.value.code == 2 and needle in out.err and "invalid" not in out.out
