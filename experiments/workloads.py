@@ -154,6 +154,30 @@ def mdm(config: dict, progress: bool = True, run_dir=None) -> dict:
             "val": val, "curve": curve, **result}
 
 
+def _check_mlp(config: dict) -> None:
+    if config.get("rule", "sqrt_exact") not in RULES:
+        raise ValueError(f"rule must be one of {', '.join(RULES)}; got {config.get('rule')!r}")
+    if config.get("optimizer", "adam") not in ("adam", "sgd"):
+        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {config.get('optimizer')!r}")
+    if not isinstance(config.get("lr"), (int, float)) or isinstance(config.get("lr"), bool) or not config["lr"] > 0:
+        raise ValueError(f"lr must be a number > 0, got {config.get('lr')!r}")
+
+
+def _check_mdm(config: dict) -> None:
+    """The run config as sdebatch.mdm.train.load_config takes it: unknown keys, types and values, each named."""
+    from sdebatch.mdm import train as mdm_train
+
+    mdm_train.load_config(None, **config)
+
+
+def _check_quadratic(config: dict) -> None:
+    allowed = {"sgd": ("naive", "accumulate", "linear"), "adam": ("naive", "accumulate", "sqrt_exact", "sqrt_linear")}
+    opt_name, rule = config.get("optimizer", "sgd"), config.get("rule")
+    if opt_name not in allowed or rule not in allowed[opt_name]:
+        raise ValueError(f"quadratic: rule must be one of {allowed.get(opt_name)} for optimizer {opt_name!r} "
+                         f"(optimizer: sgd | adam), got {rule!r}")
+
+
 def quadratic(config: dict, progress: bool = True) -> dict:
     """The noisy quadratic (``sdebatch.sde``): torch SGD or Adam through LogicalBatchOptimizer, many replicas at once.
 
@@ -183,3 +207,9 @@ def quadratic(config: dict, progress: bool = True) -> dict:
     final = curve[-1]["loss"]
     return {"final_loss": final if math.isfinite(final) else float("nan"), "final_loss_se": float(sim.loss_se[-1]),
             "curve": curve, "samples_seen": curve[-1]["samples"], "kappa": sim.kappa}
+
+
+# the checks the sweep runner applies to every run before the first one starts (sdebatch.sweep.validate)
+mlp.validate = _check_mlp
+mdm.validate = _check_mdm
+quadratic.validate = _check_quadratic

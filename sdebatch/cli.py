@@ -180,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.sweep_command == "run":
                 sweep.run_sweep(args.file, args.out, dry_run=args.dry_run, backend=args.backend, jobs=args.jobs)
+                failed = [] if args.dry_run else sweep.failed_runs(args.file, args.out)
+                if failed:
+                    print(f"{len(failed)} run(s) failed (tracebacks in <out>/<sweep>/<run id>.error.txt; a rerun "
+                          "retries them):\n" + "\n".join(f"  {rid}" for rid in failed), file=sys.stderr)
+                    return 1
             else:
                 out = args.out or str(Path(args.folder) / "results.csv")
                 rows = sweep.collect(args.folder, out)

@@ -34,7 +34,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["load_sweep", "expand", "run_id", "run_sweep", "collect"]
+__all__ = ["load_sweep", "expand", "validate", "failed_runs", "run_id", "run_sweep", "collect"]
 
 
 def load_sweep(path: str | os.PathLike) -> dict:
@@ -76,6 +76,40 @@ def expand(spec: dict) -> list[dict]:
             seen.add(rid)
             out.append(c)
     return out
+
+
+_POSITIVE_INTS = ("physical_batch_size", "logical_batch_size", "samples", "tokens")
+
+
+def validate(spec: dict, configs: list[dict] | None = None) -> None:
+    """Check every run of a sweep before any runs: batch sizes and budgets are positive ints, and the workload's own
+    check passes (a workload function may carry ``fn.validate(config)``, raising ValueError). Raises one ValueError
+    listing each bad point (its index, run id and the message, which names the key)."""
+    configs = expand(spec) if configs is None else configs
+    check = getattr(_workload(spec["workload"]), "validate", None)
+    errors = []
+    for i, c in enumerate(configs):
+        try:
+            for key in _POSITIVE_INTS:
+                v = c.get(key)
+                if key in c and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                    raise ValueError(f"{key} must be a positive int, got {v!r}")
+            if check is not None:
+                check(dict(c))
+        except (ValueError, TypeError) as e:
+            errors.append(f"  run {i + 1} ({run_id(c)}): {e}")
+    if errors:
+        raise ValueError(f"{spec.get('path', spec['name'])}: {len(errors)} of {len(configs)} runs are invalid, nothing "
+                         "was run:\n" + "\n".join(errors[:20]) + (f"\n  ... and {len(errors) - 20} more"
+                                                                   if len(errors) > 20 else ""))
+
+
+def failed_runs(path: str | os.PathLike, out: str | os.PathLike = "runs") -> list[str]:
+    """Run ids of a sweep that failed (an error file and no finished folder)."""
+    spec = load_sweep(path)
+    folder = Path(out) / spec["name"]
+    return [rid for rid in map(run_id, expand(spec))
+            if (folder / f"{rid}.error.txt").exists() and not (folder / rid / "metrics.json").exists()]
 
 
 def run_id(config: dict) -> str:
@@ -179,6 +213,7 @@ def run_sweep(path: str | os.PathLike, out: str | os.PathLike = "runs", *, dry_r
     spec = load_sweep(path)
     folder = Path(out) / spec["name"]
     configs = expand(spec)
+    validate(spec, configs)  # every point before the first run: a typo fails now, not hours in
     done = [c for c in configs if (folder / run_id(c) / "metrics.json").exists()]
     print(f"sweep {spec['name']}: {len(configs)} runs, {len(done)} finished, {len(configs) - len(done)} to run "
           f"-> {folder}")

@@ -126,3 +126,45 @@ def test_quadratic_workload_rules_and_errors():
     assert naive["curve"][0] == {"samples": 0, "loss": pytest.approx(float(0.5 * h.sum()))}
     with pytest.raises(ValueError, match="rule must be one of"):
         quadratic({**base, "physical_batch_size": 2, "rule": "linear"})  # the linear rule is for SGD
+
+
+def checked(config, progress=True):
+    return fake(config, progress)
+
+
+def _check(config):
+    if config["rule"] not in ("naive", "sqrt_exact"):
+        raise ValueError(f"rule must be naive or sqrt_exact, got {config['rule']!r}")
+
+
+checked.validate = _check
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ('[[runs]]\nphysical_batch_size = 16\nrule = "sqrt_exakt"\n', "rule must be naive or sqrt_exact, got 'sqrt_exakt'"),
+    ('[[runs]]\nphysical_batch_size = -8\nrule = "naive"\n', "physical_batch_size must be a positive int, got -8"),
+    ('[[runs]]\nphysical_batch_size = true\nrule = "naive"\n', "physical_batch_size must be a positive int"),
+])
+def test_every_point_is_validated_before_the_first_run(tmp_path, extra, needle):
+    """One bad point among valid ones: the sweep (and its dry run) fails before running anything, naming the run
+    and the key."""
+    CALLS.clear()
+    path = write_sweep(tmp_path, extra=extra)
+    path.write_text(path.read_text().replace("test_sweep:fake", "test_sweep:checked"))
+    for dry in (True, False):
+        with pytest.raises(ValueError, match="1 of 7 runs are invalid") as e:
+            sweep.run_sweep(path, tmp_path / "runs", dry_run=dry, progress=False)
+        assert needle in str(e.value) and "run 1 (" in str(e.value)  # explicit runs come first
+    assert CALLS == [] and not (tmp_path / "runs" / "mini").exists()
+
+
+def test_cli_exits_nonzero_when_a_run_failed(tmp_path, capsys, monkeypatch):
+    from sdebatch.cli import main
+
+    monkeypatch.syspath_prepend(str(tmp_path.parent))
+    path = write_sweep(tmp_path, extra='[[runs]]\nphysical_batch_size = 16\nrule = "naive"\nfail = true\n')
+    assert main(["sweep", "run", str(path), "--out", str(tmp_path / "runs")]) == 1
+    err = capsys.readouterr().err
+    assert "1 run(s) failed" in err and sweep.failed_runs(path, tmp_path / "runs")[0] in err
+    ok = write_sweep(tmp_path)
+    assert main(["sweep", "run", str(ok), "--out", str(tmp_path / "runs")]) == 0  # the 6 good runs: done, exit 0
