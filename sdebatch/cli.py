@@ -153,8 +153,14 @@ def main(argv: list[str] | None = None) -> int:
             from .mdm import train as mdm_train
             overrides = {}
             for item in getattr(args, "set", []):
-                key, _, value = item.partition("=")
-                overrides[key] = tomllib.loads(f"v = {value}")["v"] if value else value
+                key, eq, value = item.partition("=")
+                if not key or not eq or not value:
+                    raise ValueError(f"--set takes KEY=VALUE (a TOML value), got {item!r}")
+                try:
+                    overrides[key] = tomllib.loads(f"v = {value}")["v"]
+                except tomllib.TOMLDecodeError:
+                    raise ValueError(f"--set {key}: {value!r} is not a TOML value (numbers as 8 or 3e-4, strings "
+                                     f"quoted: {key}='\"text\"', booleans true/false)") from None
             config = mdm_train.load_config(args.config, **overrides)
             if args.command == "train":
                 result = mdm_train.train(config, ckpt_path=args.ckpt)

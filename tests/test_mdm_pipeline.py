@@ -250,3 +250,21 @@ def test_shipped_mdm_sweeps_are_valid_configs():
             load_config(None, **config)
             checked += 1
     assert checked > 100
+
+
+@pytest.mark.parametrize("item,needle", [
+    ("physical_batch_size=true", "physical_batch_size must be an int"),
+    ("physical_batch_size=eight", "--set physical_batch_size: 'eight' is not a TOML value"),
+    ("lr=\"fast\"", "lr must be a number"),
+    ("noise_scale=1", "noise_scale must be a bool"),
+    ("mix=3", "mix must be a table"),
+    ("tokens=1e6", "tokens must be an int"),
+    ("lr", "--set takes KEY=VALUE"),
+])
+def test_train_set_is_type_checked_naming_the_key(capsys, item, needle):
+    """`sdebatch train --set`: every value has its default's type, every error names the key, before any work."""
+    from sdebatch.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--set", item])
+    assert e.value.code == 2 and needle in capsys.readouterr().err

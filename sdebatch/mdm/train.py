@@ -91,6 +91,24 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> dict:
     unknown = sorted(set(config) - set(DEFAULTS))
     if unknown:
         raise ValueError(f"unknown config keys {unknown}; known: {sorted(DEFAULTS)}")
+    for key, value in config.items():  # every key has the type of its default (True is not an int)
+        default = DEFAULTS[key]
+        if key == "noise_probe":
+            continue  # 0 / False (off) or a number of sequences: checked below
+        if key == "schedule":
+            ok = isinstance(value, (str, dict))
+        elif isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif default is None or isinstance(default, int):
+            ok = (value is None and default is None) or (isinstance(value, int) and not isinstance(value, bool))
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, type(default))
+        if not ok:
+            kind = {bool: "a bool", int: "an int", float: "a number", str: "a string", dict: "a table",
+                    list: "a list"}.get(type(default), "an int" if default is None else type(default).__name__)
+            raise ValueError(f"{key} must be {kind} (like the default {default!r}), got {value!r}")
     if config["rule"] not in RULES:
         raise ValueError(f"rule must be one of {', '.join(RULES)}; got {config['rule']!r}")
     for key in ("logical_batch_size", "physical_batch_size", "tokens", "val_batch_size", "val_time_points",
