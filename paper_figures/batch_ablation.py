@@ -192,6 +192,20 @@ def _estimator_errors(rows: list[dict], ref_cells: list[tuple], base: dict, fold
     return paired, contrast
 
 
+def read_sweep(argv: list[str] | None, doc: str | None) -> tuple[argparse.Namespace, Path, list[dict]]:
+    """The command line every figure script shares: a sweep folder and --out; its collected rows (results.csv
+    rewritten)."""
+    parser = argparse.ArgumentParser(description=doc)
+    parser.add_argument("folder", help="a sweep folder, e.g. runs/demo")
+    parser.add_argument("--out", default="paper_figures/out")
+    args = parser.parse_args(argv)
+    folder = Path(args.folder)
+    rows = collect(folder, folder / "results.csv")
+    if not rows:
+        raise SystemExit(f"no finished runs in {folder}")
+    return args, folder, rows
+
+
 def _save(fig, out: Path, name: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = []

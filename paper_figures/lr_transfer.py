@@ -12,7 +12,6 @@ Reads a sweep folder (``sdebatch sweep run`` output); trains nothing.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 from pathlib import Path
@@ -23,8 +22,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from paper_figures.batch_ablation import COLORS, LABELS, _cell, _loss, _save  # noqa: E402
-from sdebatch.sweep import collect  # noqa: E402
+from paper_figures.batch_ablation import COLORS, LABELS, _cell, _loss, _save, read_sweep  # noqa: E402
 
 
 def mean_se(values: list[float]) -> tuple[float, float | None]:
@@ -170,14 +168,7 @@ def figure(s: dict, out: Path, name: str) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("folder")
-    parser.add_argument("--out", default="paper_figures/out")
-    args = parser.parse_args(argv)
-    folder = Path(args.folder)
-    rows = collect(folder, folder / "results.csv")
-    if not rows:
-        raise SystemExit(f"no finished runs in {folder}")
+    args, folder, rows = read_sweep(argv, __doc__)
     s = summarise(rows)
     print(table(s))
     paths = figure(s, Path(args.out), folder.name)

@@ -7,7 +7,6 @@ Reads a sweep folder such as ``runs/mdm_variance`` (``experiments/sweeps/mdm_var
 """
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 from pathlib import Path
@@ -18,8 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from paper_figures.batch_ablation import _save  # noqa: E402
-from sdebatch.sweep import collect  # noqa: E402
+from paper_figures.batch_ablation import _save, read_sweep  # noqa: E402
 
 SOURCES = {"init_seed": "initial weights", "data_seed": "data order", "draw_seed": "masking draws",
            "rounding": "float rounding only"}
@@ -126,14 +124,7 @@ def figure(d: dict, out: Path, name: str) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("folder", help="a sweep folder, e.g. runs/mdm_variance")
-    parser.add_argument("--out", default="paper_figures/out")
-    args = parser.parse_args(argv)
-    folder = Path(args.folder)
-    rows = collect(folder, folder / "results.csv")
-    if not rows:
-        raise SystemExit(f"no finished runs in {folder}")
+    args, folder, rows = read_sweep(argv, __doc__)
     d = decompose(rows, folder=folder)
     print(table(d))
     for m in ("text", "image", "audio"):
