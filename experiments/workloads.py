@@ -189,11 +189,8 @@ def quadratic(config: dict, progress: bool = True) -> dict:
     """
     from sdebatch import sde
 
+    _check_quadratic(config)
     opt_name, rule = config.get("optimizer", "sgd"), config["rule"]
-    allowed = {"sgd": ("naive", "accumulate", "linear"), "adam": ("naive", "accumulate", "sqrt_exact", "sqrt_linear")}
-    if opt_name not in allowed or rule not in allowed[opt_name]:
-        raise ValueError(f"quadratic: rule must be one of {allowed.get(opt_name)} for optimizer {opt_name!r} "
-                         f"(optimizer: sgd | adam), got {rule!r}")
     dim = int(config.get("dim", 16))
     model = sde.NoisyQuadratic(torch.logspace(0, -2, dim, dtype=torch.float64), float(config.get("noise", 1.0)),
                                float(config.get("theta0", 1.0)))
