@@ -124,9 +124,8 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> dict:
     if config["noise_probe"] is not False and (not isinstance(config["noise_probe"], int) or
                                                (config["noise_probe"] != 0 and config["noise_probe"] < 64)):
         raise ValueError(f"noise_probe must be 0 (off) or an int >= 64 (sequences), got {config['noise_probe']!r}")
-    for key in ("seed", "init_seed", "data_seed", "draw_seed"):
-        if (config[key] is not None or key == "seed") and (isinstance(config[key], bool)
-                                                         or not isinstance(config[key], int) or config[key] < 0):
+    for key in ("seed", "init_seed", "data_seed", "draw_seed"):  # types were checked above
+        if config[key] is not None and config[key] < 0:
             raise ValueError(f"{key} must be a non-negative int{' or None' if key != 'seed' else ''}, "
                              f"got {config[key]!r}")
     if config["checkpoint_every"] and not config["out"]:
