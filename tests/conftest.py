@@ -27,3 +27,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def micro_data(tmp_path_factory):
+    """A data folder of the "micro" preset (real tokenizers, ~15 s to prepare), shared by the whole session."""
+    from sdebatch.mdm.data.prepare import prepare
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    out = tmp_path_factory.mktemp("data") / "micro"
+    index = prepare(out, preset="micro", progress=False)
+    torch.set_default_dtype(old)
+    return out, index

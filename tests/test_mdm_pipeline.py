@@ -12,14 +12,6 @@ from sdebatch.mdm.data.prepare import prepare
 from sdebatch.mdm.vocab import decode_pair
 
 
-@pytest.fixture(scope="module")
-def micro_data(tmp_path_factory):
-    torch.set_default_dtype(torch.float32)
-    out = tmp_path_factory.mktemp("data") / "micro"
-    index = prepare(out, preset="micro", progress=False)
-    return out, index
-
-
 def test_prepare_makes_every_modality_and_is_idempotent(micro_data, capsys):
     out, index = micro_data
     for split in ("train", "val"):

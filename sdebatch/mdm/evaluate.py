@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -73,17 +72,6 @@ def _clean(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return None
     return x
-
-
-def _write_wav(path: Path, wave: np.ndarray, sample_rate: int) -> None:
-    import io
-
-    from scipy.io import wavfile
-
-    pcm = (np.clip(np.nan_to_num(np.asarray(wave, np.float64)), -1.0, 1.0) * 32767).round().astype(np.int16)
-    buf = io.BytesIO()
-    wavfile.write(buf, int(sample_rate), pcm)
-    atomic_write(path, buf.getvalue())
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -259,7 +247,7 @@ def evaluate(model, data_folder, out_dir, *, n_images: int = 32, n_speech: int =
     for modality in ("image", "audio"):
         _sampler(modality, steps, sampler)  # bad options fail here, before any work
     from .data.scenes import chance_scores, score_batch
-    from .tokenizers.audio import AudioTokenizer, mel_cepstral_distortion
+    from .tokenizers.audio import AudioTokenizer, mel_cepstral_distortion, write_wav
     from .tokenizers.image import ImageTokenizer
 
     log = print if progress else (lambda *a, **k: None)
@@ -374,7 +362,7 @@ def evaluate(model, data_folder, out_dir, *, n_images: int = 32, n_speech: int =
                               "baseline_reconstruction_mcd_db": mcd(wav_rec, refs[i]),
                               "seconds": len(wav_gen) / sr, "reference_seconds": len(refs[i]) / sr})
                 for name, w in (("generated", wav_gen), ("reference", refs[i]), ("reconstruction", wav_rec)):
-                    _write_wav(out / "speech" / f"{i:02d}_{name}.wav", w, sr)
+                    write_wav(out / "speech" / f"{i:02d}_{name}.wav", w, sr)
 
             def mean(key):
                 vals = [it[key] for it in items if math.isfinite(it[key])]
@@ -397,75 +385,36 @@ def evaluate(model, data_folder, out_dir, *, n_images: int = 32, n_speech: int =
 
     report["timings_s"]["total"] = time.time() - t_start
     report = _clean(report)
-    tmp = out / f".report.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, out / "report.json")
+    atomic_write(out / "report.json", json.dumps(report, indent=1).encode())
     log(f"[eval] report -> {out / 'report.json'} ({report['timings_s']['total']:.1f}s)", flush=True)
     return report
 
 
 # ---------------------------------------------------------------- checkpoints
 
-def _model_state(obj: Any, model: torch.nn.Module) -> tuple[dict, str]:
-    """The denoiser's state dict from a Lightning checkpoint (its EMA weights when the checkpoint has them) or a
-    plain state dict (of the denoiser, of MDMModule, or of a compiled model)."""
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        sd, source = obj["state_dict"], "checkpoint"
-    elif isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        sd, source = obj, "state_dict"
-    else:
-        raise ValueError("the checkpoint is neither a Lightning checkpoint (with 'state_dict') nor a state dict")
-    own = model.state_dict()
-    out = {}
-    for k, v in sd.items():
-        for prefix in ("model._orig_mod.", "model.", "_orig_mod.", ""):
-            if k.startswith(prefix) and k[len(prefix):] in own:
-                out[k[len(prefix):]] = v
-                break
-    missing = sorted(set(own) - set(out))
-    if missing:
-        raise ValueError(f"the checkpoint lacks {len(missing)} weights of the model, e.g. {missing[:3]} "
-                         "(was it trained with another model config or data folder?)")
-    # EMA weights saved by sdebatch.lightning.LogicalBatch: a list in MDMModule.parameters() order = model order.
-    for state in (obj.get("callbacks", {}) or {}).values() if source == "checkpoint" else ():
-        ema = state.get("ema") if isinstance(state, dict) else None
-        if isinstance(ema, dict) and isinstance(ema.get("params"), list):
-            names = [n for n, _ in model.named_parameters()]
-            if len(ema["params"]) == len(names) and all(
-                    tuple(p.shape) == tuple(own[n].shape) for p, n in zip(ema["params"], names)):
-                out.update(dict(zip(names, ema["params"])))
-                source = "checkpoint (EMA weights)"
-                break
-    return out, source
-
-
-def evaluate_checkpoint(config: dict, checkpoint, out_dir, **kwargs) -> dict:
+def evaluate_checkpoint(config: dict | None, checkpoint, out_dir, **kwargs) -> dict:
     """Load a checkpoint written by ``sdebatch train`` (a Lightning checkpoint, or a plain state dict of the denoiser
     or of MDMModule) into ``MDMModule(config, vocab_size).model`` and run :func:`evaluate` on ``config["data"]``
-    with the config's masking schedule; extra keyword arguments go to :func:`evaluate`."""
-    from .data.dataset import read_index
-    from .train import MDMModule
+    with the config's masking schedule; extra keyword arguments go to :func:`evaluate`.
 
+    ``config`` None: the config the checkpoint carries (:mod:`sdebatch.mdm.checkpoint`). A given config's data
+    folder must have the vocabulary the checkpoint was trained on, and its model the checkpoint's shapes.
+    """
+    from .checkpoint import check_config, data_vocab, load_model, read_checkpoint, record_of, resolve_config
+
+    obj = read_checkpoint(checkpoint)
+    record = record_of(obj, checkpoint)
+    if config is None:
+        config = resolve_config(record)
+    check_config(record, config)
     if config.get("threads"):
         torch.set_num_threads(int(config["threads"]))
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise ValueError(f"checkpoint {path} does not exist")
-    vocab = Vocab(**read_index(config["data"])["vocab"])
-    module = MDMModule(config, vocab.size)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # Lightning checkpoints may pickle more than tensors (callback and loop state): our own files
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    state, source = _model_state(obj, module.model)
-    module.model.load_state_dict(state)
+    vocab = data_vocab(config, record)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = module.model.to(device).eval()
+    model, source = load_model(obj, config, vocab, device)
     kwargs.setdefault("schedules", config.get("schedule", "linear"))
     kwargs.setdefault("seed", config.get("seed", 0))
     report = evaluate(model, config["data"], out_dir, **kwargs)
-    report["checkpoint"] = {"path": str(path), "weights": source, "model": config.get("model")}
-    tmp = Path(out_dir) / f".report.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(_clean(report), indent=1))
-    os.replace(tmp, Path(out_dir) / "report.json")
+    report["checkpoint"] = {"path": str(checkpoint), "weights": source, "model": config.get("model")}
+    atomic_write(Path(out_dir) / "report.json", json.dumps(_clean(report), indent=1).encode())
     return report

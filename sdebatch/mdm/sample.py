@@ -102,6 +102,35 @@ def guided_logits(model, x: torch.Tensor, batch: Mapping[str, torch.Tensor], sel
     return subs_logits(uncond + guidance * (cond - uncond))
 
 
+def check_options(options: Mapping) -> None:
+    """ValueError naming the first invalid sampler option (of those present in ``options``)."""
+    o = options
+    if "strategy" in o and o["strategy"] not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {o['strategy']!r}")
+    for key in ("steps", "top_k", "block_size"):
+        v = o.get(key)
+        if v is None and key != "steps":
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{key} must be a positive int{'' if key == 'steps' else ' or None'}, got {v!r}")
+    for key, test, accepted in (("temperature", lambda v: v >= 0, ">= 0"), ("guidance", lambda v: True, "a number"),
+                                ("top_p", lambda v: 0 < v <= 1, "in (0, 1] or None")):
+        v = o.get(key)
+        if key not in o or (v is None and key == "top_p"):
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not test(v):
+            raise ValueError(f"{key} must be {accepted}, got {v!r}")
+    if "schedule" in o and o["schedule"] is not _UNSET:
+        resolve_schedules(o["schedule"])
+
+
+def step_plan(n_targets: int, steps: int, block_size: int | None) -> tuple[int, int]:
+    """(blocks, steps per block) for rows of at most ``n_targets`` target positions: the sampler's model calls are
+    at most blocks x steps per block (steps with nothing to commit are skipped)."""
+    n_blocks = max(1, math.ceil(n_targets / block_size)) if block_size else 1
+    return n_blocks, max(1, steps // n_blocks)
+
+
 @torch.no_grad()
 def generate(model, batch: Mapping[str, torch.Tensor], *, steps=_UNSET, strategy=_UNSET, temperature=_UNSET,
              top_k=_UNSET, top_p=_UNSET, guidance=_UNSET, block_size=_UNSET, schedule: ScheduleSpec = _UNSET,
@@ -130,21 +159,15 @@ def generate(model, batch: Mapping[str, torch.Tensor], *, steps=_UNSET, strategy
     """
     o = _resolve(batch, {"steps": steps, "strategy": strategy, "temperature": temperature, "top_k": top_k,
                          "top_p": top_p, "guidance": guidance, "block_size": block_size, "schedule": schedule})
-    if o["strategy"] not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {o['strategy']!r}")
-    if isinstance(o["steps"], bool) or not isinstance(o["steps"], int) or o["steps"] < 1:
-        raise ValueError(f"steps must be a positive int, got {o['steps']!r}")
-    if o["temperature"] < 0 or (o["top_p"] is not None and not 0 < o["top_p"] <= 1):
-        raise ValueError(f"need temperature >= 0 and top_p in (0, 1], got {o['temperature']}, {o['top_p']}")
+    check_options(o)
     tokens, pad, target = batch["tokens"], batch["pad"], batch["target"]
     gen = target & pad
     x = tokens.masked_fill(gen, MASK_ID)
     rank = gen.long().cumsum(-1) - 1  # index of each target position within its row
     n_gen = int(gen.sum(-1).max()) if gen.numel() else 0
     bs = o["block_size"]
-    n_blocks = max(1, math.ceil(n_gen / bs)) if bs else 1
+    n_blocks, per_block = step_plan(n_gen, o["steps"], bs)
     block = torch.where(gen, rank // bs if bs else torch.zeros_like(rank), -1)
-    per_block = max(1, o["steps"] // n_blocks)
 
     schedules = resolve_schedules(o["schedule"])
     row_mod = target_modality(batch)

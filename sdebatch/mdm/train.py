@@ -10,6 +10,7 @@ A run is described by one flat config dict (a TOML file for ``sdebatch train --c
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -26,6 +27,7 @@ import sdebatch.lightning as sl
 from sdebatch.data import ResumableDataLoader
 from sdebatch.utils import atomic_write
 
+from .checkpoint import RECORD_FILE, RECORD_KEY, training_record
 from .data.dataset import TriModalDataset
 from .data.mixture import MixtureSampler
 from .model import build_model, describe, get_config, param_groups
@@ -152,6 +154,7 @@ class MDMModule(pl.LightningModule):
         self._window_sums: dict[str, list] = {}  # per modality [nats, items] over the current window, for logging
         self.window_elbo_bits: dict[str, float] = {}  # the last complete window's training ELBO per modality
         self.val_results: list[dict] = []
+        self.record: dict | None = None  # config + data vocabulary, saved in checkpoints (set by build)
 
     def forward(self, tokens, pad=None, select=None):
         return self.model(tokens, pad=pad, select=select)
@@ -199,6 +202,8 @@ class MDMModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["mdm_micro_steps"] = self.micro_steps
+        if self.record is not None:  # the checkpoint knows its config and data: `sdebatch eval/sample` need no --config
+            checkpoint[RECORD_KEY] = self.record
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.micro_steps = int(checkpoint.get("mdm_micro_steps", 0))
@@ -260,6 +265,7 @@ def build(config: dict) -> tuple[MDMModule, MDMDataModule, sl.LogicalBatch]:
         config = {**config, "physical_batch_size": config["logical_batch_size"]}
     data = MDMDataModule(config)
     module = MDMModule(config, data.vocab.size)
+    module.record = training_record(config, data.vocab)
     rule = dict(RULES[config["rule"]])
     callback = sl.LogicalBatch(
         config["logical_batch_size"], physical_batch_size=config["physical_batch_size"],
@@ -277,6 +283,15 @@ def train(config: dict, *, progress: bool = True, ckpt_path: str | None = None,
         torch.set_num_threads(int(config["threads"]))
     pl.seed_everything(seed_of(config, "init"), verbose=False)
     module, data, callback = build(config)
+    if ckpt_path is not None:  # a checkpoint of another model or data: say so now, not as a shape error in Lightning
+        from .checkpoint import check_config, data_vocab, model_state, read_checkpoint, record_of
+
+        obj = read_checkpoint(ckpt_path)
+        record = record_of(obj, ckpt_path)
+        check_config(record, config)
+        data_vocab(config, record)
+        model_state(obj, module.model)
+        del obj
     callbacks = list(callbacks or [])
     if config["checkpoint_every"]:
         callbacks.append(pl.callbacks.ModelCheckpoint(
@@ -317,6 +332,7 @@ def train(config: dict, *, progress: bool = True, ckpt_path: str | None = None,
             names = [n for n, _ in module.model.named_parameters()]
             weights.update({n: p.detach().cpu() for n, p in zip(names, callback.ema.params[-len(names):])})
         atomic_write(out / "model.pt", lambda f: torch.save(weights, f))
+        atomic_write(out / RECORD_FILE, json.dumps(module.record, indent=1).encode())
         result["weights"] = str(out / "model.pt")
     result["module"] = module
     return result

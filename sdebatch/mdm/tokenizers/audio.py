@@ -263,3 +263,50 @@ def mel_cepstral_distortion(a, b, sample_rate: int, *, n_mfcc: int = 13, n_mels:
         i, j = min(((i - 1, j - 1), (i - 1, j), (i, j - 1)), key=lambda p: acc[p] if min(p) >= 0 else np.inf)
         steps += 1
     return float(acc[-1, -1] / steps)
+
+
+def write_wav(path, wave, sample_rate: int) -> None:
+    """A mono 16-bit PCM WAV of ``wave`` (floats, clipped to [-1, 1]; NaN -> 0), written atomically."""
+    import io
+
+    from scipy.io import wavfile
+
+    from ...utils import atomic_write
+
+    pcm = (np.clip(np.nan_to_num(np.asarray(wave, np.float64)), -1.0, 1.0) * 32767).round().astype(np.int16)
+    buf = io.BytesIO()
+    wavfile.write(buf, int(sample_rate), pcm)
+    atomic_write(path, buf.getvalue())
+
+
+def read_wav(path, sample_rate: int) -> np.ndarray:
+    """A WAV file as float64 mono in [-1, 1] at ``sample_rate`` Hz (channels averaged; other rates resampled with a
+    polyphase filter); ValueError naming the file when it is absent or not a PCM / float WAV."""
+    from fractions import Fraction
+
+    from scipy.io import wavfile
+    from scipy.signal import resample_poly
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist")
+    try:
+        rate, data = wavfile.read(path)
+    except Exception as e:
+        raise ValueError(f"{path} is not a WAV file scipy can read ({e})") from None
+    if data.dtype.kind == "f":
+        x = data.astype(np.float64)
+    elif data.dtype == np.uint8:
+        x = (data.astype(np.float64) - 128.0) / 128.0
+    elif data.dtype.kind == "i":
+        x = data.astype(np.float64) / float(np.iinfo(data.dtype).max)
+    else:
+        raise ValueError(f"{path}: samples of type {data.dtype} are not PCM or float")
+    if x.ndim == 2:
+        x = x.mean(axis=1)
+    if x.size == 0:
+        raise ValueError(f"{path} has no samples")
+    if rate != sample_rate:
+        ratio = Fraction(int(sample_rate), int(rate)).limit_denominator(1000)
+        x = resample_poly(x, ratio.numerator, ratio.denominator)
+    return x

@@ -1,0 +1,158 @@
+"""Checkpoints of the tri-modal MDM: the training record they carry, the denoiser's weights, and the checks that a
+checkpoint fits the config and the data folder it is used with (each failure names the file and the fix).
+
+A checkpoint knows how it was trained: ``sdebatch train`` puts its record (the resolved config and the data's
+vocabulary sizes) into every Lightning checkpoint (key ``"sdebatch_mdm"``) and writes it beside ``model.pt`` as
+``train_config.json``; a sweep run's folder also has the sweep's ``config.json`` beside its ``model.pt``. So
+``sdebatch eval`` / ``sdebatch sample`` need no ``--config``, and a config or data folder that does not match the
+checkpoint is an error before any work, not a shape error deep in torch or, worse, samples from the wrong vocabulary.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .vocab import Vocab
+
+RECORD_KEY = "sdebatch_mdm"              # in a Lightning checkpoint
+RECORD_FILE = "train_config.json"        # beside a weights file
+MODEL_KEYS = ("model", "model_overrides")  # the config keys that fix the weights' shapes
+
+
+def training_record(config: dict, vocab: Vocab | dict) -> dict:
+    """What a checkpoint carries about its training: the config and the vocabulary sizes of its data."""
+    return {"config": dict(config), "vocab": vocab.state_dict() if isinstance(vocab, Vocab) else dict(vocab)}
+
+
+def read_checkpoint(path: str | Path) -> Any:
+    """The object saved at ``path`` (a Lightning checkpoint or a state dict); ValueError naming a missing file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path} does not exist (sdebatch train writes <out>/model.pt, and with "
+                         "checkpoint_every <out>/checkpoints/*.ckpt)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # Lightning checkpoints pickle more than tensors (loop and callback state): our own files
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise ValueError(f"checkpoint {path} is not a torch checkpoint ({type(e).__name__}: {e})") from None
+
+
+def record_of(obj: Any, path: str | Path) -> dict | None:
+    """The training record of a checkpoint: inside a Lightning checkpoint, else ``train_config.json`` (or a sweep
+    run's ``config.json``, keys of the MDM config only) beside the file or one folder up (``<out>/checkpoints/``);
+    None when there is none (files written before records existed)."""
+    from .train import DEFAULTS
+
+    if isinstance(obj, dict) and isinstance(obj.get(RECORD_KEY), dict):
+        return obj[RECORD_KEY]
+    path = Path(path)
+    for folder in (path.parent, path.parent.parent):
+        if (folder / RECORD_FILE).is_file():
+            return json.loads((folder / RECORD_FILE).read_text())
+        if (folder / "config.json").is_file():
+            sweep_config = json.loads((folder / "config.json").read_text())
+            if isinstance(sweep_config, dict) and "model" in sweep_config:
+                return {"config": {k: v for k, v in sweep_config.items() if k in DEFAULTS}, "vocab": None}
+    return None
+
+
+def resolve_config(record: dict | None, config_path: str | Path | None = None, **overrides: Any) -> dict:
+    """The config to use a checkpoint with: ``config_path`` when given (its model keys must match the checkpoint's),
+    else the checkpoint's own, else the defaults; then ``overrides`` (e.g. ``data``). Checked by
+    :func:`sdebatch.mdm.train.load_config`."""
+    from .train import load_config
+
+    if config_path is not None:
+        config = load_config(config_path, **overrides)
+        check_config(record, config, f"--config {config_path}")
+        return config
+    base = dict(record["config"]) if record is not None else {}
+    return load_config(None, **{**base, **overrides})
+
+
+def check_config(record: dict | None, config: dict, what: str = "the config") -> None:
+    """ValueError when ``config`` builds another model than the checkpoint's record (its model keys differ)."""
+    if record is None:
+        return
+    trained = record["config"]
+    diff = [k for k in MODEL_KEYS if k in trained and trained[k] != config.get(k)]
+    if diff:
+        raise ValueError(f"{what} has {', '.join(f'{k}={config.get(k)!r}' for k in diff)} but the checkpoint was "
+                         f"trained with {', '.join(f'{k}={trained[k]!r}' for k in diff)}: drop the config (the "
+                         "checkpoint carries its own) or pass the one it was trained with")
+
+
+def data_vocab(config: dict, record: dict | None) -> Vocab:
+    """The vocabulary of ``config["data"]``, checked against the one the checkpoint was trained on."""
+    from .data.dataset import read_index
+
+    folder = config["data"]
+    vocab = Vocab(**read_index(folder)["vocab"])
+    trained = (record or {}).get("vocab")
+    if trained and Vocab(**trained) != vocab:
+        raise ValueError(f"the checkpoint was trained on a vocabulary of {Vocab(**trained)} but the data folder "
+                         f"{folder} has {vocab}: pass the data folder it was trained on (--data, or data in --config)")
+    return vocab
+
+
+def model_state(obj: Any, model: torch.nn.Module) -> tuple[dict, str]:
+    """The denoiser's state dict from a Lightning checkpoint (its EMA weights when the checkpoint has them) or a
+    plain state dict (of the denoiser, of MDMModule, or of a compiled model), and where it came from."""
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        sd, source = obj["state_dict"], "checkpoint"
+    elif isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        sd, source = obj, "state_dict"
+    else:
+        raise ValueError("the checkpoint is neither a Lightning checkpoint (with 'state_dict') nor a state dict")
+    own = model.state_dict()
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("model._orig_mod.", "model.", "_orig_mod.", ""):
+            if k.startswith(prefix) and k[len(prefix):] in own:
+                out[k[len(prefix):]] = v
+                break
+    missing = sorted(set(own) - set(out))
+    if missing:
+        raise ValueError(f"the checkpoint lacks {len(missing)} weights of the model, e.g. {missing[:3]} "
+                         "(was it trained with another model config or data folder?)")
+    # EMA weights saved by sdebatch.lightning.LogicalBatch: a list in MDMModule.parameters() order = model order.
+    for state in (obj.get("callbacks", {}) or {}).values() if source == "checkpoint" else ():
+        ema = state.get("ema") if isinstance(state, dict) else None
+        if isinstance(ema, dict) and isinstance(ema.get("params"), list):
+            names = [n for n, _ in model.named_parameters()]
+            if len(ema["params"]) == len(names) and all(
+                    tuple(p.shape) == tuple(own[n].shape) for p, n in zip(ema["params"], names)):
+                out.update(dict(zip(names, ema["params"])))
+                source = "checkpoint (EMA weights)"
+                break
+    wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in out.items() if tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        k, theirs, ours = wrong[0]
+        raise ValueError(f"the checkpoint's weights do not fit the model: {len(wrong)} differ in shape, e.g. {k} is "
+                         f"{theirs} in the checkpoint and {ours} in the model (another model config, or a data folder "
+                         "with another vocabulary: pass the config and data folder it was trained with)")
+    return out, source
+
+
+def load_model(obj: Any, config: dict, vocab: Vocab, device: str | torch.device = "cpu", *,
+               guessed: bool = False):
+    """``MDMModule(config, vocab.size).model`` with the checkpoint's weights, in eval mode on ``device``; returns
+    (model, where the weights came from). ``guessed``: the config is the defaults (the checkpoint has no record),
+    which a failure says."""
+    from .train import MDMModule
+
+    module = MDMModule(config, vocab.size)
+    try:
+        state, source = model_state(obj, module.model)
+    except ValueError as e:
+        if not guessed:
+            raise
+        raise ValueError(f"{e}; the checkpoint carries no config, so the defaults (model={config['model']!r}) were "
+                         "tried: pass --config, the one it was trained with") from None
+    module.model.load_state_dict(state)
+    return module.model.to(device).eval(), source

@@ -1,0 +1,325 @@
+"""`sdebatch sample` (sdebatch.mdm.tasks) on an untrained micro model over the micro data folder: each task end to
+end through the command line, against the sampler called by hand on a hand-laid-out prompt; determinism under
+--seed; every input error named before anything is written; the checkpoint record; progress lines; WAV reading."""
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sdebatch.cli import main
+from sdebatch.mdm import tasks
+from sdebatch.mdm.sample import generate
+from sdebatch.mdm.vocab import Vocab, layout_pair
+
+pytestmark = pytest.mark.usefixtures("one_thread", "float32")  # fixtures in conftest.py
+
+
+def _save_model(folder: Path, data: Path, *, model: str = "micro", seed: int = 0, record: bool = True) -> Path:
+    """An untrained model's weights as `sdebatch train` writes them: model.pt (+ train_config.json)."""
+    from sdebatch.mdm.checkpoint import RECORD_FILE, training_record
+    from sdebatch.mdm.data.dataset import read_index
+    from sdebatch.mdm.train import MDMModule, load_config
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = load_config(None, data=str(data), model=model)
+    vocab = Vocab(**read_index(data)["vocab"])
+    torch.manual_seed(seed)
+    module = MDMModule(config, vocab.size)
+    torch.save(module.model.state_dict(), folder / "model.pt")
+    if record:
+        (folder / RECORD_FILE).write_text(json.dumps(training_record(config, vocab)))
+    return folder / "model.pt"
+
+
+@pytest.fixture(scope="module")
+def ckpt(micro_data, tmp_path_factory):
+    return _save_model(tmp_path_factory.mktemp("model"), micro_data[0])
+
+
+def _cli(args, capsys) -> tuple[int, str, str]:
+    try:
+        code = main(args)
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _reference(trained, task, ids_or_codes, n, seed, options, **layout):
+    """The sampler called by hand on a prompt laid out here (the pair layout of the training data)."""
+    v = trained.vocab
+    if task == "text":
+        tokens = [v.id("[TEXT]"), v.id("[BOT]")] + [v.text_offset + i for i in ids_or_codes] + [v.mask_id] * layout["new"]
+        L = len(tokens)
+        row = {"tokens": torch.tensor(tokens), "pad": torch.ones(L, dtype=torch.bool),
+               "modality": torch.tensor([0, 0] + [1] * (L - 2)),
+               "target": torch.tensor([False] * (L - layout["new"]) + [True] * layout["new"])}
+    else:
+        row = layout_pair(v, task, layout["text"], layout["codes"], trained.seq_len)
+        row = {k: row[k][:int(row["pad"].sum())] for k in ("tokens", "pad", "modality", "target")}
+    batch = {k: t[None].expand(n, -1) for k, t in row.items()}
+    out = generate(trained.model, batch, generator=torch.Generator().manual_seed(seed), **options)
+    return out[:, row["target"]].tolist()
+
+
+def test_text_continuation_and_infill(ckpt, capsys, tmp_path):
+    trained = tasks.load_trained(ckpt, device="cpu")
+    prompt = "The function returns"
+    code, out, _err = _cli(["sample", "--checkpoint", str(ckpt), "--task", "text", "--prompt", prompt, "--length", "12",
+                         "--n", "2", "--seed", "3", "--sampler", "temperature=1.0", "--out", str(tmp_path / "a"),
+                         "--quiet"], capsys)
+    assert code == 0, (out, _err)
+    rec = json.loads((tmp_path / "a" / "samples.json").read_text())
+    assert rec["task"] == "text" and rec["n"] == 2 and rec["targets_per_sample"] == 12
+    opts = tasks.sampler_options("text", {"temperature": 1.0})
+    ids = trained.text_tokenizer.encode(prompt)
+    assert rec["tokens"] == _reference(trained, "text", ids, 2, 3, opts, new=12)
+    for text, toks in zip(rec["texts"], rec["tokens"]):
+        assert text.startswith(prompt) and text == prompt + tasks.render_text(trained, toks)
+        assert text in out
+    assert "[sample] text: 2 sample(s) x 12 positions" in out
+    # infill: [MASK:2] is two positions, [MASK] one; the text around them is kept, nothing appended by default
+    code, out, _err = _cli(["sample", "--checkpoint", str(ckpt), "--task", "text", "--prompt",
+                         "def [MASK:2](x): return [MASK]", "--out", str(tmp_path / "b"), "--quiet"], capsys)
+    rec = json.loads((tmp_path / "b" / "samples.json").read_text())
+    assert code == 0 and rec["targets_per_sample"] == 3 and len(rec["tokens"][0]) == 3
+    text = rec["texts"][0]
+    assert text.startswith("def ") and "(x): return " in text
+
+
+@pytest.mark.parametrize("n", [3])
+def test_t2i_writes_pngs_and_grid(ckpt, capsys, tmp_path, n):
+    from PIL import Image
+
+    trained = tasks.load_trained(ckpt, device="cpu")
+    caption = "a red circle"
+    code, out, _err = _cli(["sample", "--checkpoint", str(ckpt), "--task", "t2i", "--prompt", caption, "--n", str(n),
+                         "--sampler", "steps=4", "--out", str(tmp_path), "--quiet"], capsys)
+    assert code == 0, (out, _err)
+    rec = json.loads((tmp_path / "samples.json").read_text())
+    itok = trained.image_tokenizer
+    opts = tasks.sampler_options("t2i", {"steps": 4})
+    ref = _reference(trained, "t2i", None, n, 0, opts, text=trained.text_tokenizer.encode(caption),
+                     codes=[0] * itok.tokens_per_image)
+    assert rec["tokens"] == ref and rec["files"] == [f"t2i_{i:02d}.png" for i in range(n)] + ["t2i_grid.png"]
+    v = trained.vocab
+    for i in range(n):  # each PNG is the tokenizer's decoding of the sample's codes (another modality's ids clamped)
+        codes = torch.tensor(ref[i][1:-1]) - v.image_offset  # [BOI] codes [EOI]
+        img = itok.decode(codes.clamp(0, v.image_codes - 1)[None])[0]
+        expect = (img.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        assert np.array_equal(np.asarray(Image.open(tmp_path / f"t2i_{i:02d}.png")), expect)
+    s = itok.config.image_size
+    assert Image.open(tmp_path / "t2i_grid.png").size[0] >= n * 4 * s
+
+
+def test_t2s_writes_wavs_of_the_planned_length(ckpt, capsys, tmp_path):
+    from scipy.io import wavfile
+
+    trained = tasks.load_trained(ckpt, device="cpu")
+    sentence = "a blue square"
+    code, out, _err = _cli(["sample", "--checkpoint", str(ckpt), "--task", "t2s", "--prompt", sentence, "--n", "2",
+                         "--sampler", "steps=4", "--out", str(tmp_path), "--quiet"], capsys)
+    assert code == 0, (out, _err)
+    rec = json.loads((tmp_path / "samples.json").read_text())
+    ids = trained.text_tokenizer.encode(sentence)
+    offsets = np.load(trained.folder / "audio_train_offsets.npy")
+    caps = np.load(trained.folder / "audio_train_captions.npy")
+    n_codes = round(offsets[-1] / (caps >= 0).sum() * len(ids))  # codes per caption token of the training pairs
+    assert rec["targets_per_sample"] == n_codes + 2
+    opts = tasks.sampler_options("t2s", {"steps": 4})
+    assert rec["tokens"] == _reference(trained, "t2s", None, 2, 0, opts, text=ids, codes=[0] * n_codes)
+    atok = trained.audio_tokenizer
+    for i in range(2):
+        rate, pcm = wavfile.read(tmp_path / f"t2s_{i:02d}.wav")
+        assert rate == atok.config.sample_rate and pcm.dtype == np.int16
+        assert len(pcm) == (n_codes - 1) * atok.config.hop  # the decoder's length for n_codes codes
+    # --length sets the number of codes
+    code, _, _ = _cli(["sample", "--checkpoint", str(ckpt), "--task", "t2s", "--prompt", sentence, "--length", "9",
+                       "--sampler", "steps=2", "--out", str(tmp_path / "b"), "--quiet"], capsys)
+    assert code == 0 and json.loads((tmp_path / "b" / "samples.json").read_text())["targets_per_sample"] == 11
+
+
+def test_i2t_and_s2t_caption_files(ckpt, capsys, tmp_path):
+    from PIL import Image
+
+    from sdebatch.mdm.tokenizers.audio import write_wav
+
+    trained = tasks.load_trained(ckpt, device="cpu")
+    itok, atok = trained.image_tokenizer, trained.audio_tokenizer
+    s = itok.config.image_size
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (2 * s, 2 * s, 3), dtype=np.uint8)  # twice the size: resized
+    Image.fromarray(pixels).save(tmp_path / "in.png")
+    code, out, _err = _cli(["sample", "--checkpoint", str(ckpt), "--task", "i2t", "--input", str(tmp_path / "in.png"),
+                         "--n", "2", "--sampler", "steps=3", "--out", str(tmp_path / "i"), "--quiet"], capsys)
+    assert code == 0, (out, _err)
+    rec = json.loads((tmp_path / "i" / "samples.json").read_text())
+    resized = Image.fromarray(pixels).resize((s, s), Image.BICUBIC)
+    codes = itok.encode(torch.from_numpy(np.asarray(resized, np.float32) / 255).permute(2, 0, 1)[None])[0].tolist()
+    n_text = int(np.median((np.load(trained.folder / "image_train_captions.npy") >= 0).sum(1)))
+    opts = tasks.sampler_options("i2t", {"steps": 3})
+    ref = _reference(trained, "i2t", None, 2, 0, opts, text=[0] * n_text, codes=codes)
+    assert rec["tokens"] == ref and rec["notes"] == [f"resized {2 * s}x{2 * s} -> {s}x{s}"]
+    for text, toks in zip(rec["texts"], ref):
+        assert text == tasks.render_text(trained, toks[1:-1], stop_at_eot=True) and text in out
+
+    sr = atok.config.sample_rate
+    t = np.arange(int(0.5 * sr)) / sr
+    write_wav(tmp_path / "in.wav", 0.3 * np.sin(2 * np.pi * 220 * t), sr)
+    code, out, _err = _cli(["sample", "--checkpoint", str(ckpt), "--task", "s2t", "--input", str(tmp_path / "in.wav"),
+                         "--length", "5", "--sampler", "steps=3", "--out", str(tmp_path / "s"), "--quiet"], capsys)
+    assert code == 0, (out, _err)
+    rec = json.loads((tmp_path / "s" / "samples.json").read_text())
+    from sdebatch.mdm.tokenizers.audio import read_wav
+
+    acodes = atok.encode(torch.from_numpy(read_wav(tmp_path / "in.wav", sr).astype(np.float32))).tolist()
+    assert rec["tokens"] == _reference(trained, "s2t", None, 1, 0, tasks.sampler_options("s2t", {"steps": 3}),
+                                       text=[0] * 5, codes=acodes)
+    assert rec["targets_per_sample"] == 7
+
+
+def test_same_seed_same_files_other_seed_other_samples(ckpt, capsys, tmp_path):
+    args = ["sample", "--checkpoint", str(ckpt), "--task", "t2i", "--prompt", "two squares", "--n", "2",
+            "--sampler", "steps=4", "--quiet"]
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        assert _cli(args + ["--seed", str(seed), "--out", str(tmp_path / name)], capsys)[0] == 0
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    for f in files:
+        a, b = (tmp_path / "a" / f).read_bytes(), (tmp_path / "b" / f).read_bytes()
+        if f == "samples.json":  # equal but for the timing
+            a, b = ({k: v for k, v in json.loads(x).items() if k not in ("seconds", "tokens_per_s")} for x in (a, b))
+        assert a == b, f
+    tok = [json.loads((tmp_path / n / "samples.json").read_text())["tokens"] for n in "ac"]
+    assert tok[0] != tok[1]
+
+
+@pytest.fixture(scope="module")
+def other_data(tmp_path_factory, micro_data):
+    """A data folder whose vocabulary differs from micro's (image codebook 16 instead of 64): only its index matters."""
+    from sdebatch.mdm.data.dataset import read_index
+
+    folder = tmp_path_factory.mktemp("other")
+    index = read_index(micro_data[0])
+    index["vocab"] = {**index["vocab"], "image_codes": index["vocab"]["image_codes"] // 2}
+    (folder / "index.json").write_text(json.dumps(index))
+    return folder
+
+
+def _errors(ckpt: Path, data: Path, other: Path, tmp: Path) -> list[tuple[list[str], str]]:
+    c = ["--checkpoint", str(ckpt)]
+    bare = tmp / "bare"
+    if not bare.exists():  # weights alone, no record: the shapes tell
+        _save_model(bare, data, record=False)
+    (tmp / "notes.txt").write_text("not an image")
+    (tmp / "cfg.toml").write_text('model = "tiny"\n')
+    (tmp / "micro.toml").write_text('model = "micro"\n')
+    return [
+        (["--task", "t2x", "--prompt", "a"] + c, "argument --task: invalid choice: 't2x'"),
+        (["--task", "t2i"] + c, "task t2i takes --prompt TEXT"),
+        (["--task", "i2t", "--prompt", "a cat"] + c, "task i2t takes --input FILE (an image), not --prompt"),
+        (["--task", "i2t", "--input", str(tmp / "missing.png")] + c, "--input " + str(tmp / "missing.png")
+         + " does not exist"),
+        (["--task", "i2t", "--input", str(tmp / "notes.txt")] + c, "is not an image PIL can read"),
+        (["--task", "s2t", "--input", str(tmp / "notes.txt")] + c, "is not a WAV file"),
+        (["--task", "t2i", "--prompt", "a " * 60] + c, "--prompt is"),
+        (["--task", "t2i", "--prompt", "   "] + c, "t2i needs a caption"),
+        (["--task", "text", "--prompt", "x", "--length", "500"] + c, "pass --length <= "),
+        (["--task", "text", "--prompt", "x", "--length", "0"] + c, "nothing to generate"),
+        (["--task", "t2i", "--prompt", "a", "--length", "4"] + c, "--length does not apply to t2i"),
+        (["--task", "t2i", "--prompt", "a", "--n", "0"] + c, "--n must be a positive int"),
+        (["--task", "t2i", "--prompt", "a", "--sampler", "guidanse=2"] + c, "unknown options ['guidanse']"),
+        (["--task", "t2i", "--prompt", "a", "--sampler", "temperature=-1"] + c, "temperature must be >= 0"),
+        (["--task", "t2i", "--prompt", "a", "--sampler", "steps"] + c, "--sampler takes KEY=VALUE"),
+        (["--task", "t2i", "--prompt", "a", "--checkpoint", str(tmp / "none.pt")], "none.pt does not exist"),
+        (["--task", "t2i", "--prompt", "a", "--data", str(other)] + c, "trained on a vocabulary of"),
+        (["--task", "t2i", "--prompt", "a", "--checkpoint", str(bare / "model.pt")],
+         "the checkpoint carries no config, so the defaults (model='tiny') were tried: pass --config"),
+        (["--task", "t2i", "--prompt", "a", "--data", str(other), "--checkpoint", str(bare / "model.pt"),
+          "--config", str(tmp / "micro.toml")], "weights do not fit the model"),
+        (["--task", "t2i", "--prompt", "a", "--data", str(tmp / "nowhere")] + c,
+         f"sdebatch data prepare --out {tmp / 'nowhere'}"),
+        (["--task", "t2i", "--prompt", "a", "--config", str(tmp / "cfg.toml")] + c,
+         "has model='tiny' but the checkpoint was trained with model='micro'"),
+    ]
+
+
+def test_every_input_error_is_named_before_anything_is_written(ckpt, micro_data, other_data, capsys, tmp_path):
+    for args, needle in _errors(ckpt, micro_data[0], other_data, tmp_path):
+        out = tmp_path / "out"
+        code, _, err = _cli(["sample"] + args + ["--out", str(out), "--quiet"], capsys)
+        assert code == 2 and needle in err, (args, err)
+        assert not out.exists(), args
+
+
+def test_characters_the_tokenizer_cannot_take(ckpt, capsys, tmp_path, monkeypatch):
+    """A tokenizer that loses characters (here: one that drops non-ASCII on the way back) is caught by name."""
+    from sdebatch.mdm.data.text import TextTokenizer
+
+    decode = TextTokenizer.decode
+    monkeypatch.setattr(TextTokenizer, "decode", lambda self, ids: decode(self, ids).encode("ascii", "ignore").decode())
+    code, _, err = _cli(["sample", "--checkpoint", str(ckpt), "--task", "t2i", "--prompt", "a red \u2603 circle",
+                         "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "cannot represent '\u2603'" in err and "0x2603" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_progress_bar_on_terminal_lines_otherwise(ckpt, capsys, tmp_path):
+    from sdebatch.progress import Progress
+
+    trained = tasks.load_trained(ckpt, device="cpu")
+    req = tasks.build_request(trained, "text", prompt="x", length=8)
+    r = tasks.run(trained, req, options=tasks.sampler_options("text", {"steps": 8}), progress=True)
+    err = capsys.readouterr().err  # pytest's capture is not a terminal: no bar, and nothing within 10 s
+    assert "\r" not in err and r["steps"] == 8 and r["model_calls"] == 8
+    s = io.StringIO()
+    p = Progress(10, "job", unit="step", every_s=0.0, stream=s)
+    for i in range(10):
+        p.update(1, loss=1.0 / (i + 1))
+    p.close()
+    lines = s.getvalue().splitlines()
+    assert len(lines) == 10 and lines[4].startswith("[job] 5/10 step (50%)") and "ETA" in lines[4]
+    assert "loss=0.2" in lines[4] and "\r" not in s.getvalue()
+
+
+def test_record_in_train_outputs_and_lightning_checkpoints(micro_data, tmp_path):
+    """sdebatch train: train_config.json beside model.pt and the record in every checkpoint; a resume with
+    another model is refused by name before Lightning runs."""
+    from sdebatch.mdm.checkpoint import RECORD_FILE, RECORD_KEY
+    from sdebatch.mdm.train import load_config, train
+
+    out = tmp_path / "run"
+    config = load_config(None, data=str(micro_data[0]), model="micro", logical_batch_size=2, physical_batch_size=2,
+                         tokens=600, val_sequences=0, noise_scale=False, noise_probe=0, out=str(out),
+                         checkpoint_every=1)
+    train(config, progress=False)
+    rec = json.loads((out / RECORD_FILE).read_text())
+    assert rec["config"] == config and Vocab(**rec["vocab"]) == Vocab(**micro_data[1]["vocab"])
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt[RECORD_KEY] == rec
+    trained = tasks.load_trained(out / "checkpoints" / "last.ckpt", device="cpu")  # no --config needed
+    assert trained.config == config and trained.weights == "checkpoint"
+    with pytest.raises(ValueError, match="has model='tiny' but the checkpoint was trained with model='micro'"):
+        train({**config, "model": "tiny", "out": str(tmp_path / "r2")}, progress=False,
+              ckpt_path=str(out / "checkpoints" / "last.ckpt"))
+    assert not (tmp_path / "r2").exists()
+
+
+def test_read_wav_mixes_and_resamples(tmp_path):
+    from scipy.io import wavfile
+
+    from sdebatch.mdm.tokenizers.audio import read_wav
+
+    rate, f = 8000, 440.0
+    t = np.arange(rate) / rate
+    left, right = 0.5 * np.sin(2 * np.pi * f * t), 0.1 * np.sin(2 * np.pi * f * t)
+    wavfile.write(tmp_path / "st.wav", rate, (np.stack([left, right], 1) * 32767).astype(np.int16))
+    x = read_wav(tmp_path / "st.wav", 16000)
+    assert len(x) == 16000
+    spectrum = np.abs(np.fft.rfft(x))
+    assert abs(np.argmax(spectrum) * 16000 / len(x) - f) <= 1.0  # the tone survives resampling
+    mid = x[4000:12000]  # amplitude of the channel mean, 0.3, away from the filter's edges
+    assert math.isclose(np.abs(mid).max(), 0.3, rel_tol=0.02)
