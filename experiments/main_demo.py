@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from paper_figures import batch_ablation
+from sdebatch.figures import batch_ablation
 from sdebatch.mdm.data.prepare import prepare
 from sdebatch.sweep import collect, run_sweep
 

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from paper_figures.lr_transfer import fit_optimum
+from sdebatch.figures.lr_transfer import fit_optimum
 from sdebatch.sweep import collect
 
 
 def optimal_lr(lrs: list[float], losses: list[float]) -> float:
-    """Vertex of a parabola in log lr around the best grid point (:func:`paper_figures.lr_transfer.fit_optimum`;
+    """Vertex of a parabola in log lr around the best grid point (:func:`sdebatch.figures.lr_transfer.fit_optimum`;
     the grid point itself when it lies at the edge of the grid or the parabola opens downward)."""
     return fit_optimum(lrs, losses, [None] * len(lrs))["lr"]
 

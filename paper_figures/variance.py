@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from paper_figures.batch_ablation import _save, read_sweep  # noqa: E402
+from sdebatch.figures.batch_ablation import read_sweep, save_figure  # noqa: E402
 
 SOURCES = {"init_seed": "initial weights", "data_seed": "data order", "draw_seed": "masking draws",
            "rounding": "float rounding only"}
@@ -120,7 +120,7 @@ def figure(d: dict, out: Path, name: str) -> list[Path]:
     ax.set_xlabel("run-to-run std of the final loss (% of the loss, 95% interval)")
     ax.set_xlim(left=0)
     ax.legend(frameon=False, fontsize=6, loc="lower right")
-    return _save(fig, out, f"{name}_variance")
+    return save_figure(fig, out, f"{name}_variance")
 
 
 def main(argv: list[str] | None = None) -> dict:

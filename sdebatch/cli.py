@@ -176,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     sa.add_argument("--config", help="the training config (default: the one the checkpoint carries)")
     sa.add_argument("--data", help="the prepared data folder (default: the config's)")
     sa.add_argument("--quiet", action="store_true", help="no progress bar or lines")
+    rp = sub.add_parser("report", help="one HTML page and figures for a sweep folder: is the loss invariant?")
+    rp.add_argument("folder", metavar="RUNS_DIR", help="a sweep's folder, e.g. runs/demo")
+    rp.add_argument("--out", help="where to write (default RUNS_DIR/report)")
+    rp.add_argument("--tolerance", type=float, default=0.01,
+                    help="knee: the relative deviation that, with 2 paired standard errors, counts (default 0.01)")
     args = parser.parse_args(argv)
     try:
         if args.command == "data":
@@ -204,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
             config = resolve_config(record, args.config, **({"data": args.data} if args.data else {}))
             evaluate_checkpoint(config, args.checkpoint, args.out, n_images=args.images, n_speech=args.speech,
                                 sampler=sampler)
+            return 0
+        if args.command == "report":
+            from .figures.report import report
+            r = report(args.folder, args.out, tolerance=args.tolerance)
+            print(f"{r['summary']['runs']} runs -> {r['html']} ({len(r['figures'])} figure files beside it)")
             return 0
         if args.command == "sample":
             from .mdm import tasks

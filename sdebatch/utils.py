@@ -10,6 +10,8 @@ from typing import Any, Callable, TypeVar
 import torch
 
 F = TypeVar("F", bound=Callable[..., Any])
+_UMASK = os.umask(0o022)  # read the process umask (the only way is to set it) and put it back at once
+os.umask(_UMASK)
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | Callable[[Any], None]) -> None:
@@ -18,6 +20,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | Callable[[Any], None]) -
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes the file private (0600); a written file is an ordinary one
         with os.fdopen(fd, "wb") as f:
             data(f) if callable(data) else f.write(data)
         os.replace(tmp, path)

@@ -1,9 +1,9 @@
-"""paper_figures.batch_ablation.summarise on a hand-made table: the logical run, its seed spread, deviations, knees."""
+"""sdebatch.figures.batch_ablation.summarise on a hand-made table: the logical run, its seed spread, deviations, knees."""
 import statistics
 
 import pytest
 
-from paper_figures.batch_ablation import summarise
+from sdebatch.figures.batch_ablation import summarise
 
 
 def row(rule, b, loss, seed=0, lb=32, noise=None, diverged=False):
@@ -70,11 +70,11 @@ def test_rules_at_kappa_one_are_one_run_not_seeds():
 
 
 def test_loss_vs_tokens_averages_seeds_bin_by_bin():
-    from paper_figures.batch_ablation import _seed_mean
+    from sdebatch.figures.batch_ablation import seed_mean
 
     a = [{"tokens": 10.0, "loss": 4.0}, {"tokens": 30.0, "loss": 2.0}, {"tokens": 40.0, "loss": 1.0}]
     b = [{"tokens": 15.0, "loss": 6.0}, {"tokens": 35.0, "loss": 3.0}]
-    x, y = _seed_mean([a, b], "tokens", bins=2, hi=40.0)  # bins [0, 20) and [20, 40]
+    x, y = seed_mean([a, b], "tokens", bins=2, hi=40.0)  # bins [0, 20) and [20, 40]
     assert x == [10.0, 30.0]
     assert y == pytest.approx([(4.0 + 6.0) / 2, ((2.0 + 1.0) / 2 + 3.0) / 2])
 

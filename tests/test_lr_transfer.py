@@ -1,11 +1,11 @@
-"""paper_figures.lr_transfer and paper_figures.variance on hand-made tables: the fitted optimum and its standard
+"""sdebatch.figures.lr_transfer and paper_figures.variance on hand-made tables: the fitted optimum and its standard
 error against closed forms, the optimum's shift, the paired lr sensitivity, the variance decomposition."""
 import math
 import statistics
 
 import pytest
 
-from paper_figures.lr_transfer import fit_optimum, sensitivity, summarise
+from sdebatch.figures.lr_transfer import fit_optimum, sensitivity, summarise
 from paper_figures.variance import decompose, spread
 
 

@@ -84,7 +84,7 @@ def test_miniature_demo_sweep_with_kill_and_resume(micro_data, tmp_path):
     assert cfg["sweep"] == "mini_demo"
     # every held-out number comes with its estimator's error, and the demo's summary pairs runs by seed with it
     from experiments.main_demo import report
-    from paper_figures.batch_ablation import summarise
+    from sdebatch.figures.batch_ablation import summarise
 
     for r in rows:
         assert r["final_loss_se"] > 0 and (folder / r["run_id"] / "val_rows.json").exists()
