@@ -6,6 +6,7 @@ tokens and reported with ``sdebatch.lightning.count``, so the update is the exac
 The lr follows a warmup-cosine schedule in samples. Run: ``python examples/lightning_logical_batch.py`` (< 1 minute).
 """
 import argparse
+import sys
 
 import lightning.pytorch as pl
 import torch
@@ -64,9 +65,11 @@ def main() -> None:
     total = args.epochs * len(data)
     callback = sl.LogicalBatch(args.logical, lr_schedule=sdebatch.warmup_cosine(total=total, warmup=total // 10),
                                ema_decay=0.99)
-    trainer = pl.Trainer(accelerator="cpu", devices=args.devices, max_epochs=args.epochs, callbacks=[callback],
-                         logger=False, enable_checkpointing=False, use_distributed_sampler=False,
-                         enable_model_summary=False)
+    # on a terminal Lightning's bar; in a log or a pipe a line every 5 s instead of thousands of bar redraws
+    trainer = pl.Trainer(accelerator="cpu", devices=args.devices, max_epochs=args.epochs,
+                         callbacks=[callback, sl.ProgressLines(every_s=5.0)], logger=False,
+                         enable_checkpointing=False, use_distributed_sampler=False, enable_model_summary=False,
+                         enable_progress_bar=sys.stdout.isatty())
     model = NextToken()
     trainer.fit(model, train_dataloaders=loader)
     opt = callback.optimizer

@@ -35,7 +35,7 @@ from .rules import _positive_finite
 from .rules import kappa as kappa_fn
 from .schedules import ClockSchedule
 
-__all__ = ["LogicalBatch", "count", "find_optimizer"]
+__all__ = ["LogicalBatch", "ProgressLines", "count", "find_optimizer"]
 
 
 def find_optimizer(module: pl.LightningModule) -> LogicalBatchOptimizer:
@@ -281,6 +281,86 @@ class LogicalBatch(pl.Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self._ema_state = state_dict.get("ema")
         self._flush_on_resume = bool(state_dict.get("flush_on_resume", False))
+
+
+class ProgressLines(pl.Callback):
+    """Progress as a plain line every ``every_s`` seconds, for runs whose output is a log or a pipe (a progress bar
+    there writes thousands of carriage-return redraws). Use with the bar off when not on a terminal::
+
+        pl.Trainer(enable_progress_bar=sys.stdout.isatty(), callbacks=[LogicalBatch(...), ProgressLines()])
+
+    A line: ``[train] update 120, 245,760/1,000,000 tokens (25%), loss 6.81, 13,200 tokens/s, 18.6s elapsed, ETA
+    57.2s``; the clock and budget come from the :class:`LogicalBatch` callback (tokens when it counts them, else
+    samples; the budget from its ``max_tokens`` / ``max_samples``, else none). Rank zero only.
+
+    Args:
+        every_s: seconds between lines (default 30.0).
+        metric: the logged value to show (default: ``"loss"`` if logged, else none).
+        when: "not_interactive" (default: silent when stdout is a terminal, where the bar is) or "always".
+        stream: where to print (default stdout).
+    """
+
+    def __init__(self, every_s: float = 30.0, metric: str | None = None, *, when: str = "not_interactive",
+                 stream: Any = None) -> None:
+        _positive_finite("every_s", every_s)
+        if when not in ("not_interactive", "always"):
+            raise ValueError(f"when must be 'not_interactive' or 'always', got {when!r}")
+        self.every_s, self.metric, self.when, self.stream = float(every_s), metric, when, stream
+        self._start = self._last = 0.0
+        self._clock0 = 0
+
+    def _out(self):
+        import sys
+        return self.stream if self.stream is not None else sys.stdout
+
+    def _active(self, trainer: pl.Trainer) -> bool:
+        if not trainer.is_global_zero:
+            return False
+        return self.when == "always" or not bool(getattr(self._out(), "isatty", lambda: False)())
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import time
+        self._start = self._last = time.monotonic()
+        lb = next((cb for cb in trainer.callbacks if isinstance(cb, LogicalBatch)), None)
+        opt = lb.optimizer if lb is not None else None
+        self._clock0 = 0 if opt is None else (opt.tokens_seen or opt.samples_seen)  # a resumed run's clock
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        import time
+        now = time.monotonic()
+        if now - self._last < self.every_s or not self._active(trainer):
+            return
+        self._last = now
+        print(self.line(trainer, now), file=self._out(), flush=True)
+
+    def line(self, trainer: pl.Trainer, now: float) -> str:
+        """The progress line (see the class docstring)."""
+        from .progress import fmt_seconds
+
+        lb = next((cb for cb in trainer.callbacks if isinstance(cb, LogicalBatch)), None)
+        opt = lb.optimizer if lb is not None else None
+        elapsed = now - self._start
+        parts = []
+        if opt is not None:
+            tokens = opt.tokens_seen or lb.max_tokens is not None  # a token budget counts tokens from the start
+            unit, seen = ("tokens", opt.tokens_seen) if tokens else ("samples", opt.samples_seen)
+            budget = lb.max_tokens if unit == "tokens" else lb.max_samples
+            parts.append(f"update {opt.updates:,}, {seen:,}" + (f"/{budget:,}" if budget else "") + f" {unit}"
+                         + (f" ({seen / budget:.0%})" if budget else ""))
+        else:
+            unit, seen, budget = "steps", trainer.global_step, None
+            parts.append(f"step {seen:,}")
+        key = self.metric or ("loss" if "loss" in trainer.callback_metrics else None)
+        value = trainer.callback_metrics.get(key) if key else None
+        if value is not None:
+            parts.append(f"{key} {float(value):.4g}")
+        rate = (seen - self._clock0) / elapsed if elapsed > 0 else 0.0
+        parts.append(f"{rate:,.0f} {unit}/s")
+        parts.append(f"{fmt_seconds(elapsed)} elapsed")
+        if budget and rate > 0:
+            parts.append(f"ETA {fmt_seconds(max(budget - seen, 0) / rate)}")
+        return "[train] " + ", ".join(parts)
 
 
 def _optimizers_in(out: Any) -> list:

@@ -323,3 +323,49 @@ def test_read_wav_mixes_and_resamples(tmp_path):
     assert abs(np.argmax(spectrum) * 16000 / len(x) - f) <= 1.0  # the tone survives resampling
     mid = x[4000:12000]  # amplitude of the channel mean, 0.3, away from the filter's edges
     assert math.isclose(np.abs(mid).max(), 0.3, rel_tol=0.02)
+
+
+def test_train_and_eval_name_the_data_folder_and_the_fix(ckpt, micro_data, capsys, tmp_path):
+    """Missing / unprepared data folders and a checkpoint of another config: exit 2, the path and the command."""
+    missing, half = tmp_path / "nowhere", tmp_path / "half"
+    (half / "tokenizers").mkdir(parents=True)  # what an interrupted `data prepare` leaves: no index.json yet
+    (tmp_path / "tiny.toml").write_text('model = "tiny"\n')
+    cases = [
+        (["train", "--set", f"data='{missing}'", "tokens=100"],
+         f"data folder {missing} does not exist: make it with `sdebatch data prepare --out {missing}`"),
+        (["train", "--set", f"data='{half}'", "tokens=100"],
+         f"data folder {half} is not prepared (no index.json): finish it with `sdebatch data prepare --out {half}`"),
+        (["eval", "--checkpoint", str(ckpt), "--data", str(missing), "--out", str(tmp_path / "e")],
+         f"data folder {missing} does not exist"),
+        (["eval", "--checkpoint", str(ckpt), "--config", str(tmp_path / "tiny.toml"), "--out", str(tmp_path / "e")],
+         "has model='tiny' but the checkpoint was trained with model='micro'"),
+        (["eval", "--checkpoint", str(tmp_path / "no.pt"), "--out", str(tmp_path / "e")], "no.pt does not exist"),
+        (["train", "--set", f"data='{micro_data[0]}'", "model='tiny'", "tokens=100", f"out='{tmp_path / 't'}'",
+          "--ckpt", str(ckpt)], "has model='tiny' but the checkpoint was trained with model='micro'"),
+    ]
+    for args, needle in cases:
+        code, _, err = _cli(args, capsys)
+        assert code == 2 and needle in err, (args, err)
+    assert not (tmp_path / "e").exists() and not (tmp_path / "t").exists()
+
+
+def test_progress_lines_callback_in_a_pipe(micro_data, tmp_path):
+    """sdebatch.lightning.ProgressLines: lines with the clock against the budget, never a carriage return."""
+    import lightning.pytorch as pl
+
+    import sdebatch.lightning as sl
+    from sdebatch.mdm.train import load_config, train
+
+    stream = io.StringIO()
+    lines = sl.ProgressLines(every_s=1e-9, metric="elbo_bits", stream=stream)
+    config = load_config(None, data=str(micro_data[0]), model="micro", logical_batch_size=4, physical_batch_size=2,
+                         tokens=1500, val_sequences=0, noise_scale=False, noise_probe=0, out="")
+    r = train(config, progress=False, callbacks=[lines])
+    text = stream.getvalue()
+    assert "\r" not in text
+    got = [ln for ln in text.splitlines() if ln.startswith("[train] update ")]
+    assert len(got) >= r["updates"] and "/1,500 tokens (" in got[-1] and "elbo_bits " in got[-1]
+    assert all("/1,500 tokens (" in ln for ln in got) and all("ETA" in ln for ln in got[1:])
+    with pytest.raises(ValueError, match="every_s must be a positive finite number"):
+        sl.ProgressLines(every_s=0)
+    assert isinstance(lines, pl.Callback)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 import tomllib
 from pathlib import Path
@@ -302,10 +303,13 @@ def train(config: dict, *, progress: bool = True, ckpt_path: str | None = None,
     else:  # quiet runs (sweep workers, tests): no Lightning banners ("GPU available", tips) either
         for name in ("lightning.pytorch", "lightning.fabric"):
             logging.getLogger(name).setLevel(logging.WARNING)
+    bar = progress and sys.stdout.isatty()  # a log or a pipe gets a line every 30 s instead of a redrawn bar
+    if progress and not bar:
+        callbacks.append(sl.ProgressLines(every_s=30.0, metric="elbo_bits"))
     checkpointing = any(isinstance(cb, pl.callbacks.Checkpoint) for cb in callbacks)
     trainer = pl.Trainer(accelerator="auto", devices=config["devices"], precision=config["precision"],
                          max_epochs=1000, callbacks=[callback] + callbacks, logger=False,
-                         enable_checkpointing=checkpointing, enable_progress_bar=progress, enable_model_summary=False,
+                         enable_checkpointing=checkpointing, enable_progress_bar=bar, enable_model_summary=False,
                          num_sanity_val_steps=0, use_distributed_sampler=False,
                          limit_val_batches=0 if not config["eval_every_tokens"] else 1.0,
                          default_root_dir=config["out"])

@@ -21,8 +21,12 @@ INDEX_VERSION = 1
 
 def read_index(folder: str | Path) -> dict:
     path = Path(folder) / "index.json"
-    if not path.exists():
-        raise ValueError(f"{folder} has no index.json: prepare it with `sdebatch data prepare --out {folder}`")
+    if not Path(folder).is_dir():
+        raise ValueError(f"data folder {folder} does not exist: make it with `sdebatch data prepare --out {folder}` "
+                         "(or point the config's data key at a prepared folder)")
+    if not path.exists():  # the index is written last: without it the folder is unprepared or half-prepared
+        raise ValueError(f"data folder {folder} is not prepared (no index.json): finish it with `sdebatch data "
+                         f"prepare --out {folder}` (finished stages are kept)")
     index = json.loads(path.read_text())
     if index.get("version") != INDEX_VERSION:
         raise ValueError(f"{path}: index version {index.get('version')}, this code reads {INDEX_VERSION}")
