@@ -6,17 +6,10 @@ import math
 import sys
 from pathlib import Path
 
-from . import rules
+from . import families, rules
 
-# optimizer name -> (family, weight-decay form, torch defaults)
-OPTIMIZERS = {
-    "sgd": ("sgd", "l2", {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0}),
-    "adam": ("adam", "l2", {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}),
-    "adamw": ("adam", "lr_coupled", {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2}),
-    "rmsprop": ("adam", "l2", {"lr": 1e-2, "alpha": 0.99, "eps": 1e-8, "weight_decay": 0.0}),
-    "nadam": ("adam", "l2", {"lr": 2e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}),
-    "radam": ("adam", "l2", {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}),
-}
+# optimizer name -> (family, weight-decay form, torch's defaults of the keys the rules change)
+OPTIMIZERS = families.optimizer_table()
 
 
 def _fmt(v) -> str:
@@ -34,6 +27,7 @@ _REFERENCE = {
     "weight_decay": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
     "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "alpha": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "momentum_decay": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
 }
 
 
@@ -121,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--alpha", type=float)
     r.add_argument("--eps", type=float)
     r.add_argument("--weight-decay", type=float)
+    r.add_argument("--momentum-decay", type=float, help="NAdam's momentum_decay")
     r.add_argument("--ema", type=float, help="model EMA decay at the logical batch")
     r.add_argument("--beta-form", default="exact", choices=rules.BETA_FORMS)
     r.add_argument("--momentum-mode", default="fixed", choices=rules.MOMENTUM_MODES)
@@ -247,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "rules":
         given = {"lr": args.lr, "momentum": args.momentum, "alpha": args.alpha, "eps": args.eps,
-                 "weight_decay": args.weight_decay, "betas": tuple(args.betas) if args.betas else None}
+                 "weight_decay": args.weight_decay, "momentum_decay": args.momentum_decay,
+                 "betas": tuple(args.betas) if args.betas else None}
         allowed = OPTIMIZERS[args.optimizer][2]
         bad = [k for k, v in given.items() if v is not None and k not in allowed]
         if bad:

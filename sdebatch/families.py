@@ -33,3 +33,22 @@ def weight_decay_form_of(optimizer: torch.optim.Optimizer, group: dict) -> str:
 def uses_step_bias_correction(optimizer: torch.optim.Optimizer) -> bool:
     """Adam/AdamW correct their moments by 1 - beta**step, which a changing kappa makes wrong (see optimizer.py)."""
     return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
+
+
+# the param-group keys the rules change (sdebatch.rules.rescale); what `sdebatch rules` tabulates
+RESCALED_KEYS = ("lr", "momentum", "betas", "alpha", "eps", "weight_decay", "momentum_decay")
+
+
+def optimizer_table() -> dict[str, tuple[str, str, dict]]:
+    """For every optimizer with known rules, by lower-case name: (family, weight-decay form, torch's defaults of the
+    keys the rules change), read from torch itself so the table cannot drift from what the wrapper rescales."""
+    table = {}
+    for cls, family in _FAMILY:
+        inst = cls([torch.zeros(1, requires_grad=True)])
+        defaults = {k: inst.defaults[k] for k in RESCALED_KEYS if k in inst.defaults}
+        if "betas" in defaults:
+            defaults["betas"] = tuple(float(b) for b in defaults["betas"])
+        defaults = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
+                    for k, v in defaults.items()}
+        table[cls.__name__.lower()] = (family, weight_decay_form_of(inst, inst.param_groups[0]), defaults)
+    return table

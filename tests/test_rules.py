@@ -137,3 +137,41 @@ def test_rules_cli_rejects_invalid_reference_values_once(capsys, args, needle):
         cli_main(base + args)
     out = capsys.readouterr()
     assert e.value.code == 2 and needle in out.err and "invalid" not in out.out
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "rmsprop", "nadam", "radam"])
+def test_rules_table_is_what_the_wrapper_sets_for_every_family(name, capsys):
+    """`sdebatch rules --optimizer NAME` prints, for kappa 4, the values LogicalBatchOptimizer puts into the inner
+    optimizer's param group at the first update (the reference): every key the wrapper changes, none left out."""
+    import torch
+
+    from sdebatch.cli import OPTIMIZERS
+
+    cls = {c.__name__.lower(): c for c in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop,
+                                            torch.optim.NAdam, torch.optim.RAdam)}[name]
+    assert OPTIMIZERS[name][2] == {k: v for k, v in cls([torch.zeros(1)]).defaults.items() if k in OPTIMIZERS[name][2]}
+    hp = {"weight_decay": 0.01} if name != "sgd" else {"weight_decay": 0.01, "momentum": 0.9}
+    assert cli_main(["rules", "--optimizer", name, "--logical", "4", "--physical", "16"]
+                    + [x for k, v in hp.items() for x in (f"--{k.replace('_', '-')}", str(v))]) == 0
+    header, row = capsys.readouterr().out.splitlines()[1:3]
+    model = torch.nn.Linear(2, 1)
+    opt = sdebatch.LogicalBatchOptimizer(cls(model.parameters(), **hp), 4, 16, accumulation_steps=1)
+    model(torch.ones(16, 2)).sum().backward()
+    opt.step()
+    used = opt.effective_hyperparameters()[0]
+    changed = {k for k in OPTIMIZERS[name][2] if used[k] != cls(model.parameters(), **hp).defaults[k]}
+    keys = header.split()[2:]
+    assert changed <= set(keys)  # every value the wrapper moved is in the table (NAdam's momentum_decay too)
+    for key, text in zip(keys, _split_cells(row, len(keys) + 2)[2:]):
+        expect = used[key]
+        got = tuple(float(x) for x in text.strip("()").split(",")) if key == "betas" else float(text)
+        assert got == pytest.approx(tuple(expect) if key == "betas" else expect, rel=1e-5), key
+
+
+def _split_cells(row: str, n: int) -> list[str]:
+    """Cells of a table row whose columns are separated by two or more spaces (betas hold one space)."""
+    import re
+
+    cells = [c for c in re.split(r"\s{2,}", row.strip()) if c]
+    assert len(cells) == n, cells
+    return cells
