@@ -1,12 +1,7 @@
 """Workloads a sweep file can name (``workload = "experiments.workloads:<name>"``): each takes a run config and
 returns ``{"final_loss": ..., "curve": [{"samples": ..., "loss": ...}, ...], ...}``.
 
-Rules, as the sweeps name them (``rule`` in a config):
-    naive        one update per physical batch, hyperparameters unchanged (rule="none")
-    accumulate   exact: accumulate up to the logical batch (or split a larger batch into logical chunks)
-    linear       one update per physical batch, lr x kappa (the linear rule, also applied to Adam as a baseline)
-    sqrt_exact   one update per physical batch, square-root rule with beta**kappa
-    sqrt_linear  the same with the first-order betas 1 - kappa (1 - beta)
+A config's ``rule`` names a preset of :mod:`sdebatch.presets` (naive, accumulate, linear, sqrt_exact, sqrt_linear).
 """
 from __future__ import annotations
 
@@ -16,31 +11,17 @@ from pathlib import Path
 import torch
 
 import sdebatch
-
-RULES = {
-    "naive": dict(rule="none", accumulation_steps=1),
-    "accumulate": dict(rule="auto", accumulation_steps=None),
-    "linear": dict(rule="sgd", accumulation_steps=1),
-    "sqrt_exact": dict(rule="adam", beta_form="exact", accumulation_steps=1),
-    "sqrt_linear": dict(rule="adam", beta_form="linear", accumulation_steps=1),
-}
-
+from sdebatch import presets
 
 def wrapper_kwargs(config: dict) -> dict:
-    """LogicalBatchOptimizer keyword arguments for a config's ``rule``."""
-    rule = config.get("rule", "sqrt_exact")
-    if rule not in RULES:
-        raise ValueError(f"rule must be one of {', '.join(RULES)}; got {rule!r}")
-    kw = dict(RULES[rule])
-    if rule in ("sqrt_exact", "sqrt_linear") and config.get("optimizer", "adam") == "sgd":
-        kw["rule"] = "sgd"  # the square-root rule is Adam's; for SGD the SDE rule is linear
-    return kw
+    """LogicalBatchOptimizer keyword arguments for a config's ``rule`` (a preset of :mod:`sdebatch.presets`)."""
+    return presets.wrapper_kwargs(config.get("rule", "sqrt_exact"), config.get("optimizer", "adam"))
 
 
 def _batches(config: dict, x: torch.Tensor, y: torch.Tensor):
     """The physical batches of one pass; under "accumulate" with physical > logical, the logical chunks."""
     b, lb = config["physical_batch_size"], config["logical_batch_size"]
-    if config.get("rule") == "accumulate" and b > lb:
+    if presets.update_batch(config.get("rule", "sqrt_exact"), lb, b) < b:
         chunker = sdebatch.LogicalChunker(lb)
         for i in range(0, len(x), b):
             yield from chunker((x[i:i + b], y[i:i + b]))
@@ -69,9 +50,9 @@ def mlp(config: dict, progress: bool = True) -> dict:
     cls = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[config.get("optimizer", "adam")]
     inner = cls(model.parameters(), lr=float(config["lr"]))
     b = int(config["physical_batch_size"])
-    opt = sdebatch.LogicalBatchOptimizer(inner, int(config["logical_batch_size"]),
-                                         b if config.get("rule") != "accumulate" or b <= config["logical_batch_size"]
-                                         else int(config["logical_batch_size"]), **wrapper_kwargs(config))
+    lb = int(config["logical_batch_size"])
+    opt = sdebatch.LogicalBatchOptimizer(inner, lb, presets.update_batch(config.get("rule", "sqrt_exact"), lb, b),
+                                         **wrapper_kwargs(config))
     every = int(config.get("eval_every", max(1, samples // 16)))
     curve, next_eval = [], every
 
@@ -155,8 +136,7 @@ def mdm(config: dict, progress: bool = True, run_dir=None) -> dict:
 
 
 def _check_mlp(config: dict) -> None:
-    if config.get("rule", "sqrt_exact") not in RULES:
-        raise ValueError(f"rule must be one of {', '.join(RULES)}; got {config.get('rule')!r}")
+    presets.check(config.get("rule", "sqrt_exact"))
     if config.get("optimizer", "adam") not in ("adam", "sgd"):
         raise ValueError(f"optimizer must be 'adam' or 'sgd', got {config.get('optimizer')!r}")
     if not isinstance(config.get("lr"), (int, float)) or isinstance(config.get("lr"), bool) or not config["lr"] > 0:

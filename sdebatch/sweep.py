@@ -34,6 +34,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
+from . import presets
+
 __all__ = ["load_sweep", "expand", "validate", "failed_runs", "run_id", "run_sweep", "collect"]
 
 
@@ -181,7 +183,7 @@ def describe_run(config: dict) -> str:
     lb, pb = config.get("logical_batch_size"), config.get("physical_batch_size")
     rule = config.get("rule", "?")
     if lb and pb:
-        kappa = 1.0 if rule == "accumulate" else pb / lb
+        kappa = presets.kappa(rule, lb, pb) if rule in presets.PRESETS else pb / lb
         budget = config.get("samples") or config.get("tokens")
         unit = "samples" if config.get("samples") else "tokens"
         per = pb if rule != "accumulate" else max(pb, lb)

@@ -168,3 +168,24 @@ def test_cli_exits_nonzero_when_a_run_failed(tmp_path, capsys, monkeypatch):
     assert "1 run(s) failed" in err and sweep.failed_runs(path, tmp_path / "runs")[0] in err
     ok = write_sweep(tmp_path)
     assert main(["sweep", "run", str(ok), "--out", str(tmp_path / "runs")]) == 0  # the 6 good runs: done, exit 0
+
+
+def test_one_preset_vocabulary_everywhere():
+    """The MDM trainer, the workloads and the figures read the presets of sdebatch.presets; the MDM's Lightning
+    arguments are the wrapper's plus reparameterize exactly when one update is taken per physical batch."""
+    import experiments.workloads as workloads
+    from sdebatch import presets
+    from sdebatch.figures import batch_ablation
+    from sdebatch.mdm import train
+
+    assert set(presets.LABELS) == set(presets.PRESETS) and batch_ablation.LABELS is presets.LABELS
+    assert not hasattr(train, "RULES") and not hasattr(workloads, "RULES")
+    for name, kw in presets.PRESETS.items():
+        assert workloads.wrapper_kwargs({"rule": name}) == kw
+        lk = presets.lightning_kwargs(name)
+        assert lk["reparameterize"] == (name != "accumulate") and {k: lk[k] for k in kw} == kw
+    assert workloads.wrapper_kwargs({"rule": "sqrt_exact", "optimizer": "sgd"})["rule"] == "sgd"
+    assert presets.update_batch("accumulate", 4, 16) == 4 and presets.update_batch("naive", 4, 16) == 16
+    assert presets.kappa("accumulate", 4, 16) == 1.0 and presets.kappa("sqrt_exact", 4, 16) == 4.0
+    with pytest.raises(ValueError, match="rule must be one of naive, accumulate, linear, sqrt_exact, sqrt_linear"):
+        presets.check("sqrt")

@@ -18,14 +18,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from sdebatch.presets import LABELS  # noqa: E402
 from sdebatch.sweep import collect  # noqa: E402
 from sdebatch.utils import atomic_write  # noqa: E402
 
 # Okabe-Ito: distinguishable with the common colour-vision deficiencies
 COLORS = {"accumulate": "#000000", "sqrt_exact": "#0072B2", "sqrt_linear": "#56B4E9", "linear": "#009E73",
           "naive": "#D55E00"}
-LABELS = {"accumulate": "accumulate (exact)", "sqrt_exact": r"square-root rule, $\beta^\kappa$",
-          "sqrt_linear": r"square-root rule, linear $\beta$", "linear": "linear lr rule", "naive": "no rescaling"}
 plt.rcParams.update({"font.size": 8, "axes.titlesize": 8, "legend.fontsize": 7, "figure.dpi": 150})
 
 

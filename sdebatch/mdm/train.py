@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 import sdebatch
 import sdebatch.lightning as sl
+from sdebatch import presets
 from sdebatch.data import ResumableDataLoader
 from sdebatch.utils import atomic_write
 
@@ -76,15 +77,6 @@ DEFAULTS: dict[str, Any] = {
     "threads": 0,                    # torch CPU threads (0: torch's default)
 }
 
-RULES = {  # the sweep rule names, as LogicalBatch arguments
-    "naive": dict(rule="none", accumulation_steps=1, reparameterize=True),
-    "accumulate": dict(rule="auto", accumulation_steps=None, reparameterize=False),
-    "linear": dict(rule="sgd", accumulation_steps=1, reparameterize=True),
-    "sqrt_exact": dict(rule="adam", beta_form="exact", accumulation_steps=1, reparameterize=True),
-    "sqrt_linear": dict(rule="adam", beta_form="linear", accumulation_steps=1, reparameterize=True),
-}
-
-
 def load_config(path: str | Path | None = None, **overrides: Any) -> dict:
     """DEFAULTS, updated by a TOML file and then by ``overrides``; unknown keys are an error naming them."""
     config = dict(DEFAULTS)
@@ -112,8 +104,7 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> dict:
             kind = {bool: "a bool", int: "an int", float: "a number", str: "a string", dict: "a table",
                     list: "a list"}.get(type(default), "an int" if default is None else type(default).__name__)
             raise ValueError(f"{key} must be {kind} (like the default {default!r}), got {value!r}")
-    if config["rule"] not in RULES:
-        raise ValueError(f"rule must be one of {', '.join(RULES)}; got {config['rule']!r}")
+    presets.check(config["rule"])
     for key in ("logical_batch_size", "physical_batch_size", "tokens", "val_batch_size", "val_time_points",
                 "val_replicates"):
         if not isinstance(config[key], int) or config[key] < 1:
@@ -261,13 +252,13 @@ class MDMDataModule(pl.LightningDataModule):
 
 def build(config: dict) -> tuple[MDMModule, MDMDataModule, sl.LogicalBatch]:
     """The module, the data and the sdebatch callback a config describes."""
-    if config["rule"] == "accumulate" and config["physical_batch_size"] > config["logical_batch_size"]:
-        # exact beyond the logical batch = logical-sized chunks in sequence, i.e. a physical batch of the logical size
-        config = {**config, "physical_batch_size": config["logical_batch_size"]}
+    # exact beyond the logical batch = logical-sized chunks in sequence, i.e. a physical batch of the logical size
+    config = {**config, "physical_batch_size": presets.update_batch(config["rule"], config["logical_batch_size"],
+                                                                    config["physical_batch_size"])}
     data = MDMDataModule(config)
     module = MDMModule(config, data.vocab.size)
     module.record = training_record(config, data.vocab)
-    rule = dict(RULES[config["rule"]])
+    rule = presets.lightning_kwargs(config["rule"])
     callback = sl.LogicalBatch(
         config["logical_batch_size"], physical_batch_size=config["physical_batch_size"],
         lr_schedule=sdebatch.warmup_cosine(total=config["tokens"], warmup=config["warmup"] * config["tokens"],
