@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.sdebatch-installed
 
-.PHONY: install demo demo-mlp test test-all bench clean
+.PHONY: install demo demo-mlp test test-all lint bench clean
 
 $(BIN)/python:
 	@if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
@@ -29,8 +29,11 @@ demo: $(STAMP)
 demo-mlp: $(STAMP)
 	$(BIN)/python -m experiments.demo
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/python -m ruff check sdebatch experiments paper_figures benchmarks tests examples
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow or not slow"

@@ -13,11 +13,12 @@ import argparse
 import json
 import os
 import resource
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from sdebatch.utils import atomic_write
 
 from sdebatch.mdm import train as mdm_train
 from sdebatch.mdm.model import build_model, flops_per_token, get_config, param_groups
@@ -87,8 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
             m = fn()
             m.update(name=name, repeat=r, tokens_per_s=m["tokens"] / m["seconds"])
             rows.append(m)
-            print(f"{name:>8} repeat {r}: {m['tokens']:,} tokens in {m['seconds']:.1f}s = {m['tokens_per_s']:,.0f} tok/s",
-                  flush=True)
+            print(f"{name:>8} repeat {r}: {m['tokens']:,} tokens in {m['seconds']:.1f}s = "
+                  f"{m['tokens_per_s']:,.0f} tok/s", flush=True)
     best = {n: max(x["tokens_per_s"] for x in rows if x["name"] == n) for n in ("plain", "trainer")}
     ratio = best["trainer"] / best["plain"]
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -108,10 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
                "peak_rss_mb": peak_rss_mb, "cuda_peak_mb": cuda_peak, "loadavg_1min": os.getloadavg()[0],
                "model_tflops_per_s": tflops, "peak_tflops": peak, "mfu": mfu}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=RESULTS, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(tmp, RESULTS / "trainer_throughput.json")
+    atomic_write(RESULTS / "trainer_throughput.json", json.dumps(results, indent=2).encode())
     return results
 
 

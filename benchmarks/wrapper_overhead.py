@@ -11,8 +11,9 @@ logical batch 32, physical batch 8, in two cases:
 It first checks that both variants reach the same parameters, so the timing compares equal work, then
 interleaves them update by update in one process (ABBA...) and reports the median time per update and the
 median of the per-repeat ratios wrapped / hand-written. A ratio is what matters: CPU speed, other processes'
-load and turbo drift cancel in it when both variants run back to back. CPU-sized models are the worst case for the wrapper (its Python
-bookkeeping is a fixed cost per update, the model's compute is small), so a ratio near 1 here holds on GPUs.
+load and turbo drift cancel in it when both variants run back to back. CPU-sized models are the worst case for the
+wrapper (its Python bookkeeping is a fixed cost per update, the model's compute is small), so a ratio near 1 here
+holds on GPUs.
 
     python -m benchmarks.wrapper_overhead [--repeats 7] [--updates 20] [--quick]
 
@@ -28,7 +29,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sdebatch
+from sdebatch.utils import atomic_write
 
 LOGICAL, PHYSICAL = 32, 8
 LR, WD = 1e-3, 0.1
@@ -253,16 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: 1-min load average {load:.1f} on {os.cpu_count()} CPUs: other processes were competing")
     out = RESULTS / ("wrapper_overhead.quick.json" if args.quick else "wrapper_overhead.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Temp file in the same directory + os.replace: readers never see a half-written file.
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".wrapper_overhead.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(results, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(out, (json.dumps(results, indent=2) + "\n").encode())
     print(f"wrote {out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out}")
     return 0
 

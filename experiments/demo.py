@@ -23,15 +23,14 @@ import csv
 import io
 import json
 import math
-import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 import sdebatch
+from sdebatch import utils
 
 DIM, HIDDEN, NOISE = 16, 64, 0.5
 LOGICAL = 32
@@ -98,10 +97,7 @@ def settings():
 
 def atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    utils.atomic_write(path, text.encode())
 
 
 def main() -> None:
@@ -122,7 +118,8 @@ def main() -> None:
                  f"{opt.batch_per_update} per update, kappa={opt.kappa:g}, {opt.updates} updates")
         seconds = time.perf_counter() - t0
         print(f"  {opt_name:4s} {setting:10s} {arith:52s} loss {mean:.4f} +- {se:.4f}  {seconds:5.1f}s", flush=True)
-        rows.append(dict(optimizer=opt_name, setting=setting, physical_batch=b, accumulation_steps=opt.accumulation_steps,
+        rows.append(dict(optimizer=opt_name, setting=setting, physical_batch=b,
+                         accumulation_steps=opt.accumulation_steps,
                          batch_per_update=opt.batch_per_update, kappa=opt.kappa, updates=opt.updates,
                          rule=opt.rule, loss_mean=mean, loss_se=se, losses=losses, seconds=round(seconds, 2)))
     # relative deviation from the logical run, paired by seed (same init and data): mean +- s.e. over seeds

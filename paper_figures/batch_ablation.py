@@ -1,4 +1,4 @@
-"""`python -m paper_figures.batch_ablation RUNS_DIR`: the script of :mod:`sdebatch.figures.batch_ablation` (where the code lives)."""
+"""`python -m paper_figures.batch_ablation RUNS_DIR`: runs :mod:`sdebatch.figures.batch_ablation` (the code)."""
 from sdebatch.figures.batch_ablation import main
 
 if __name__ == "__main__":

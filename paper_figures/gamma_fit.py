@@ -7,18 +7,18 @@ curve around the best grid point, weighted by the seeds' standard errors); gamma
 by a regression weighted by the vertices' own standard errors (see :func:`fit_gamma`).
 Bethune et al. 2026 report gamma ~ 0.44 for their cosine schedule; Complete(d)P's iso-horizon rule is gamma = 1.
 
-``python -m paper_figures.gamma_fit runs/mlp_horizon --out paper_figures/out`` (reads a collected sweep; trains nothing).
+``python -m paper_figures.gamma_fit runs/mlp_horizon --out paper_figures/out`` (reads a sweep; trains nothing).
 """
 from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 from pathlib import Path
 
 import numpy as np
 
+from sdebatch.figures.batch_ablation import save_figure
 from sdebatch.figures.lr_transfer import fit_optimum
 from sdebatch.sweep import collect
 
@@ -101,12 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
     ax.set_ylabel("optimal lr")
     ax.legend(frameon=False, fontsize=7)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     name = Path(args.folder).name
-    for ext in ("png", "pdf"):
-        tmp = out / f".{name}_gamma.tmp.{ext}"
-        fig.savefig(tmp, bbox_inches="tight")
-        os.replace(tmp, out / f"{name}_gamma.{ext}")
+    save_figure(fig, out, f"{name}_gamma")
     print(f"gamma = {fit['gamma']:.3f} +- {fit['gamma_se']:.3f} from {len(fit['horizons'])} horizons; "
           f"wrote {out / (name + '_gamma.png')}")
     return fit

@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import tempfile
 import time
 
 import matplotlib
+
+from sdebatch.utils import atomic_write
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -97,7 +98,8 @@ def plot(results: dict, out_dir: str, dpi: int) -> list[str]:
                 x = sim.samples / 1000
                 lo, hi = sim.loss_mean - 2 * sim.loss_se, sim.loss_mean + 2 * sim.loss_se
                 ax.fill_between(x, lo, hi, color=colour, alpha=0.25, lw=0)
-                ax.plot(x, sim.loss_mean, color=colour, lw=1.5 if k == 1 else 1.1, label=f"$\\kappa$ = {kappa_label(k)}")
+                ax.plot(x, sim.loss_mean, color=colour, lw=1.5 if k == 1 else 1.1,
+                        label=f"$\\kappa$ = {kappa_label(k)}")
                 if not rescaled or k == 1:   # one SDE curve for all rescaled runs
                     ax.plot(x, pred, color="black", ls=(0, (3, 2)), lw=0.8, zorder=4, label="SDE" if k == 1 else None)
             ax.set_yscale("log")
@@ -122,17 +124,7 @@ def plot(results: dict, out_dir: str, dpi: int) -> list[str]:
     paths = []
     for ext in ("png", "pdf"):
         path = os.path.join(out_dir, f"sde_loss_vs_samples.{ext}")
-        fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=f".{ext}.tmp")
-        os.close(fd)
-        try:
-            fig.savefig(tmp, format=ext, dpi=dpi)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes it 0600; give it the usual permissions
-            os.replace(tmp, path)           # atomic: a reader never sees a half-written figure
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        atomic_write(path, lambda f: fig.savefig(f, format=ext, dpi=dpi))  # a reader never sees half a figure
         paths.append(path)
     plt.close(fig)
     return paths

@@ -31,7 +31,7 @@ from lightning.pytorch.utilities.data import extract_batch_size
 
 from .ema import ModelEMA
 from .optimizer import LogicalBatchOptimizer
-from .rules import _positive_finite
+from .checks import positive_finite
 from .rules import kappa as kappa_fn
 from .schedules import ClockSchedule
 
@@ -104,7 +104,7 @@ class LogicalBatch(pl.Callback):
         if ema_rescale is not None and not isinstance(ema_rescale, bool):
             raise ValueError(f"ema_rescale must be True, False or None (follow rule), got {ema_rescale!r}")
         if max_grad_norm is not None:
-            _positive_finite("max_grad_norm", max_grad_norm)
+            positive_finite("max_grad_norm", max_grad_norm)
         kappa_fn(1, 1, horizon=horizon, reference_horizon=reference_horizon, gamma=gamma)  # validates
         self.logical_batch_size = logical_batch_size
         self.physical_batch_size = physical_batch_size
@@ -170,10 +170,12 @@ class LogicalBatch(pl.Callback):
         self.ema = ModelEMA(pl_module, self.ema_decay) if self.ema_decay is not None else None
         if self.ema is not None and self._ema_state is not None:
             self.ema.load_state_dict(self._ema_state)
-        opt = LogicalBatchOptimizer(inner, self.logical_batch_size, physical, accumulation_steps=self.accumulation_steps,
-                                    model=pl_module, ema=self.ema, **self.optimizer_kwargs)
+        opt = LogicalBatchOptimizer(inner, self.logical_batch_size, physical,
+                                    accumulation_steps=self.accumulation_steps, model=pl_module, ema=self.ema,
+                                    **self.optimizer_kwargs)
         if opt.world_size != world:
-            raise ValueError(f"torch.distributed reports {opt.world_size} processes, the Trainer {world} devices x nodes")
+            raise ValueError(f"torch.distributed reports {opt.world_size} processes, the Trainer {world} "
+                             "devices x nodes")
         if self.lr_schedule is not None:
             ClockSchedule(opt, self.lr_schedule, unit=self.schedule_unit)
         self.optimizer = opt
@@ -203,8 +205,9 @@ class LogicalBatch(pl.Callback):
                 config.frequency *= opt.accumulation_steps
         if self.verbose:
             rank_zero_info(f"sdebatch: {physical} per device x {trainer.num_devices} devices x {trainer.num_nodes} "
-                           f"node(s) x {opt.accumulation_steps} accumulation = {opt.batch_per_update} samples per update"
-                           f" (logical batch {self.logical_batch_size}), kappa = {opt.kappa:.4g}, rule = {opt.rule}")
+                           f"node(s) x {opt.accumulation_steps} accumulation = {opt.batch_per_update} samples "
+                           f"per update (logical batch {self.logical_batch_size}), kappa = {opt.kappa:.4g}, "
+                           f"rule = {opt.rule}")
 
     # --- every batch ---
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -302,7 +305,7 @@ class ProgressLines(pl.Callback):
 
     def __init__(self, every_s: float = 30.0, metric: str | None = None, *, when: str = "not_interactive",
                  stream: Any = None) -> None:
-        _positive_finite("every_s", every_s)
+        positive_finite("every_s", every_s)
         if when not in ("not_interactive", "always"):
             raise ValueError(f"when must be 'not_interactive' or 'always', got {when!r}")
         self.every_s, self.metric, self.when, self.stream = float(every_s), metric, when, stream

@@ -26,23 +26,11 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from . import rules
+from . import checks, rules
 from .clock import Clock
 from .noise import MicroGradNorms, NoiseScaleEstimator
 from .families import KNOWN_OPTIMIZERS, family_of
 from .stepping import rescaled_step
-
-
-def _count(name: str, value: Any, *, allow_zero: bool = False) -> float:
-    if isinstance(value, torch.Tensor):
-        value = value.item()
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
-        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} finite number, got {value!r}")
-    return v
 
 
 class LogicalBatchOptimizer(torch.optim.Optimizer):
@@ -108,21 +96,22 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
         family = family_of(optimizer) if rule == "auto" else rule
         if family is None:
             raise ValueError(
-                f"rule='auto' knows no scaling rule for {type(optimizer).__name__} (known: {', '.join(KNOWN_OPTIMIZERS)}). "
+                f"rule='auto' knows no scaling rule for {type(optimizer).__name__} "
+                f"(known: {', '.join(KNOWN_OPTIMIZERS)}). "
                 "Pass rule='none' (accumulation only, no rescaling) or a family: rule='adam' (square-root rule) or "
                 "rule='sgd' (linear rule); for optimizers outside the known list these are heuristics to measure.")
         if rule != "auto" and rule != "none" and family_of(optimizer) is None:
             warnings.warn(f"rule={rule!r} on {type(optimizer).__name__} is a heuristic (the SDE rules are derived for "
                           f"{', '.join(KNOWN_OPTIMIZERS)}); measure it, e.g. with a batch sweep.", stacklevel=2)
-        rules._choice("beta_form", beta_form, rules.BETA_FORMS)
-        rules._choice("momentum_mode", momentum_mode, rules.MOMENTUM_MODES)
+        checks.choice("beta_form", beta_form, rules.BETA_FORMS)
+        checks.choice("momentum_mode", momentum_mode, rules.MOMENTUM_MODES)
         if weight_decay_form is not None:
-            rules._choice("weight_decay_form", weight_decay_form, rules.WEIGHT_DECAY_FORMS)
+            checks.choice("weight_decay_form", weight_decay_form, rules.WEIGHT_DECAY_FORMS)
         if max_grad_norm is not None:
-            rules._positive_finite("max_grad_norm", max_grad_norm)
+            checks.positive_finite("max_grad_norm", max_grad_norm)
         rules.kappa(1, 1, horizon=horizon, reference_horizon=reference_horizon, gamma=gamma)  # validates
         if noise_scale_warn is not None:
-            rules._positive_finite("noise_scale_warn", noise_scale_warn)
+            checks.positive_finite("noise_scale_warn", noise_scale_warn)
         if isinstance(noise_scale_every, bool) or not isinstance(noise_scale_every, int) or noise_scale_every < 1:
             raise ValueError(f"noise_scale_every must be a positive int, got {noise_scale_every!r}")
         noise = NoiseScaleEstimator(noise_scale_decay) if noise_scale else None  # validates the decay
@@ -334,7 +323,7 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
         """
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-        n = None if num_items is None else _count("num_items", num_items, allow_zero=True)
+        n = None if num_items is None else checks.count("num_items", num_items, allow_zero=True)
         self._check_counts(num_samples, num_tokens)
         self._set_protocol("mean" if n is None else "sum")
         if n is not None and reduction == "mean":
@@ -351,7 +340,7 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
         Same arguments as :meth:`backward`: ``num_items`` given means the loss is sum-reduced over that many items.
         Calls add up within a micro-step.
         """
-        n = None if num_items is None else _count("num_items", num_items, allow_zero=True)
+        n = None if num_items is None else checks.count("num_items", num_items, allow_zero=True)
         self._check_counts(num_samples, num_tokens)
         if n is not None:
             self._set_protocol("sum")
@@ -367,9 +356,9 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _check_counts(num_samples, num_tokens) -> None:
         if num_samples is not None:
-            _count("num_samples", num_samples)
+            checks.count("num_samples", num_samples)
         if num_tokens is not None:
-            _count("num_tokens", num_tokens, allow_zero=True)
+            checks.count("num_tokens", num_tokens, allow_zero=True)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, num_samples: int | None = None,
@@ -480,7 +469,8 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
         if (value is not None and self.noise_scale_warn is not None and not self._noise_warned
                 and samples > self.noise_scale_warn * value and self.noise.count >= 10):
             self._noise_warned = True
-            warnings.warn(f"{int(samples)} samples per update exceed {self.noise_scale_warn:g} x the estimated gradient "
+            warnings.warn(f"{int(samples)} samples per update exceed {self.noise_scale_warn:g} x the estimated "
+                          "gradient "
                           f"noise scale B_simple ~ {value:.4g}: beyond the critical batch the SDE rules stop holding "
                           "(the loss per sample gets worse); consider a smaller batch per update", stacklevel=4)
 

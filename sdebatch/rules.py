@@ -26,6 +26,8 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
+from .checks import choice, positive_finite
+
 FAMILIES = ("sgd", "adam", "none")
 BETA_FORMS = ("exact", "linear")
 MOMENTUM_MODES = ("fixed", "timescale")
@@ -33,22 +35,6 @@ WEIGHT_DECAY_FORMS = ("l2", "lr_coupled", "independent")
 
 __all__ = ["kappa", "rescale", "ema_decay", "lr_factor", "FAMILIES", "BETA_FORMS", "MOMENTUM_MODES",
            "WEIGHT_DECAY_FORMS"]
-
-
-def _positive_finite(name: str, value: Any) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}") from None
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return v
-
-
-def _choice(name: str, value: Any, accepted: tuple[str, ...]) -> str:
-    if value not in accepted:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, accepted))}; got {value!r}")
-    return value
 
 
 def kappa(batch_per_update: float, logical_batch_size: float, *, horizon: float | None = None,
@@ -68,8 +54,8 @@ def kappa(batch_per_update: float, logical_batch_size: float, *, horizon: float 
     Returns:
         kappa > 0. kappa = 1 means "no rescaling" (pure accumulation).
     """
-    b = _positive_finite("batch_per_update", batch_per_update)
-    bl = _positive_finite("logical_batch_size", logical_batch_size)
+    b = positive_finite("batch_per_update", batch_per_update)
+    bl = positive_finite("logical_batch_size", logical_batch_size)
     g = float(gamma)
     if not math.isfinite(g):
         raise ValueError(f"gamma must be a finite number, got {gamma!r}")
@@ -78,8 +64,8 @@ def kappa(batch_per_update: float, logical_batch_size: float, *, horizon: float 
         if horizon is None or reference_horizon is None:
             raise ValueError("gamma != 0 needs both horizon and reference_horizon (positive numbers); "
                              f"got horizon={horizon!r}, reference_horizon={reference_horizon!r}")
-        d = _positive_finite("horizon", horizon)
-        dref = _positive_finite("reference_horizon", reference_horizon)
+        d = positive_finite("horizon", horizon)
+        dref = positive_finite("reference_horizon", reference_horizon)
         k *= (dref / d) ** g
     return k
 
@@ -92,7 +78,7 @@ def ema_decay(rho: float, kappa: float) -> float:
     r = float(rho)
     if not (0.0 <= r < 1.0):
         raise ValueError(f"rho must be in [0, 1), got {rho!r}")
-    return r ** _positive_finite("kappa", kappa)
+    return r ** positive_finite("kappa", kappa)
 
 
 def _beta(name: str, beta: float, k: float, form: str) -> float:
@@ -113,8 +99,8 @@ def _beta(name: str, beta: float, k: float, form: str) -> float:
 
 def lr_factor(family: str, kappa: float) -> float:
     """The lr multiplier of a family's rule with no momentum: kappa (sgd), sqrt(kappa) (adam), 1 (none)."""
-    _choice("family", family, FAMILIES)
-    k = _positive_finite("kappa", kappa)
+    choice("family", family, FAMILIES)
+    k = positive_finite("kappa", kappa)
     return {"sgd": k, "adam": math.sqrt(k), "none": 1.0}[family]
 
 
@@ -138,17 +124,17 @@ def rescale(family: str, hparams: Mapping[str, Any], kappa: float, *, beta_form:
     Returns:
         A new dict with the rescaled values.
     """
-    _choice("family", family, FAMILIES)
-    _choice("beta_form", beta_form, BETA_FORMS)
-    _choice("momentum_mode", momentum_mode, MOMENTUM_MODES)
+    choice("family", family, FAMILIES)
+    choice("beta_form", beta_form, BETA_FORMS)
+    choice("momentum_mode", momentum_mode, MOMENTUM_MODES)
     if weight_decay_form is None:
         weight_decay_form = "lr_coupled" if family == "adam" else "l2"
-    _choice("weight_decay_form", weight_decay_form, WEIGHT_DECAY_FORMS)
+    choice("weight_decay_form", weight_decay_form, WEIGHT_DECAY_FORMS)
     if not isinstance(hparams, Mapping):
         raise ValueError(f"hparams must be a mapping of param-group keys, got {type(hparams).__name__}")
     if "lr" not in hparams:
         raise ValueError(f"hparams is missing the key 'lr' (required); got keys {sorted(hparams)}")
-    k = _positive_finite("kappa", kappa)
+    k = positive_finite("kappa", kappa)
     out = dict(hparams)
     if family == "none" or k == 1.0:
         return out
@@ -179,7 +165,8 @@ def rescale(family: str, hparams: Mapping[str, Any], kappa: float, *, beta_form:
     if wd and weight_decay_form == "lr_coupled":
         per_update = lr * wd
         if not (0.0 <= per_update < 1.0):
-            raise ValueError(f"lr * weight_decay must be in [0, 1) for weight_decay_form='lr_coupled', got {per_update:g}")
+            raise ValueError("lr * weight_decay must be in [0, 1) for weight_decay_form='lr_coupled', "
+                             f"got {per_update:g}")
         if beta_form == "exact" and new_lr > 0.0:
             out["weight_decay"] = (1.0 - (1.0 - per_update) ** k) / new_lr
         else:  # first order: lr' wd' = kappa lr wd

@@ -10,35 +10,21 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from .rules import _positive_finite
+from .checks import fraction, non_negative, positive_finite
 
 Multiplier = Callable[[float], float]
 UNITS = ("samples", "tokens")
 
 
-def _nonneg(name: str, v: float) -> float:
-    v = float(v)
-    if not math.isfinite(v) or v < 0:
-        raise ValueError(f"{name} must be a non-negative finite number, got {v!r}")
-    return v
-
-
-def _fraction(name: str, v: float) -> float:
-    v = float(v)
-    if not 0.0 <= v <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {v!r}")
-    return v
-
-
 def constant(warmup: float = 0.0) -> Multiplier:
     """1 after a linear warmup of ``warmup`` units (default 0: none)."""
-    warmup = _nonneg("warmup", warmup)
+    warmup = non_negative("warmup", warmup)
     return lambda t: min(1.0, t / warmup) if warmup > 0 else 1.0
 
 
 def linear(total: float, *, warmup: float = 0.0, final: float = 0.0) -> Multiplier:
     """Linear warmup over ``warmup`` units, then linear decay to ``final`` (fraction of the base lr) at ``total``."""
-    total, warmup, final = _positive_finite("total", total), _nonneg("warmup", warmup), _fraction("final", final)
+    total, warmup, final = positive_finite("total", total), non_negative("warmup", warmup), fraction("final", final)
     if warmup > total:
         raise ValueError(f"warmup ({warmup:g}) must not exceed total ({total:g})")
 
@@ -52,7 +38,7 @@ def linear(total: float, *, warmup: float = 0.0, final: float = 0.0) -> Multipli
 
 def warmup_cosine(total: float, *, warmup: float = 0.0, final: float = 0.0) -> Multiplier:
     """Linear warmup over ``warmup`` units, then cosine decay to ``final`` x base lr at ``total`` (then flat)."""
-    total, warmup, final = _positive_finite("total", total), _nonneg("warmup", warmup), _fraction("final", final)
+    total, warmup, final = positive_finite("total", total), non_negative("warmup", warmup), fraction("final", final)
     if warmup > total:
         raise ValueError(f"warmup ({warmup:g}) must not exceed total ({total:g})")
 
@@ -67,8 +53,8 @@ def warmup_cosine(total: float, *, warmup: float = 0.0, final: float = 0.0) -> M
 def warmup_stable_decay(total: float, *, warmup: float = 0.0, decay: float = 0.2, final: float = 0.0) -> Multiplier:
     """Warmup-stable-decay (WSD): linear warmup, constant, then linear decay over the last ``decay`` fraction of
     ``total`` (default 0.2) to ``final`` x base lr."""
-    total, warmup = _positive_finite("total", total), _nonneg("warmup", warmup)
-    decay, final = _fraction("decay", decay), _fraction("final", final)
+    total, warmup = positive_finite("total", total), non_negative("warmup", warmup)
+    decay, final = fraction("decay", decay), fraction("final", final)
     start = total * (1.0 - decay)
     if warmup > start:
         raise ValueError(f"warmup ({warmup:g}) must end before the decay starts ({start:g})")

@@ -1,7 +1,8 @@
 """Declarative, resumable sweeps: a small TOML file declares a base config and a grid; each run gets its own folder.
 
     name = "physical_batch"
-    workload = "experiments.workloads:mlp"      # module:function(config, progress[, run_dir]) -> result dict
+    workload = "../workloads.py:mlp"    # file (from the sweep file's folder) or module : function(config, progress
+                                        # [, run_dir]) -> result dict; see load_workload
     [base]
     logical_batch_size = 32
     [grid]
@@ -21,7 +22,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import importlib
+import importlib.util
 import inspect
+import io
 import itertools
 import json
 import math
@@ -35,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import presets
+from .utils import atomic_write
 
 __all__ = ["load_sweep", "expand", "validate", "failed_runs", "run_id", "run_sweep", "collect"]
 
@@ -88,7 +92,8 @@ def validate(spec: dict, configs: list[dict] | None = None) -> None:
     check passes (a workload function may carry ``fn.validate(config)``, raising ValueError). Raises one ValueError
     listing each bad point (its index, run id and the message, which names the key)."""
     configs = expand(spec) if configs is None else configs
-    check = getattr(_workload(spec["workload"]), "validate", None)
+    check = getattr(load_workload(spec["workload"], Path(spec["path"]).parent if "path" in spec else None),
+                    "validate", None)
     errors = []
     for i, c in enumerate(configs):
         try:
@@ -124,20 +129,55 @@ def run_id(config: dict) -> str:
     return f"{short}_{digest}" if short else digest
 
 
-def _workload(ref: str) -> Callable[..., dict]:
+def load_workload(ref: str, base: str | os.PathLike | None = None) -> Callable[..., dict]:
+    """The function a sweep's ``workload`` names, ``"<module>:<function>"``. The module is a file path ending in
+    ``.py`` (relative to ``base``, the sweep file's folder, else to the working directory) or an importable dotted
+    name. A file inside a package folder (``__init__.py`` up to its top) is imported as a member of that package,
+    so the package's own imports work; nothing is added to ``sys.path``."""
     module, _, fn = ref.partition(":")
-    if os.getcwd() not in sys.path:  # workloads live in the project (experiments/), run from its root
-        sys.path.insert(0, os.getcwd())
     try:
-        return getattr(importlib.import_module(module), fn)
+        if module.endswith(".py"):
+            candidates = [Path(base) / module] if base is not None else []
+            path = next((p for p in candidates + [Path(module)] if p.is_file()), None)
+            if path is None:
+                raise ImportError(f"no file {module} (relative to {base or '.'} or the working directory)")
+            mod = _import_file(path.resolve())
+        else:
+            mod = importlib.import_module(module)
+        return getattr(mod, fn)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"workload {ref!r} cannot be loaded: {e}") from None
+        raise ValueError(f"workload {ref!r} cannot be loaded: {e} (name a file, e.g. "
+                         "'../workloads.py:mdm', or an installed module)") from None
+
+
+def _import_file(path: Path):
+    """Import a .py file by path: as ``pkg.sub.module`` when its folders are packages (the top package loaded from
+    its own folder), else as a module named after the file."""
+    parts, folder = [path.stem], path.parent
+    while (folder / "__init__.py").is_file():
+        parts.insert(0, folder.name)
+        folder = folder.parent
+    name = ".".join(parts)
+    if name in sys.modules:
+        return sys.modules[name]
+    if len(parts) > 1 and parts[0] not in sys.modules:  # the top package, from its folder: its members resolve below
+        top = folder / parts[0]
+        spec = importlib.util.spec_from_file_location(parts[0], top / "__init__.py",
+                                                      submodule_search_locations=[str(top)])
+        pkg = importlib.util.module_from_spec(spec)
+        sys.modules[parts[0]] = pkg
+        spec.loader.exec_module(pkg)
+    if len(parts) > 1:
+        return importlib.import_module(name)
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=2, default=str).encode())
 
 
 def _diverged(result: dict) -> bool:
@@ -155,27 +195,32 @@ def run_one(spec: dict, config: dict, out: Path, *, progress: bool = True) -> di
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     _write_json(tmp / "config.json", {"sweep": spec["name"], "workload": spec["workload"], "run_id": rid, **config})
-    fn = _workload(spec["workload"])
+    fn = load_workload(spec["workload"], Path(spec["path"]).parent if "path" in spec else None)
     kwargs = {"run_dir": tmp} if "run_dir" in inspect.signature(fn).parameters else {}
     start = time.time()
     try:
         result = fn(dict(config), progress=progress, **kwargs)
     except Exception:
-        (out / f"{rid}.error.txt").write_text(traceback.format_exc())
+        atomic_write(out / f"{rid}.error.txt", traceback.format_exc().encode())
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     result = dict(result)
     curve = result.pop("curve", [])
     if curve:
-        with open(tmp / "curve.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(curve[0]))
-            w.writeheader()
-            w.writerows(curve)
+        atomic_write(tmp / "curve.csv", _csv(curve, list(curve[0])))
     metrics = {"run_id": rid, "wall_clock_s": time.time() - start, "diverged": _diverged(result), **result}
     _write_json(tmp / "metrics.json", metrics)
     shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover (no metrics.json) is replaced
     os.rename(tmp, final)
     return metrics
+
+
+def _csv(rows: list[dict], fields: list[str]) -> bytes:
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=fields)
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue().encode()
 
 
 def describe_run(config: dict) -> str:
@@ -323,10 +368,5 @@ def collect(folder: str | os.PathLike, out_csv: str | os.PathLike | None = None)
         fields = sorted({k for r in rows for k in r})
         out_csv = Path(out_csv)
         out_csv.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_csv.with_suffix(".tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, out_csv)
+        atomic_write(out_csv, _csv(rows, fields))
     return rows

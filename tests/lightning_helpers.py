@@ -6,7 +6,6 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import TensorDataset
 
-import sdebatch
 import sdebatch.lightning as sl
 from sdebatch.data import ResumableDataLoader, ResumableSampler
 from reference import OPTIMIZERS, make_data, make_model, sample_loss_mean, token_loss_sum

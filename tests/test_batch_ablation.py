@@ -1,4 +1,5 @@
-"""sdebatch.figures.batch_ablation.summarise on a hand-made table: the logical run, its seed spread, deviations, knees."""
+"""sdebatch.figures.batch_ablation.summarise on a hand-made table: the logical run, its seed spread, deviations,
+knees."""
 import statistics
 
 import pytest
@@ -87,7 +88,8 @@ def test_paired_deviations_use_each_seeds_own_logical_run():
     m, se, n = s["paired"][("sqrt_exact", 64)]
     assert n == 2 and m == pytest.approx(0.1) and se == pytest.approx(0.0, abs=1e-12)  # +10% for both seeds
     m, se, n = s["paired"][("naive", 64)]
-    assert n == 2 and m == pytest.approx((0.2 + 0.0) / 2) and se == pytest.approx(statistics.stdev([0.2, 0.0]) / 2 ** 0.5)
+    assert n == 2 and m == pytest.approx((0.2 + 0.0) / 2)
+    assert se == pytest.approx(statistics.stdev([0.2, 0.0]) / 2 ** 0.5)
     c = s["contrast"][("naive", 64)]  # naive - sqrt, relative to the seed's logical run: (0.4 / 4, -0.5 / 5)
     assert c[2] == 2 and c[0] == pytest.approx((0.1 - 0.1) / 2)
     assert ("naive", 128) not in s["paired"]

@@ -16,8 +16,8 @@ import ddp_worker
 ])
 def test_two_process_ddp_equals_big_batch(tmp_path, opt_name, protocol, n):
     out = tmp_path / "rank0.pt"
-    mp.start_processes(ddp_worker.run, args=(2, str(tmp_path / "rendezvous"), opt_name, protocol, n, str(out)), nprocs=2,
-                       join=True, start_method="spawn")
+    mp.start_processes(ddp_worker.run, args=(2, str(tmp_path / "rendezvous"), opt_name, protocol, n, str(out)),
+                       nprocs=2, join=True, start_method="spawn")
     got = torch.load(out)
     data = make_data(n=n)
     ref = big_batch_run(opt_name, data, 16, token_weighted=(protocol == "sum"))

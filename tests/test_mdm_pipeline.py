@@ -1,6 +1,7 @@
 """The tri-modal workload end to end at micro scale: data prepare (idempotent), the Lightning trainer through
 sdebatch, and a miniature of the demo sweep with kill-and-resume."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,7 +38,7 @@ def _mini_sweep(tmp_path, data):
     path = tmp_path / "mini.toml"
     path.write_text(f'''
 name = "mini_demo"
-workload = "experiments.workloads:mdm"
+workload = "{Path(__file__).resolve().parents[1] / 'experiments' / 'workloads.py'}:mdm"
 [base]
 data = "{data}"
 model = "tiny"
@@ -236,7 +237,7 @@ def test_shipped_mdm_sweeps_are_valid_configs():
     checked = 0
     for f in files:
         spec = sweep.load_sweep(f)
-        if spec["workload"] != "experiments.workloads:mdm":
+        if spec["workload"] != "../workloads.py:mdm":
             continue
         for config in sweep.expand(spec):
             load_config(None, **config)

@@ -60,6 +60,6 @@ def test_each_layer_declares_what_it_imports():
     sdebatch = ROOT / "sdebatch"
     assert imported(sdebatch.glob("mdm/**/*.py")) <= names["mdm"] | core
     assert imported(sdebatch.glob("figures/*.py")) <= names["figures"] | core
-    assert imported(sdebatch.glob("sde*.py")) <= names["sde"] | core
+    assert imported(sdebatch.glob("sde/*.py")) <= names["sde"] | core
     assert imported([sdebatch / "lightning.py"]) <= names["lightning"] | core
     assert names["all"] == {"sdebatch"} and "tqdm" in core

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import sdebatch
-from reference import flat, make_data, make_model, sample_loss_mean, token_loss_sum
+from reference import flat, make_data, make_model, sample_loss_mean
 
 
 def one_update(inner_cls, kw, *, logical, physical, x, y, **wkw):
@@ -127,7 +127,8 @@ def test_bias_correction_with_changing_kappa(cls, decoupled):
         for i, p in enumerate(naive):
             g = grads[i] if decoupled else grads[i] + kw["weight_decay"] * p
             if decoupled:
-                p.mul_(1 - kw["lr"] * math.sqrt(k) * (1 - (1 - kw["lr"] * kw["weight_decay"]) ** k) / (kw["lr"] * math.sqrt(k)))
+                lr_k = kw["lr"] * math.sqrt(k)
+                p.mul_(1 - lr_k * (1 - (1 - kw["lr"] * kw["weight_decay"]) ** k) / lr_k)
             m[i] = b1 ** k * m[i] + (1 - b1 ** k) * g
             v[i] = b2 ** k * v[i] + (1 - b2 ** k) * g * g
             p.sub_(kw["lr"] * math.sqrt(k) * (m[i] / (1 - b1 ** (k * t))) /

@@ -53,7 +53,8 @@ def _reference(trained, task, ids_or_codes, n, seed, options, **layout):
     """The sampler called by hand on a prompt laid out here (the pair layout of the training data)."""
     v = trained.vocab
     if task == "text":
-        tokens = [v.id("[TEXT]"), v.id("[BOT]")] + [v.text_offset + i for i in ids_or_codes] + [v.mask_id] * layout["new"]
+        tokens = [v.id("[TEXT]"), v.id("[BOT]")] + [v.text_offset + i for i in ids_or_codes]
+        tokens += [v.mask_id] * layout["new"]
         L = len(tokens)
         row = {"tokens": torch.tensor(tokens), "pad": torch.ones(L, dtype=torch.bool),
                "modality": torch.tensor([0, 0] + [1] * (L - 2)),

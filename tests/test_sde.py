@@ -151,8 +151,9 @@ def test_sgd_sde_departs_from_discrete_near_the_curvature_limit():
 def test_sgd_linear_rule_invariant_naive_not():
     m, lr = model(), 0.05                                 # kappa * lr * h_max <= 0.1
     grid = sde.sample_grid(2048, 33, multiple_of=32)[1:]
-    run = lambda k, rule="auto": sde.simulate(m, "sgd", lr=lr, logical_batch_size=B0, batch_size=int(B0 * k),
-                                              samples=grid, seeds=500, rule=rule)
+    def run(k, rule="auto"):
+        return sde.simulate(m, "sgd", lr=lr, logical_batch_size=B0, batch_size=int(B0 * k), samples=grid, seeds=500,
+                            rule=rule)
     ref = run(1.0)
     ref_exact = sde.sgd_discrete_moments(m, lr, B0, grid).loss
     for k in (0.25, 0.5, 2.0):

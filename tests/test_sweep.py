@@ -1,6 +1,5 @@
 """The sweep runner: grid expansion, dry run, resumable after a kill, atomic run folders, divergence and failures."""
 import json
-import math
 
 import pytest
 import torch
@@ -189,3 +188,28 @@ def test_one_preset_vocabulary_everywhere():
     assert presets.kappa("accumulate", 4, 16) == 1.0 and presets.kappa("sqrt_exact", 4, 16) == 4.0
     with pytest.raises(ValueError, match="rule must be one of naive, accumulate, linear, sqrt_exact, sqrt_linear"):
         presets.check("sqrt")
+
+
+def test_workload_by_file_path_imports_its_package_without_touching_sys_path(tmp_path, monkeypatch):
+    import sys
+
+    pkg = tmp_path / "proj" / "mypkg"
+    (pkg / "sweeps").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "helper.py").write_text("K = 3\n")
+    (pkg / "work.py").write_text("from mypkg import helper\nfrom . import helper as h2\n\n"
+                                 "def run(config, progress=True):\n    return {'final_loss': helper.K * h2.K}\n")
+    monkeypatch.chdir(tmp_path)  # neither the project nor its package is on sys.path or the working directory
+    before = list(sys.path)
+    try:
+        fn = sweep.load_workload("../work.py:run", base=pkg / "sweeps")
+        assert fn({})["final_loss"] == 9 and sys.path == before
+        assert sys.modules["mypkg.work"].run is fn
+        assert sweep.load_workload("proj/mypkg/work.py:run") is fn  # from the working directory, the same module
+        with pytest.raises(ValueError, match="no file nothere.py"):
+            sweep.load_workload("nothere.py:run", base=pkg)
+        with pytest.raises(ValueError, match="has no attribute 'nope'"):
+            sweep.load_workload("../work.py:nope", base=pkg / "sweeps")
+    finally:
+        for name in [m for m in sys.modules if m == "mypkg" or m.startswith("mypkg.")]:
+            del sys.modules[name]

@@ -48,7 +48,8 @@ def test_pair_layout_round_trip(task):
     text, codes = [5, 6, 7], list(range(10))
     d = layout_pair(VOCAB, task, text, codes, 24)
     toks = d["tokens"].tolist()
-    assert len(toks) == 24 and toks[0] == VOCAB.id({"t2i": "[T2I]", "i2t": "[I2T]", "t2s": "[T2S]", "s2t": "[S2T]"}[task])
+    task_token = {"t2i": "[T2I]", "i2t": "[I2T]", "t2s": "[T2S]", "s2t": "[S2T]"}[task]
+    assert len(toks) == 24 and toks[0] == VOCAB.id(task_token)
     n_real = 1 + (len(text) + 2) + (len(codes) + 2)
     assert d["pad"].tolist() == [True] * n_real + [False] * (24 - n_real)
     assert toks[n_real:] == [VOCAB.pad_id] * (24 - n_real)

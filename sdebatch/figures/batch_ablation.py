@@ -1,7 +1,8 @@
 """Figures of a batch-size sweep: final loss vs physical batch per rule, and loss vs tokens per batch size.
 
 Reads a sweep folder (run folders with config.json, metrics.json, curve.csv, as written by ``sdebatch sweep run``);
-trains nothing. ``python -m paper_figures.batch_ablation runs/demo --out paper_figures/out`` (or ``sdebatch report runs/demo``)
+trains nothing. ``python -m paper_figures.batch_ablation runs/demo --out paper_figures/out``, or all of it at once:
+``sdebatch report runs/demo``.
 """
 from __future__ import annotations
 

@@ -35,7 +35,8 @@ _STYLE = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sa
 1100px;padding:0 1em;color:#111}h1{font-size:1.4em}h2{font-size:1.15em;margin-top:2em;border-bottom:1px solid #ccc}
 table{border-collapse:collapse;font-size:.85em;margin:.5em 0}th,td{border:1px solid #ccc;padding:.2em .5em;
 text-align:right}th{background:#f2f2f2}td.l,th.l{text-align:left}img{max-width:100%;height:auto;display:block;
-margin:.5em 0}p.note{color:#444;font-size:.9em}.bad{color:#b00}.wide{overflow-x:auto}code{background:#f4f4f4;padding:0 .2em}"""
+margin:.5em 0}p.note{color:#444;font-size:.9em}.bad{color:#b00}.wide{overflow-x:auto}
+code{background:#f4f4f4;padding:0 .2em}"""
 
 
 def _label(rule: str) -> str:
@@ -170,8 +171,8 @@ def report(folder: str | Path, out: str | Path | None = None, *, tolerance: floa
         figs = ba.loss_vs_tokens(folder, out, name, x)
         figures += figs
         sections.append(f"<h2>3. Loss vs {x} per batch</h2>" + (
-            f'<p class="note">Training loss averaged over each twentieth of the run and over seeds; under a rule that '
-            f"holds, the curves of every physical batch fall on the logical run's (dotted).</p>"
+            '<p class="note">Training loss averaged over each twentieth of the run and over seeds; under a rule that '
+            "holds, the curves of every physical batch fall on the logical run's (dotted).</p>"
             + "".join(_img(p, p.stem) for p in figs if p.suffix == ".png") if figs else
             "<p>No loss curves with this clock in the runs.</p>"))
         lrs = {(r["rule"], int(r["physical_batch_size"]), _num(r.get("lr"))) for r in rows}

@@ -31,7 +31,7 @@ from typing import Mapping, Union
 import torch
 import torch.nn.functional as F
 
-from .data.mixture import _seed
+from .seeding import derive_seed
 from .vocab import AUDIO, IMAGE, SPECIAL, SPECIALS, TEXT
 
 PAD_ID = SPECIALS.index("[PAD]")
@@ -173,10 +173,10 @@ def sample_draws(positions: torch.Tensor, length: int, *, seed: int = 0, time_ep
     pos = [int(p) for p in positions.reshape(-1).tolist()]
     if any(p < 0 for p in pos):
         raise ValueError(f"positions must be non-negative stream positions, got {min(pos)}")
-    u0 = torch.rand(1, generator=torch.Generator().manual_seed(_seed(seed, 2)), dtype=torch.float64)
+    u0 = torch.rand(1, generator=torch.Generator().manual_seed(derive_seed(seed, 2)), dtype=torch.float64)
     frac = (u0 + torch.tensor(pos, dtype=torch.float64) * _INV_PHI) % 1  # float64: exact enough for n ~ 1e12
     t = time_eps + (1 - time_eps) * frac
-    draws = torch.stack([torch.rand(length + 1, generator=torch.Generator().manual_seed(_seed(seed, 3, p)),
+    draws = torch.stack([torch.rand(length + 1, generator=torch.Generator().manual_seed(derive_seed(seed, 3, p)),
                                     dtype=torch.float64) for p in pos]) if pos else torch.zeros(0, length + 1)
     dev = positions.device
     return t.to(dev, dtype), draws[:, :length].to(dev, dtype), draws[:, length].to(dev, dtype)

@@ -6,7 +6,7 @@ budget are in tokens), the model EMA with decay rho**kappa, checkpoints and exac
 plain LightningModule: it returns the ELBO as a sum and reports its fixed denominator with ``sdebatch.lightning.count``.
 
 A run is described by one flat config dict (a TOML file for ``sdebatch train --config``; a sweep point for
-``experiments.workloads:mdm``); :data:`DEFAULTS` lists every key.
+``experiments/workloads.py:mdm``); :data:`DEFAULTS` lists every key.
 """
 from __future__ import annotations
 
@@ -310,7 +310,8 @@ def train(config: dict, *, progress: bool = True, ckpt_path: str | None = None,
     opt = callback.optimizer
     result = {"tokens_seen": opt.tokens_seen, "samples_seen": opt.samples_seen, "updates": opt.updates,
               "wall_clock_s": wall, "tokens_per_s": opt.tokens_seen / max(wall, 1e-9),
-              "noise_scale": opt.noise_scale, "train_elbo_bits": float(trainer.callback_metrics.get("elbo_bits", "nan"))}
+              "noise_scale": opt.noise_scale,
+              "train_elbo_bits": float(trainer.callback_metrics.get("elbo_bits", "nan"))}
     if config["noise_probe"] and trainer.world_size == 1:  # a diagnostic of single-device runs (not of sharded ones)
         result["noise_probe"] = noise_probe(module, data, start=opt.samples_seen, sequences=config["noise_probe"])
     if config["val_sequences"]:

@@ -17,16 +17,9 @@ import torch
 from torch.utils.data import Sampler
 
 from ...data import ShardedMixin
+from ..seeding import derive_seed
 
 _BLOCK = 4096
-
-
-def _seed(*parts: int) -> int:
-    """A deterministic seed from integers (Python's hash() of strings changes between processes)."""
-    h = 1469598103934665603
-    for p in parts:
-        h = ((h ^ (int(p) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 62)
-    return h
 
 
 class MixtureSampler(ShardedMixin, Sampler):
@@ -65,7 +58,7 @@ class MixtureSampler(ShardedMixin, Sampler):
         return self.samples_per_epoch // self.num_replicas
 
     def _sources(self, block: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(_seed(self.seed, 0, block))
+        g = torch.Generator().manual_seed(derive_seed(self.seed, 0, block))
         return torch.multinomial(self.probs, _BLOCK, replacement=True, generator=g)
 
     def _index(self, source: int, j: int) -> int:
@@ -73,7 +66,7 @@ class MixtureSampler(ShardedMixin, Sampler):
         n = self.sizes[source]
         key = (source, j // n)
         if self._perm_key.get(source) != key:  # one cached permutation per source: the stream walks passes in order
-            g = torch.Generator().manual_seed(_seed(self.seed, 1, source, j // n))
+            g = torch.Generator().manual_seed(derive_seed(self.seed, 1, source, j // n))
             self._perm[source] = torch.randperm(n, generator=g).tolist()
             self._perm_key[source] = key
         return self._perm[source][j % n]

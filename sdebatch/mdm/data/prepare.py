@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ...utils import atomic_write
 from ..tokenizers.audio import AudioTokenizer, AudioTokenizerConfig
 from ..tokenizers.image import ImageTokenizer, ImageTokenizerConfig
 from ..vocab import Vocab, pack_text
@@ -42,9 +43,7 @@ PRESETS = {
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.save(f, array))
 
 
 def _done(out: Path, stage: str) -> bool:
@@ -52,9 +51,7 @@ def _done(out: Path, stage: str) -> bool:
 
 
 def _mark(out: Path, stage: str, info: dict) -> None:
-    tmp = out / f".{stage}.done.tmp"
-    tmp.write_text(json.dumps(info))
-    os.replace(tmp, out / f".{stage}.done")
+    atomic_write(out / f".{stage}.done", json.dumps(info).encode())
 
 
 def _pad_rows(rows: list[list[int]], width: int) -> np.ndarray:
@@ -129,7 +126,7 @@ def prepare(out: str | Path, *, preset: str = "tiny", text_dir: str | None = Non
             _save_npy(out / f"image_{split}_codes.npy", codes[sl])
             _save_npy(out / f"image_{split}_captions.npy", _pad_rows(caps[sl], p["max_caption"]))
             rows = [{"text": c, **(a if isinstance(a, dict) else {})} for c, a in zip(captions[sl], attrs[sl])]
-            (out / f"image_{split}_meta.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+            atomic_write(out / f"image_{split}_meta.jsonl", ("\n".join(json.dumps(r) for r in rows) + "\n").encode())
         _mark(out, "image", {"tokenizer": report})
         log(f"[image] {len(captions)} pairs, {codes.shape[1]} codes each, held-out PSNR {report['psnr']:.1f} dB "
             f"(mean-colour baseline {report['baseline_psnr']:.1f}), codebook use {report['utilisation']:.0%}, "
@@ -171,7 +168,8 @@ def prepare(out: str | Path, *, preset: str = "tiny", text_dir: str | None = Non
             _save_npy(out / f"audio_{split}_codes.npy", flat)
             _save_npy(out / f"audio_{split}_offsets.npy", offsets)
             _save_npy(out / f"audio_{split}_captions.npy", _pad_rows([caps[i] for i in ids], p["max_caption"]))
-            (out / f"audio_{split}_meta.jsonl").write_text("\n".join(json.dumps({"text": texts[i]}) for i in ids) + "\n")
+            atomic_write(out / f"audio_{split}_meta.jsonl",
+                         ("\n".join(json.dumps({"text": texts[i]}) for i in ids) + "\n").encode())
         _mark(out, "audio", {"tokenizer": {k: v for k, v in report.items() if not isinstance(v, (list, dict))}})
         log(f"[audio] {len(keep)} pairs ({dropped} too long for seq_len {p['seq_len']}), {atok.tokens_per_second:.1f} "
             f"codes/s, held-out log-mel L1 {report.get('logmel_l1', float('nan')):.2f}, {time.time() - t:.0f}s")
@@ -198,9 +196,7 @@ def _write_index(out: Path, p: dict, tok: TextTokenizer) -> dict:
             "audio": {"samples": int(len(aoff) - 1), "tokens": int(aoff[-1] + (np.asarray(acap) >= 0).sum())},
         }
     index = {"version": INDEX_VERSION, "seq_len": p["seq_len"], "vocab": vocab.state_dict(), "counts": counts}
-    tmp = out / "index.json.tmp"
-    tmp.write_text(json.dumps(index, indent=2))
-    os.replace(tmp, out / "index.json")
+    atomic_write(out / "index.json", json.dumps(index, indent=2).encode())
     for split, c in counts.items():
         line = ", ".join(f"{m}: {v['samples']} samples / {v['tokens']:,} tokens" for m, v in c.items())
         print(f"[index] {split}: {line}; vocab {vocab.size} ids")

@@ -26,6 +26,9 @@ import numpy as np
 from scipy.io import wavfile
 from scipy.signal import resample_poly
 
+from ...utils import atomic_write
+from ..tokenizers.audio import write_wav
+
 NATIVE_RATE = 22050  # eSpeak NG output rate, Hz
 _STEADY = "sdebatch-steady"  # our voice variant (see module docstring)
 # flutter 0: no pitch wobble from a phase that persists across utterances; roughness 8 (>= eSpeak's table size)
@@ -242,15 +245,6 @@ def write_ljspeech(folder, texts, waves, sample_rate: int, *, ids=None) -> list[
         x = np.asarray(x, np.float64)
         if x.ndim != 1 or x.size == 0 or not np.isfinite(x).all():
             raise ValueError(f"wave {uid}: expected a non-empty finite 1-D array, got shape {x.shape}")
-        pcm = np.round(np.clip(x, -1.0, 1.0) * 32767).astype("<i2")
-        tmp = wavs / f".{uid}.wav.tmp"
-        with wave.open(str(tmp), "wb") as w:
-            w.setnchannels(1)
-            w.setsampwidth(2)
-            w.setframerate(int(sample_rate))
-            w.writeframes(pcm.tobytes())
-        os.replace(tmp, wavs / f"{uid}.wav")
-    tmp = Path(folder) / ".metadata.csv.tmp"
-    tmp.write_text("".join(f"{uid}|{t}|{t}\n" for uid, t in zip(ids, texts)), encoding="utf-8")
-    os.replace(tmp, Path(folder) / "metadata.csv")
+        write_wav(wavs / f"{uid}.wav", x, sample_rate)
+    atomic_write(Path(folder) / "metadata.csv", "".join(f"{uid}|{t}|{t}\n" for uid, t in zip(ids, texts)).encode())
     return ids

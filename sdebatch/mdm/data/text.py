@@ -12,6 +12,8 @@ import os
 import sysconfig
 from pathlib import Path
 
+from ...utils import atomic_write
+
 VERSION = 1
 
 
@@ -123,9 +125,7 @@ class TextTokenizer:
         for name, text in (("tokenizer.json", self._tok.to_str()),
                            ("config.json", json.dumps({"kind": "byte_bpe", "version": VERSION,
                                                        "vocab_size": self.vocab_size}))):
-            tmp = folder / (name + ".tmp")
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, folder / name)
+            atomic_write(folder / name, text.encode("utf-8"))
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "TextTokenizer":

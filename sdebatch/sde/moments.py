@@ -1,24 +1,5 @@
-"""SDE theory tools on the noisy quadratic model: what the scaling rules predict, exactly, and where they stop.
-
-The model (:class:`NoisyQuadratic`): loss 0.5 * sum_i h_i theta_i**2, per-sample gradient h * theta + xi with
-xi_i ~ N(0, s_i). Time is measured in **samples** n (one update of batch B advances n by B). Per coordinate:
-
-- discrete SGD (lr eta, batch B) moves the mean m and second moment q = E[theta**2] exactly as
-  m <- (1 - eta h) m,  q <- (1 - eta h)**2 q + eta**2 s / B           (:func:`sgd_discrete_moments`);
-- its SDE limit, with a = eta / B (invariant under the linear rule eta = kappa eta0, B = kappa B0), is
-  dm/dn = -a h m,  dq/dn = -2 a h q + a**2 s                          (:func:`sgd_sde_moments`);
-  the discrete recursion differs from it by O(eta**2 h**2 / B) per update, which is what breaks the rule as
-  kappa * eta * h_max approaches 2;
-- Adam in the noise-dominated regime is momentum SGD with per-coordinate lr eta / sqrt(v_i), v_i ~ s_i / B, so
-  a_i = eta / (sqrt(B) sigma_i) and the momentum's time constant -B / ln(beta1) (in samples) are invariant under
-  the square-root rule eta = sqrt(kappa) eta0, beta1 -> beta1**kappa (:func:`adam_sde_moments`;
-  :func:`adam_discrete_moments` is a deterministic approximation of the discrete run);
-- :func:`sdebatch.sde_montecarlo.simulate` (re-exported here) runs the real torch optimizers through
-  :class:`sdebatch.LogicalBatchOptimizer`; :func:`critical_batch` finds the batch where the discrete run leaves
-  the SDE curve; :func:`noise_scale` is McCandlish's B_simple for comparison.
-
-All tensors are float64 on the CPU.
-"""
+"""Moments of SGD and Adam on the noisy quadratic, discrete and in the SDE limit, and the critical batch where they
+part (see :mod:`sdebatch.sde` for the model and the equations)."""
 from __future__ import annotations
 
 import math
@@ -28,14 +9,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .sde_dynamics import Moments, integrate, linear_closed_form, moments, momentum_closed_form
-from .sde_model import (DTYPE, NoisyQuadratic, batches_per_grid, check_choice, check_grid, check_int,
-                        check_positive, noise_scale, sample_grid, single_threaded)
-from .sde_montecarlo import Simulation, simulate
-
-__all__ = ["NoisyQuadratic", "Moments", "CriticalBatch", "Simulation", "sample_grid", "noise_scale",
-           "sgd_discrete_moments", "sgd_sde_moments", "adam_sde_moments", "adam_discrete_moments", "simulate",
-           "critical_batch", "momentum_timescale"]
+from ..checks import choice as check_choice
+from ..checks import int_at_least as check_int
+from ..checks import positive_finite as check_positive
+from ..utils import single_threaded
+from .dynamics import Moments, integrate, linear_closed_form, moments, momentum_closed_form
+from .model import DTYPE, NoisyQuadratic, batches_per_grid, check_grid
 
 METHODS = ("ode", "closed_form")
 PRECONDITIONERS = ("noise", "second_moment")

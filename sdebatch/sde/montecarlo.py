@@ -12,10 +12,13 @@ from typing import Any, Sequence
 
 import torch
 
-from .optimizer import LogicalBatchOptimizer
-from .rules import BETA_FORMS
-from .sde_model import DTYPE, NoisyQuadratic, batches_per_grid, check_choice, check_grid, check_int, \
-    check_positive, seq2, single_threaded
+from ..checks import choice as check_choice
+from ..checks import int_at_least as check_int
+from ..checks import positive_finite as check_positive
+from ..optimizer import LogicalBatchOptimizer
+from ..rules import BETA_FORMS
+from ..utils import single_threaded
+from .model import DTYPE, NoisyQuadratic, batches_per_grid, check_grid, seq2
 
 __all__ = ["Simulation", "simulate"]
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torchdiffeq import odeint
 
-from .sde_model import NoisyQuadratic
+from .model import NoisyQuadratic
 
 BIAS_START = 1e-6   # the bias-corrected momentum ODE starts at n0 = BIAS_START * tau (see integrate)
 

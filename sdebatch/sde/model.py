@@ -1,4 +1,4 @@
-"""The noisy quadratic model and the input checks shared by :mod:`sdebatch.sde` and :mod:`sdebatch.sde_montecarlo`."""
+"""The noisy quadratic model, its sample grids and the grid check shared by the other modules of :mod:`sdebatch.sde`."""
 from __future__ import annotations
 
 import math
@@ -7,22 +7,13 @@ from typing import Any, Sequence
 
 import torch
 
-from .rules import _choice, _positive_finite
-from .utils import single_threaded  # noqa: F401 (re-exported to sde.py)
+from ..checks import choice as check_choice
+from ..checks import int_at_least as check_int
+from ..checks import positive_finite as check_positive
 
 DTYPE = torch.float64
 
 __all__ = ["NoisyQuadratic", "sample_grid", "noise_scale"]
-
-check_positive = _positive_finite  # the same validation as the scaling rules
-check_choice = _choice
-
-
-def check_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
 
 def check_grid(samples: Any) -> torch.Tensor:
     """A 1-D, strictly increasing grid of non-negative sample counts, as float64."""
