@@ -13,8 +13,16 @@ the measured knee of a loss-vs-batch sweep is the ground truth (Merrill et al. 2
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
+
+
+def two_size(small_sq_norm: float, small_batch: float, big_sq_norm: float, big_batch: float) -> tuple[float, float]:
+    """Unbiased (|G|^2, tr Sigma) from the mean squared gradient norm at ``small_batch`` samples and the squared norm
+    at ``big_batch`` samples (the formulas above; needs big_batch > small_batch)."""
+    b, B = small_batch, big_batch
+    return (B * big_sq_norm - b * small_sq_norm) / (B - b), (small_sq_norm - big_sq_norm) / (1.0 / b - 1.0 / B)
 
 
 class NoiseScaleEstimator:
@@ -42,8 +50,7 @@ class NoiseScaleEstimator:
         if not (0 < b < B) or not all(math.isfinite(v) for v in (small_sq_norm, big_sq_norm, b, B)):
             raise ValueError(f"need finite norms and 0 < small_batch < big_batch, got small_batch={small_batch}, "
                              f"big_batch={big_batch}, norms {small_sq_norm}, {big_sq_norm}")
-        g2 = (B * big_sq_norm - b * small_sq_norm) / (B - b)
-        trace = (small_sq_norm - big_sq_norm) / (1.0 / b - 1.0 / B)
+        g2, trace = two_size(small_sq_norm, b, big_sq_norm, B)
         self.last_g2, self.last_trace = g2, trace
         d = self.decay
         self._g2 = d * self._g2 + (1 - d) * g2
@@ -109,6 +116,82 @@ class MicroGradNorms:
         self._handles = []
 
 
+class NoiseScaleMonitor:
+    """The in-run B_simple of :class:`sdebatch.LogicalBatchOptimizer`, called at each micro-step and window end.
+
+    Each micro-batch's own squared gradient norm (:class:`MicroGradNorms`, kept as a device tensor: no sync per
+    micro-step) is summed over the window; at the window's end the sums (added to the window's one all-reduce) and
+    the window's gradient give one observation of :attr:`estimator`. Warns once when the samples per update exceed
+    ``warn`` x B_simple.
+
+    Args:
+        params: the parameters whose gradients are observed.
+        decay: the estimator's EMA decay per observation (default 0.95).
+        warn: warn above this multiple of B_simple (default 1.0; None: never).
+        every: observe one window in this many (default 1).
+    """
+
+    def __init__(self, params, decay: float = 0.95, warn: float | None = 1.0, every: int = 1) -> None:
+        self.estimator = NoiseScaleEstimator(decay)
+        self.warn, self.every = warn, every
+        self._warned = False
+        self._norms = MicroGradNorms(params)
+        self.start_window(0)
+
+    def start_window(self, updates: int) -> None:
+        """A new window begins after ``updates`` updates: clear its sums, arm the hooks if it is observed."""
+        self.sq: float | torch.Tensor = 0.0
+        self.sq_samples, self.sq_count = 0.0, 0.0
+        self._norms.active = updates % self.every == 0
+
+    def micro_step(self, samples: float, items: float | None, grad_scaler=None) -> None:
+        """Record the micro-step just ended: ``items`` its sum-reduced loss's count (None: a mean loss);
+        ``grad_scaler`` the AMP scaler its loss was multiplied by, if any."""
+        sq = self._norms.take()
+        if sq is None:
+            return
+        scale = grad_scaler.get_scale() if grad_scaler is not None else 1.0
+        denom = scale * (items if items is not None else 1.0)
+        if denom <= 0:
+            return
+        self.sq = self.sq + sq / denom ** 2  # a tensor: no device sync per micro-step
+        self.sq_samples += samples
+        self.sq_count += 1
+
+    def sums(self) -> list:
+        """What the window's all-reduce adds up: sum of micro squared norms, their samples, their count."""
+        return [self.sq, self.sq_samples, self.sq_count]
+
+    def window_end(self, grads: list[torch.Tensor], samples: float, sums: list[float]) -> None:
+        """One observation from the window's normalised gradient ``grads`` over ``samples`` (all ranks) and the
+        micro-batch ``sums`` (all ranks)."""
+        sq_sum, sq_samples, sq_count = sums
+        if not grads or sq_count == 0:
+            return
+        b = sq_samples / sq_count
+        if samples <= b:
+            return  # one micro-batch on one rank: only one batch size, nothing to compare
+        big = float(torch.stack(torch._foreach_norm(grads)).double().square().sum())
+        self.estimator.observe(sq_sum / sq_count, b, big, samples)
+        value = self.estimator.value
+        if (value is not None and self.warn is not None and not self._warned
+                and samples > self.warn * value and self.estimator.count >= 10):
+            self._warned = True
+            warnings.warn(f"{int(samples)} samples per update exceed {self.warn:g} x the estimated gradient noise "
+                          f"scale B_simple ~ {value:.4g}: beyond the critical batch the SDE rules stop holding (the "
+                          "loss per sample gets worse); consider a smaller batch per update", stacklevel=4)
+
+    def window_state(self) -> dict:
+        """The open window's sums, for a checkpoint taken mid-window."""
+        return {"micro_sq": float(self.sq) if isinstance(self.sq, torch.Tensor) else self.sq,
+                "micro_sq_samples": self.sq_samples, "micro_sq_count": self.sq_count}
+
+    def load_window_state(self, state: dict) -> None:
+        self.sq = state.get("micro_sq", 0.0)
+        self.sq_samples = state.get("micro_sq_samples", 0.0)
+        self.sq_count = state.get("micro_sq_count", 0.0)
+
+
 def probe_noise_scale(params, losses, *, micro_batch_size: int, group_size: int) -> dict:
     """B_simple at fixed weights, from gradients at two batch sizes far apart (an offline probe, not an EMA).
 
@@ -145,9 +228,9 @@ def probe_noise_scale(params, losses, *, micro_batch_size: int, group_size: int)
         total = grads if total is None else [t.add_(g) for t, g in zip(total, grads)]
         n += 1
         if n == group_size:
-            small_sq, big_sq = small / n, sq_norm(t / n for t in total)
-            g2s.append((B * big_sq - b * small_sq) / (B - b))
-            traces.append((small_sq - big_sq) / (1.0 / b - 1.0 / B))
+            g2, trace = two_size(small / n, b, sq_norm(t / n for t in total), B)
+            g2s.append(g2)
+            traces.append(trace)
             small, total, n = 0.0, None, 0
     if not g2s:
         raise ValueError(f"losses must hold at least group_size = {group_size} micro-batches")

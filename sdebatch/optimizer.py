@@ -28,9 +28,10 @@ import torch.distributed as dist
 
 from . import checks, rules
 from .clock import Clock
-from .noise import MicroGradNorms, NoiseScaleEstimator
 from .families import KNOWN_OPTIMIZERS, family_of
+from .noise import NoiseScaleEstimator, NoiseScaleMonitor
 from .stepping import rescaled_step
+from .window import Window, global_sums
 
 
 class LogicalBatchOptimizer(torch.optim.Optimizer):
@@ -114,7 +115,7 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
             checks.positive_finite("noise_scale_warn", noise_scale_warn)
         if isinstance(noise_scale_every, bool) or not isinstance(noise_scale_every, int) or noise_scale_every < 1:
             raise ValueError(f"noise_scale_every must be a positive int, got {noise_scale_every!r}")
-        noise = NoiseScaleEstimator(noise_scale_decay) if noise_scale else None  # validates the decay
+        NoiseScaleEstimator(noise_scale_decay)  # validates the decay
         if ema is not None and not callable(getattr(ema, "update", None)):
             raise TypeError("ema must have an update(kappa) method (for example sdebatch.ModelEMA)")
         if ema_rescale is not None and not isinstance(ema_rescale, bool):
@@ -139,11 +140,9 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
         self.ema = ema
         self.ema_rescale = family != "none" if ema_rescale is None else ema_rescale
         self.clock = Clock()
-        self.noise = noise
-        self.noise_scale_warn = noise_scale_warn
-        self.noise_scale_every = noise_scale_every
-        self._noise_warned = False
-        self._micro_norms = MicroGradNorms(p for g in optimizer.param_groups for p in g["params"]) if noise else None
+        # the in-run noise scale: a monitor the window calls at each micro-step and at its end
+        self._noise = NoiseScaleMonitor((p for g in optimizer.param_groups for p in g["params"]), noise_scale_decay,
+                                        noise_scale_warn, noise_scale_every) if noise_scale else None
         self.last_kappa: float | None = None
         self.last_grad_norm: float | None = None
         self.did_update = False
@@ -159,7 +158,6 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
         self._optimizer_load_state_dict_post_hooks: "OrderedDict[int, Callable]" = OrderedDict()
         self._reset_window()
         self._backward_synced = True
-        self._restore_grads: list | None = None
         if model is not None and accumulation_steps > 1:
             _warn_batchnorm(model)
 
@@ -265,12 +263,12 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
     @property
     def in_window(self) -> bool:
         """True while micro-steps of an unfinished window hold gradients."""
-        return self._window["micro_steps"] > 0
+        return self.window.open
 
     @property
     def next_step_updates(self) -> bool:
         """Whether the next micro-step completes a window (use it to sync gradients only then)."""
-        return self._window["micro_steps"] + 1 >= self.accumulation_steps
+        return self.window.micro_steps + 1 >= self.accumulation_steps
 
     def effective_hyperparameters(self) -> list[dict]:
         """Per param group, the hyperparameters the last update actually used (after the rule)."""
@@ -289,22 +287,10 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
         return _Handle(self._post_update_hooks, hook)
 
     # --- micro-steps ---
-    def _arm_noise_hooks(self) -> None:
-        if getattr(self, "_micro_norms", None) is not None:
-            self._micro_norms.active = self.clock.updates % self.noise_scale_every == 0
-
     def _reset_window(self) -> None:
-        self._window = {"micro_steps": 0, "samples": 0.0, "tokens": 0.0, "items": 0.0, "protocol": None,
-                        "micro_sq": 0.0, "micro_sq_samples": 0.0, "micro_sq_count": 0.0}
-        self._pending: dict | None = None
-        self._arm_noise_hooks()
-
-    def _set_protocol(self, protocol: str) -> None:
-        current = self._window["protocol"]
-        if current is not None and current != protocol:
-            raise RuntimeError("a window mixed mean-reduced micro-steps (loss.backward() or opt.backward(loss)) with "
-                               "sum-reduced ones (opt.backward(loss_sum, num_items=n)); use one protocol per window")
-        self._window["protocol"] = protocol
+        self.window = Window()
+        if self._noise is not None:
+            self._noise.start_window(self.clock.updates)
 
     def backward(self, loss: torch.Tensor, num_items: float | torch.Tensor | None = None, *,
                  num_samples: int | None = None, num_tokens: int | None = None, reduction: str = "sum",
@@ -325,7 +311,7 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
         n = None if num_items is None else checks.count("num_items", num_items, allow_zero=True)
         self._check_counts(num_samples, num_tokens)
-        self._set_protocol("mean" if n is None else "sum")
+        self.window.set_protocol("mean" if n is None else "sum")
         if n is not None and reduction == "mean":
             loss = loss * n
         if self.grad_scaler is not None:
@@ -342,16 +328,7 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
         """
         n = None if num_items is None else checks.count("num_items", num_items, allow_zero=True)
         self._check_counts(num_samples, num_tokens)
-        if n is not None:
-            self._set_protocol("sum")
-        p = self._pending or {"items": 0.0, "samples": None, "tokens": None, "sum": False}
-        p["items"] += n or 0.0
-        p["sum"] = p["sum"] or n is not None
-        if num_samples is not None:
-            p["samples"] = (p["samples"] or 0) + num_samples
-        if num_tokens is not None:
-            p["tokens"] = (p["tokens"] or 0) + num_tokens
-        self._pending = p
+        self.window.report(n, num_samples, num_tokens)
 
     @staticmethod
     def _check_counts(num_samples, num_tokens) -> None:
@@ -382,22 +359,14 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._restore_grads is not None:
-            self._add_restored_grads()
-        pending = self._pending or {"items": 0.0, "samples": None, "tokens": None, "sum": False}
-        # a micro-step that reported no num_items was mean-reduced (plain loss.backward()); mixing is an error
-        self._set_protocol("sum" if pending["sum"] else "mean")
-        w = self._window
-        w["samples"] += num_samples if num_samples is not None else (pending["samples"] or self.physical_batch_size)
-        w["tokens"] += num_tokens if num_tokens is not None else (pending["tokens"] or 0)
-        w["items"] += pending["items"]
-        w["micro_steps"] += 1
-        if self._micro_norms is not None:
-            self._record_micro_norm(pending, samples=num_samples if num_samples is not None else (
-                pending["samples"] or self.physical_batch_size))
-        self._pending = None
+        w = self.window
+        if w.saved_grads is not None:
+            w.add_saved_grads(self._params())
+        pending, samples = w.end_micro_step(num_samples, num_tokens, self.physical_batch_size)
+        if self._noise is not None:
+            self._noise.micro_step(samples, pending.items if pending.sum else None, self.grad_scaler)
         self.did_update = False
-        if w["micro_steps"] >= self.accumulation_steps:
+        if w.micro_steps >= self.accumulation_steps:
             self._update()
         for hook in list(self._optimizer_step_post_hooks.values()):
             hook(self, (), {})
@@ -408,9 +377,9 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
         """Apply a short last window (end of data) with its own normalisation and kappa. Returns whether an update
         was applied (False if the window was empty or AMP skipped it)."""
         self.did_update = False
-        if self._window["micro_steps"] > 0:
-            if self._restore_grads is not None:  # a window restored from a checkpoint and flushed before any step
-                self._add_restored_grads()
+        if self.window.open:
+            if self.window.saved_grads is not None:  # a window restored from a checkpoint, flushed before any step
+                self.window.add_saved_grads(self._params())
             self._update()
         return self.did_update
 
@@ -439,68 +408,29 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
         self._backward_synced = bool(synced)
 
     @property
+    def noise(self) -> NoiseScaleEstimator | None:
+        """The in-run noise-scale estimator (``noise_scale=True``), else None."""
+        return None if self._noise is None else self._noise.estimator
+
+    @property
     def noise_scale(self) -> float | None:
         """Estimated gradient noise scale B_simple in samples (None if not tracked or not yet known)."""
-        return None if self.noise is None else self.noise.value
-
-    def _record_micro_norm(self, pending: dict, samples: float) -> None:
-        sq = self._micro_norms.take()
-        if sq is None:
-            return
-        scale = self.grad_scaler.get_scale() if self.grad_scaler is not None else 1.0
-        denom = scale * (pending["items"] if pending["sum"] else 1.0)
-        if denom <= 0:
-            return
-        w = self._window
-        w["micro_sq"] = w["micro_sq"] + sq / denom ** 2  # a tensor: no device sync per micro-step
-        w["micro_sq_samples"] += samples
-        w["micro_sq_count"] += 1
-
-    def _observe_noise(self, grads: list, samples: float, micro: tuple[float, float, float]) -> None:
-        sq_sum, sq_samples, sq_count = micro
-        if not grads or sq_count == 0:
-            return
-        b = sq_samples / sq_count
-        if samples <= b:
-            return  # one micro-batch on one rank: only one batch size, nothing to compare
-        big = float(torch.stack(torch._foreach_norm(grads)).double().square().sum())
-        self.noise.observe(sq_sum / sq_count, b, big, samples)
-        value = self.noise.value
-        if (value is not None and self.noise_scale_warn is not None and not self._noise_warned
-                and samples > self.noise_scale_warn * value and self.noise.count >= 10):
-            self._noise_warned = True
-            warnings.warn(f"{int(samples)} samples per update exceed {self.noise_scale_warn:g} x the estimated "
-                          "gradient "
-                          f"noise scale B_simple ~ {value:.4g}: beyond the critical batch the SDE rules stop holding "
-                          "(the loss per sample gets worse); consider a smaller batch per update", stacklevel=4)
-
-    def _add_restored_grads(self) -> None:
-        params = [p for g in self.param_groups for p in g["params"]]
-        for p, g in zip(params, self._restore_grads):
-            if g is not None:
-                p.grad = g.clone() if p.grad is None else p.grad.add_(g)
-        self._restore_grads = None
+        return None if self._noise is None else self._noise.estimator.value
 
     # --- the update ---
-    def _params_with_grad(self) -> list[torch.Tensor]:
-        return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+    def _params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
 
-    def _global_window(self) -> list[float]:
-        """samples, tokens, items, and the micro-gradient norm sums, summed over ranks in one all-reduce."""
-        w = self._window
-        local = [w["samples"], w["tokens"], w["items"], w["micro_sq"], w["micro_sq_samples"], w["micro_sq_count"]]
-        if self.world_size == 1:
-            return [float(v) for v in local]
-        device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
-        if dist.get_backend(self.process_group) == "nccl" and device.type != "cuda":
-            device = torch.device("cuda", torch.cuda.current_device())
-        t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in local])
-        dist.all_reduce(t, group=self.process_group)
-        return t.tolist()
+    def _params_with_grad(self) -> list[torch.Tensor]:
+        return [p for p in self._params() if p.grad is not None]
 
     def _update(self) -> None:
-        w = self._window
-        samples, tokens, items, *micro = self._global_window()
+        w = self.window
+        device = next((p.device for p in self._params()), torch.device("cpu"))
+        noise_sums = self._noise.sums() if self._noise is not None else [0.0, 0.0, 0.0]
+        # one all-reduce for everything the update needs from the other ranks
+        samples, tokens, items, *micro = global_sums([w.samples, w.tokens, w.items, *noise_sums], self.world_size,
+                                                     self.process_group, device)
         params = self._params_with_grad()
         grads = [p.grad for p in params]
         if self.world_size > 1 and not self._backward_synced:
@@ -509,12 +439,12 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
                 dist.all_reduce(g, group=self.process_group)
                 g.div_(self.world_size)
         # Normalise the window: DDP/FSDP average over ranks, so a sum protocol multiplies back by the world size.
-        if w["protocol"] == "sum":
+        if w.protocol == "sum":
             if items <= 0:
                 raise RuntimeError("the window's num_items add up to 0 across ranks: nothing to normalise by")
             scale = self.world_size / items
         else:
-            scale = 1.0 / w["micro_steps"]
+            scale = 1.0 / w.micro_steps
         if grads and scale != 1.0:
             torch._foreach_mul_(grads, scale)
 
@@ -527,8 +457,8 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
                 self._reset_window()
                 self._backward_synced = True
                 return
-        if self.noise is not None:
-            self._observe_noise(grads, samples, tuple(micro))
+        if self._noise is not None:
+            self._noise.window_end(grads, samples, micro)
         if self.max_grad_norm is not None and params:
             self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
 
@@ -559,17 +489,16 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
     # --- checkpointing ---
     def state_dict(self) -> dict:
         """Inner optimizer state, the clock and, when stopped inside a window, its counts and gradients."""
-        window_grads = None
-        if self.in_window:
-            params = [p for g in self.param_groups for p in g["params"]]
-            restored = self._restore_grads or [None] * len(params)
-            window_grads = [_sum_or_none(p.grad, r) for p, r in zip(params, restored)]
+        window_grads = self.window.grads_to_save(self._params()) if self.in_window else None
+        window = self.window.state_dict()
+        window.update(self._noise.window_state() if self._noise is not None else
+                      {"micro_sq": 0.0, "micro_sq_samples": 0.0, "micro_sq_count": 0.0})
         return {
             "optimizer": self.optimizer.state_dict(),
             "sdebatch": {
                 "clock": self.clock.state_dict(),
                 "last_kappa": self.last_kappa,
-                "window": {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in self._window.items()},
+                "window": window,
                 "noise": self.noise.state_dict() if self.noise is not None else None,
                 "window_grads": window_grads,
                 "config": {"logical_batch_size": self.logical_batch_size, "rule": self.rule,
@@ -585,7 +514,7 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
                              "(keys 'optimizer' and 'sdebatch')")
         ours = state_dict["sdebatch"]
         grads = ours.get("window_grads")
-        params = [p for g in self.param_groups for p in g["params"]]
+        params = self._params()
         if grads is not None and len(grads) != len(params):
             raise ValueError(f"state_dict holds window gradients for {len(grads)} parameters, "
                              f"the optimizer has {len(params)}")
@@ -597,21 +526,17 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
         if self.noise is not None and ours.get("noise") is not None:
             self.noise.load_state_dict(ours["noise"])
         self._reset_window()
-        self._window.update(ours["window"])
+        self.window.load_state_dict(ours["window"])
+        if self._noise is not None:
+            self._noise.load_window_state(ours["window"])
         if self.in_window:  # the saved window only makes sense with the arithmetic it was saved with
             config = ours.get("config", {})
             self.physical_batch_size = config.get("physical_batch_size", self.physical_batch_size)
             self.accumulation_steps = config.get("accumulation_steps", self.accumulation_steps)
         # The window's gradients are added at the next micro-step, not now: trainers clear .grad when they start
         # (Lightning's fit does), and a sum does not care about order.
-        self._restore_grads = None if grads is None else [
+        self.window.saved_grads = None if grads is None else [
             None if g is None else g.to(device=p.device, dtype=p.dtype) for p, g in zip(params, grads)]
-
-
-def _sum_or_none(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
-    if a is None:
-        return None if b is None else b.detach().clone()
-    return a.detach().clone() if b is None else a.detach() + b
 
 
 def _warn_batchnorm(model: torch.nn.Module) -> None:

@@ -1,0 +1,118 @@
+"""The accumulation window of :class:`sdebatch.LogicalBatchOptimizer`: the micro-steps since the last update.
+
+A window holds what its update needs: the counts (samples, tokens, items), the loss protocol of its micro-steps
+(mean- or sum-reduced, one per window), the counts reported for the micro-step in progress (``pending``, from
+``backward`` / ``count`` before ``step``), and the gradients of a window saved in a checkpoint, added back at the
+next micro-step. At its end the counts are summed over data-parallel ranks in one all-reduce (:func:`global_sums`,
+together with whatever else the update reduces).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+PROTOCOLS = ("mean", "sum")
+
+
+@dataclass
+class Pending:
+    """Counts reported for the micro-step in progress; ``sum``: the loss was sum-reduced over ``items``."""
+
+    items: float = 0.0
+    samples: float | None = None
+    tokens: float | None = None
+    sum: bool = False
+
+
+@dataclass
+class Window:
+    """The open window: counts so far, its protocol, the pending micro-step, gradients restored from a checkpoint."""
+
+    micro_steps: int = 0
+    samples: float = 0.0
+    tokens: float = 0.0
+    items: float = 0.0
+    protocol: str | None = None
+    pending: Pending | None = None
+    saved_grads: list | None = field(default=None, repr=False)
+
+    @property
+    def open(self) -> bool:
+        """True while micro-steps of an unfinished window hold gradients."""
+        return self.micro_steps > 0
+
+    def set_protocol(self, protocol: str) -> None:
+        if self.protocol is not None and self.protocol != protocol:
+            raise RuntimeError("a window mixed mean-reduced micro-steps (loss.backward() or opt.backward(loss)) with "
+                               "sum-reduced ones (opt.backward(loss_sum, num_items=n)); use one protocol per window")
+        self.protocol = protocol
+
+    def report(self, items: float | None, samples: float | None, tokens: float | None) -> None:
+        """Add counts to the micro-step in progress (calls add up); ``items`` given: a sum-reduced loss."""
+        if items is not None:
+            self.set_protocol("sum")
+        p = self.pending or Pending()
+        p.items += items or 0.0
+        p.sum = p.sum or items is not None
+        if samples is not None:
+            p.samples = (p.samples or 0) + samples
+        if tokens is not None:
+            p.tokens = (p.tokens or 0) + tokens
+        self.pending = p
+
+    def end_micro_step(self, samples: float | None, tokens: float | None,
+                       default_samples: int) -> tuple[Pending, float]:
+        """Close the micro-step: its counts join the window (``samples`` / ``tokens`` given to ``step`` override the
+        reported ones; samples default to ``default_samples``). Returns its pending counts and its samples."""
+        pending = self.pending or Pending()
+        # a micro-step that reported no num_items was mean-reduced (plain loss.backward()); mixing is an error
+        self.set_protocol("sum" if pending.sum else "mean")
+        n = samples if samples is not None else (pending.samples or default_samples)
+        self.samples += n
+        self.tokens += tokens if tokens is not None else (pending.tokens or 0)
+        self.items += pending.items
+        self.micro_steps += 1
+        self.pending = None
+        return pending, n
+
+    def add_saved_grads(self, params: list[torch.Tensor]) -> None:
+        """Add the gradients a checkpoint saved for this window to ``.grad`` (once)."""
+        for p, g in zip(params, self.saved_grads or []):
+            if g is not None:
+                p.grad = g.clone() if p.grad is None else p.grad.add_(g)
+        self.saved_grads = None
+
+    def grads_to_save(self, params: list[torch.Tensor]) -> list:
+        """The window's gradients so far, per parameter (what a checkpoint taken mid-window must keep)."""
+        restored = self.saved_grads or [None] * len(params)
+        return [_sum_or_none(p.grad, r) for p, r in zip(params, restored)]
+
+    def state_dict(self) -> dict:
+        return {"micro_steps": self.micro_steps, "samples": self.samples, "tokens": self.tokens,
+                "items": self.items, "protocol": self.protocol}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("micro_steps", "samples", "tokens", "items", "protocol"):
+            if key in state:
+                setattr(self, key, state[key])
+
+
+def global_sums(values: list, world_size: int, process_group=None, device: torch.device | None = None) -> list[float]:
+    """``values`` (floats or 0-dim tensors) summed over the ranks of ``process_group`` in one all-reduce (float64);
+    with one rank, the values as floats."""
+    if world_size == 1:
+        return [float(v) for v in values]
+    device = device if device is not None else torch.device("cpu")
+    if dist.get_backend(process_group) == "nccl" and device.type != "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
+    dist.all_reduce(t, group=process_group)
+    return t.tolist()
+
+
+def _sum_or_none(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if a is None:
+        return None if b is None else b.detach().clone()
+    return a.detach().clone() if b is None else a.detach() + b
