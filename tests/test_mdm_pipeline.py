@@ -261,3 +261,23 @@ def test_train_set_is_type_checked_naming_the_key(capsys, item, needle):
     with pytest.raises(SystemExit) as e:
         main(["train", "--set", item])
     assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_train_config_is_one_typed_dataclass_with_a_docstring_per_field():
+    import ast
+    import dataclasses
+    import inspect
+
+    from sdebatch.mdm import config as cfg
+    from sdebatch.mdm.train import DEFAULTS, load_config
+
+    assert DEFAULTS is cfg.DEFAULTS and DEFAULTS == dataclasses.asdict(cfg.TrainConfig())
+    body = ast.parse(inspect.getsource(cfg.TrainConfig)).body[0].body
+    documented = {a.target.id for a, d in zip(body, body[1:]) if isinstance(a, ast.AnnAssign)
+                  and isinstance(d, ast.Expr) and isinstance(d.value, ast.Constant) and isinstance(d.value.value, str)}
+    assert documented == set(DEFAULTS)
+    with pytest.raises(ValueError, match="tokens must be an int"):
+        cfg.TrainConfig(tokens=True)
+    with pytest.raises(ValueError, match="init_seed must be an int or None"):
+        load_config(None, init_seed="1")
+    assert load_config(None, lr=1)["lr"] == 1 and load_config(None, schedule={"text": "cosine"})["schedule"]

@@ -6,7 +6,7 @@ budget are in tokens), the model EMA with decay rho**kappa, checkpoints and exac
 plain LightningModule: it returns the ELBO as a sum and reports its fixed denominator with ``sdebatch.lightning.count``.
 
 A run is described by one flat config dict (a TOML file for ``sdebatch train --config``; a sweep point for
-``experiments/workloads.py:mdm``); :data:`DEFAULTS` lists every key.
+``experiments/workloads.py:mdm``), checked by :class:`sdebatch.mdm.config.TrainConfig`, which documents every key.
 """
 from __future__ import annotations
 
@@ -15,9 +15,7 @@ import logging
 import math
 import sys
 import time
-import tomllib
 from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -30,108 +28,11 @@ from sdebatch.data import ResumableDataLoader
 from sdebatch.utils import atomic_write
 
 from .checkpoint import RECORD_FILE, RECORD_KEY, training_record
+from .config import DEFAULTS, TrainConfig, load_config, seed_of  # noqa: F401 (public here as before)
 from .data.dataset import TriModalDataset
 from .data.mixture import MixtureSampler
 from .model import build_model, describe, get_config, param_groups
 from .objective import MODALITY_NAMES, elbo, elbo_standard_error, mdm_loss, sample_draws
-
-DEFAULTS: dict[str, Any] = {
-    "data": "data/tiny",             # a folder made by `sdebatch data prepare`
-    "model": "tiny",                 # a named config of sdebatch.mdm.model.CONFIGS
-    "model_overrides": {},           # fields of MDMConfig to change (e.g. {d_model = 64, n_layers = 2})
-    "logical_batch_size": 32,        # sequences per update the hyperparameters belong to
-    "physical_batch_size": 8,        # sequences per device per forward/backward
-    "rule": "accumulate",            # naive | accumulate | linear | sqrt_exact | sqrt_linear
-    "tokens": 2_000_000,             # training budget in tokens (real, non-padding)
-    "lr": 3e-3,                      # AdamW lr at the logical batch (base shape; CompleteP scales it per group)
-    "betas": [0.9, 0.99],
-    "eps": 1e-8,
-    "weight_decay": 0.01,
-    "max_grad_norm": 0.0,            # clip each update's gradient to this 2-norm (0: no clipping)
-    "warmup": 0.05,                  # fraction of the token budget
-    "final_lr": 0.1,                 # cosine floor, fraction of the peak
-    "ema": 0.0,                      # model EMA decay at the logical batch (0: off)
-    "mix": {"text": 0.4, "image": 0.3, "audio": 0.3},  # mixing weights of the sources (in sequences)
-    "generate_prob": 0.8,            # pairs: share laid out as text->image/speech (else the reverse)
-    "schedule": "linear",            # masking schedule, or a table per modality
-    "cond_drop": 0.1,                # condition dropout for classifier-free guidance
-    "seed": 0,                       # the run's seed: initialisation, data order and masking draws
-    "init_seed": None,               # the three sources of run-to-run variation, each apart (None: ``seed``), so a
-    "data_seed": None,               # study can vary one alone (initial weights / order of the training stream and
-    "draw_seed": None,               # the task direction of its pairs / time, mask and condition-drop draws)
-    "devices": 1,
-    "precision": "32-true",
-    "val_sequences": 256,            # held-out sequences for the validation ELBO at the end (0: none); the same
-                                     # set and draws whatever the batch sizes, so runs of a sweep compare
-    "val_batch_size": 16,            # sequences per validation forward (fixed: the masking draws follow it)
-    "val_time_points": 4,            # stratified diffusion times per held-out sequence and replicate
-    "val_replicates": 2,             # independent replicates of those times: their spread gives the estimator's
-                                     # own standard error (val.bits_per_token_se), reported with every number
-    "eval_every_tokens": 0,          # validation during training every this many tokens (0: only at the end)
-    "out": "runs/train",
-    "checkpoint_every": 0,           # Lightning training steps between checkpoints in <out>/checkpoints (0: none);
-                                     # resume with `sdebatch train --ckpt <out>/checkpoints/last.ckpt`
-    "noise_scale": True,             # in-run B_simple estimate from micro-batches vs their window (needs accumulation)
-    "noise_probe": 512,              # sequences for an end-of-run B_simple probe on the training stream, in groups of
-                                     # 16 micro-batches of 4 (B = 64 vs b = 4); 0: no probe; single-device runs only
-    "threads": 0,                    # torch CPU threads (0: torch's default)
-}
-
-def load_config(path: str | Path | None = None, **overrides: Any) -> dict:
-    """DEFAULTS, updated by a TOML file and then by ``overrides``; unknown keys are an error naming them."""
-    config = dict(DEFAULTS)
-    if path is not None:
-        config.update(tomllib.loads(Path(path).read_text()))
-    config.update(overrides)
-    unknown = sorted(set(config) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown config keys {unknown}; known: {sorted(DEFAULTS)}")
-    for key, value in config.items():  # every key has the type of its default (True is not an int)
-        default = DEFAULTS[key]
-        if key == "noise_probe":
-            continue  # 0 / False (off) or a number of sequences: checked below
-        if key == "schedule":
-            ok = isinstance(value, (str, dict))
-        elif isinstance(default, bool):
-            ok = isinstance(value, bool)
-        elif default is None or isinstance(default, int):
-            ok = (value is None and default is None) or (isinstance(value, int) and not isinstance(value, bool))
-        elif isinstance(default, float):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        else:
-            ok = isinstance(value, type(default))
-        if not ok:
-            kind = {bool: "a bool", int: "an int", float: "a number", str: "a string", dict: "a table",
-                    list: "a list"}.get(type(default), "an int" if default is None else type(default).__name__)
-            raise ValueError(f"{key} must be {kind} (like the default {default!r}), got {value!r}")
-    presets.check(config["rule"])
-    for key in ("logical_batch_size", "physical_batch_size", "tokens", "val_batch_size", "val_time_points",
-                "val_replicates"):
-        if not isinstance(config[key], int) or config[key] < 1:
-            raise ValueError(f"{key} must be a positive int, got {config[key]!r}")
-    for key in ("val_sequences", "checkpoint_every"):
-        if not isinstance(config[key], int) or config[key] < 0:
-            raise ValueError(f"{key} must be a non-negative int, got {config[key]!r}")
-    if isinstance(config["max_grad_norm"], bool) or not isinstance(config["max_grad_norm"], (int, float)) \
-            or not 0 <= config["max_grad_norm"] < math.inf:
-        raise ValueError(f"max_grad_norm must be a finite number >= 0 (0: off), got {config['max_grad_norm']!r}")
-    if config["noise_probe"] is not False and (not isinstance(config["noise_probe"], int) or
-                                               (config["noise_probe"] != 0 and config["noise_probe"] < 64)):
-        raise ValueError(f"noise_probe must be 0 (off) or an int >= 64 (sequences), got {config['noise_probe']!r}")
-    for key in ("seed", "init_seed", "data_seed", "draw_seed"):  # types were checked above
-        if config[key] is not None and config[key] < 0:
-            raise ValueError(f"{key} must be a non-negative int{' or None' if key != 'seed' else ''}, "
-                             f"got {config[key]!r}")
-    if config["checkpoint_every"] and not config["out"]:
-        raise ValueError("checkpoint_every needs an out folder (out = '' writes nothing)")
-    return config
-
-
-def seed_of(config: dict, source: str) -> int:
-    """The seed of one source of randomness ("init", "data" or "draw"): ``<source>_seed`` if set, else ``seed``."""
-    value = config.get(f"{source}_seed")
-    return int(config["seed"] if value is None else value)
-
 
 class MDMModule(pl.LightningModule):
     """The denoiser, its ELBO objective and AdamW with CompleteP per-group learning rates."""
