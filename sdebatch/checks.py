@@ -61,3 +61,38 @@ def count(name: str, value: Any, *, allow_zero: bool = False) -> float:
         kind = "non-negative" if allow_zero else "positive"
         raise ValueError(f"{name} must be a {kind} finite number, got {value!r}")
     return v
+
+
+def batch_sizes(logical_batch_size: Any, **optional: Any) -> None:
+    """``logical_batch_size`` a positive int; each of ``optional`` (physical_batch_size, accumulation_steps, budgets)
+    a positive int or None."""
+    for name, v in (("logical_batch_size", logical_batch_size), *optional.items()):
+        if (v is not None or name == "logical_batch_size") and (isinstance(v, bool) or not isinstance(v, int)
+                                                                or v < 1):
+            raise ValueError(f"{name} must be a positive int{' or None' if name != 'logical_batch_size' else ''}, "
+                             f"got {v!r}")
+
+
+def wrapper_options(*, rule: Any = "auto", beta_form: Any = "exact", momentum_mode: Any = "fixed",
+                    weight_decay_form: Any = None, horizon: Any = None, reference_horizon: Any = None,
+                    gamma: Any = 0.0, max_grad_norm: Any = None, ema_rescale: Any = None,
+                    noise_scale_decay: Any = 0.95, noise_scale_warn: Any = 1.0, noise_scale_every: Any = 1) -> None:
+    """The options of :class:`sdebatch.LogicalBatchOptimizer` that do not depend on the inner optimizer (shared with
+    :class:`sdebatch.lightning.LogicalBatch`, which checks them before the optimizer exists)."""
+    from . import rules
+
+    choice("rule", rule, ("auto",) + rules.FAMILIES)
+    choice("beta_form", beta_form, rules.BETA_FORMS)
+    choice("momentum_mode", momentum_mode, rules.MOMENTUM_MODES)
+    if weight_decay_form is not None:
+        choice("weight_decay_form", weight_decay_form, rules.WEIGHT_DECAY_FORMS)
+    if max_grad_norm is not None:
+        positive_finite("max_grad_norm", max_grad_norm)
+    rules.kappa(1, 1, horizon=horizon, reference_horizon=reference_horizon, gamma=gamma)  # validates the horizon
+    if ema_rescale is not None and not isinstance(ema_rescale, bool):
+        raise ValueError(f"ema_rescale must be True, False or None (follow rule), got {ema_rescale!r}")
+    if not 0.0 <= float(noise_scale_decay) < 1.0:
+        raise ValueError(f"noise_scale_decay must be in [0, 1), got {noise_scale_decay!r}")
+    if noise_scale_warn is not None:
+        positive_finite("noise_scale_warn", noise_scale_warn)
+    int_at_least("noise_scale_every", noise_scale_every)

@@ -31,8 +31,7 @@ from lightning.pytorch.utilities.data import extract_batch_size
 
 from .ema import ModelEMA
 from .optimizer import LogicalBatchOptimizer
-from .checks import positive_finite
-from .rules import kappa as kappa_fn
+from . import checks
 from .schedules import ClockSchedule
 
 __all__ = ["LogicalBatch", "ProgressLines", "count", "find_optimizer"]
@@ -91,21 +90,16 @@ class LogicalBatch(pl.Callback):
                  max_samples: int | None = None,
                  max_tokens: int | None = None, batch_size_fn: Callable[[Any], int] | None = None,
                  noise_scale: bool = False, verbose: bool = True) -> None:
-        for name, v in (("logical_batch_size", logical_batch_size), ("physical_batch_size", physical_batch_size),
-                        ("accumulation_steps", accumulation_steps), ("max_samples", max_samples),
-                        ("max_tokens", max_tokens)):
-            if (v is not None or name == "logical_batch_size") and (
-                    isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        checks.batch_sizes(logical_batch_size, physical_batch_size=physical_batch_size,
+                           accumulation_steps=accumulation_steps, max_samples=max_samples, max_tokens=max_tokens)
+        checks.wrapper_options(rule=rule, beta_form=beta_form, momentum_mode=momentum_mode,
+                               weight_decay_form=weight_decay_form, horizon=horizon,
+                               reference_horizon=reference_horizon, gamma=gamma, max_grad_norm=max_grad_norm,
+                               ema_rescale=ema_rescale)
         if schedule_unit not in ("samples", "tokens"):
             raise ValueError(f"schedule_unit must be 'samples' or 'tokens', got {schedule_unit!r}")
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}")
-        if ema_rescale is not None and not isinstance(ema_rescale, bool):
-            raise ValueError(f"ema_rescale must be True, False or None (follow rule), got {ema_rescale!r}")
-        if max_grad_norm is not None:
-            positive_finite("max_grad_norm", max_grad_norm)
-        kappa_fn(1, 1, horizon=horizon, reference_horizon=reference_horizon, gamma=gamma)  # validates
         self.logical_batch_size = logical_batch_size
         self.physical_batch_size = physical_batch_size
         self.accumulation_steps = accumulation_steps
@@ -305,7 +299,7 @@ class ProgressLines(pl.Callback):
 
     def __init__(self, every_s: float = 30.0, metric: str | None = None, *, when: str = "not_interactive",
                  stream: Any = None) -> None:
-        positive_finite("every_s", every_s)
+        checks.positive_finite("every_s", every_s)
         if when not in ("not_interactive", "always"):
             raise ValueError(f"when must be 'not_interactive' or 'always', got {when!r}")
         self.every_s, self.metric, self.when, self.stream = float(every_s), metric, when, stream

@@ -28,13 +28,14 @@ import torch.distributed as dist
 
 from . import checks, rules
 from .clock import Clock
+from .facade import Handle, InnerOptimizerProxy
 from .families import KNOWN_OPTIMIZERS, family_of
 from .noise import NoiseScaleEstimator, NoiseScaleMonitor
 from .stepping import rescaled_step
 from .window import Window, global_sums
 
 
-class LogicalBatchOptimizer(torch.optim.Optimizer):
+class LogicalBatchOptimizer(InnerOptimizerProxy):
     """Wrap a torch optimizer so its hyperparameters belong to a logical batch, whatever the physical one.
 
     Args:
@@ -87,13 +88,13 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, LogicalBatchOptimizer):
             raise TypeError("optimizer is already a LogicalBatchOptimizer; wrap the inner optimizer once")
-        for name, v in (("logical_batch_size", logical_batch_size), ("physical_batch_size", physical_batch_size),
-                        ("accumulation_steps", accumulation_steps)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be a positive int{' or None' if name != 'logical_batch_size' else ''},"
-                                 f" got {v!r}")
-        if rule not in ("auto",) + rules.FAMILIES:
-            raise ValueError(f"rule must be one of 'auto', 'sgd', 'adam', 'none'; got {rule!r}")
+        checks.batch_sizes(logical_batch_size, physical_batch_size=physical_batch_size,
+                           accumulation_steps=accumulation_steps)
+        checks.wrapper_options(rule=rule, beta_form=beta_form, momentum_mode=momentum_mode,
+                               weight_decay_form=weight_decay_form, horizon=horizon,
+                               reference_horizon=reference_horizon, gamma=gamma, max_grad_norm=max_grad_norm,
+                               ema_rescale=ema_rescale, noise_scale_decay=noise_scale_decay,
+                               noise_scale_warn=noise_scale_warn, noise_scale_every=noise_scale_every)
         family = family_of(optimizer) if rule == "auto" else rule
         if family is None:
             raise ValueError(
@@ -104,22 +105,8 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
         if rule != "auto" and rule != "none" and family_of(optimizer) is None:
             warnings.warn(f"rule={rule!r} on {type(optimizer).__name__} is a heuristic (the SDE rules are derived for "
                           f"{', '.join(KNOWN_OPTIMIZERS)}); measure it, e.g. with a batch sweep.", stacklevel=2)
-        checks.choice("beta_form", beta_form, rules.BETA_FORMS)
-        checks.choice("momentum_mode", momentum_mode, rules.MOMENTUM_MODES)
-        if weight_decay_form is not None:
-            checks.choice("weight_decay_form", weight_decay_form, rules.WEIGHT_DECAY_FORMS)
-        if max_grad_norm is not None:
-            checks.positive_finite("max_grad_norm", max_grad_norm)
-        rules.kappa(1, 1, horizon=horizon, reference_horizon=reference_horizon, gamma=gamma)  # validates
-        if noise_scale_warn is not None:
-            checks.positive_finite("noise_scale_warn", noise_scale_warn)
-        if isinstance(noise_scale_every, bool) or not isinstance(noise_scale_every, int) or noise_scale_every < 1:
-            raise ValueError(f"noise_scale_every must be a positive int, got {noise_scale_every!r}")
-        NoiseScaleEstimator(noise_scale_decay)  # validates the decay
         if ema is not None and not callable(getattr(ema, "update", None)):
             raise TypeError("ema must have an update(kappa) method (for example sdebatch.ModelEMA)")
-        if ema_rescale is not None and not isinstance(ema_rescale, bool):
-            raise ValueError(f"ema_rescale must be True, False or None (follow rule), got {ema_rescale!r}")
 
         self.process_group = process_group
         self.world_size = dist.get_world_size(process_group) if dist.is_available() and dist.is_initialized() else 1
@@ -149,59 +136,11 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
         self._effective: list[dict] = []
         self._pre_update_hooks: "OrderedDict[int, Callable]" = OrderedDict()
         self._post_update_hooks: "OrderedDict[int, Callable]" = OrderedDict()
-        # torch.optim.Optimizer hook registries, so its public hook methods keep working.
-        self._optimizer_step_pre_hooks: "OrderedDict[int, Callable]" = OrderedDict()
-        self._optimizer_step_post_hooks: "OrderedDict[int, Callable]" = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: "OrderedDict[int, Callable]" = OrderedDict()
-        self._optimizer_state_dict_post_hooks: "OrderedDict[int, Callable]" = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: "OrderedDict[int, Callable]" = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: "OrderedDict[int, Callable]" = OrderedDict()
+        self._init_torch_hooks()
         self._reset_window()
         self._backward_synced = True
         if model is not None and accumulation_steps > 1:
             _warn_batchnorm(model)
-
-    # --- torch.optim.Optimizer surface, proxied so nothing goes stale after load_state_dict ---
-    @property
-    def param_groups(self) -> list[dict]:
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict]) -> None:
-        self.optimizer.param_groups = value
-
-    @property
-    def state(self):
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value) -> None:
-        self.optimizer.state = value
-
-    @property
-    def defaults(self) -> dict:
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value: dict) -> None:
-        self.optimizer.defaults = value
-
-    def __getstate__(self) -> dict:  # torch.optim.Optimizer's would drop the wrapper's own attributes
-        return self.__dict__
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-
-    @property
-    def _opt_called(self) -> bool:  # read by torch schedulers re-pointed at the wrapper (see sdebatch.lightning)
-        return getattr(self.optimizer, "_opt_called", False)
-
-    @_opt_called.setter
-    def _opt_called(self, value: bool) -> None:
-        self.optimizer._opt_called = value
-
-    def add_param_group(self, param_group: dict) -> None:
-        self.optimizer.add_param_group(param_group)
 
     def __repr__(self) -> str:
         return (f"LogicalBatchOptimizer(rule={self.rule!r}, logical_batch_size={self.logical_batch_size}, "
@@ -220,9 +159,8 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
     def configure_batch(self, physical_batch_size: int, accumulation_steps: int | None = None) -> None:
         """Set the physical batch (and accumulation, default derived as in the constructor) before training, e.g.
         once the data loader is known. Not allowed inside a window."""
-        for name, v in (("physical_batch_size", physical_batch_size), ("accumulation_steps", accumulation_steps)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        checks.batch_sizes(self.logical_batch_size, physical_batch_size=physical_batch_size,
+                           accumulation_steps=accumulation_steps)
         new = self._batch_arithmetic(self.logical_batch_size, physical_batch_size, accumulation_steps)
         if self.in_window and new != (self.physical_batch_size, self.accumulation_steps):
             raise RuntimeError(f"configure_batch{new} inside an unfinished window of "
@@ -280,11 +218,11 @@ class LogicalBatchOptimizer(torch.optim.Optimizer):
 
         Schedules use it to set the reference lr from the clock. Returns a handle with ``remove()``.
         """
-        return _Handle(self._pre_update_hooks, hook)
+        return Handle(self._pre_update_hooks, hook)
 
     def register_post_update_hook(self, hook: Callable[["LogicalBatchOptimizer"], None]):
         """``hook(opt)`` runs after each applied update. Returns a handle with ``remove()``."""
-        return _Handle(self._post_update_hooks, hook)
+        return Handle(self._post_update_hooks, hook)
 
     # --- micro-steps ---
     def _reset_window(self) -> None:
@@ -544,15 +482,3 @@ def _warn_batchnorm(model: torch.nn.Module) -> None:
         warnings.warn("the model has BatchNorm layers: with gradient accumulation they normalise over the micro-batch "
                       "only, so accumulation is not the same as one big batch (consider GroupNorm/LayerNorm or "
                       "SyncBatchNorm with a larger physical batch)", stacklevel=3)
-
-
-class _Handle:
-    _next_id = 0
-
-    def __init__(self, registry: "OrderedDict[int, Callable]", hook: Callable) -> None:
-        self.registry, self.id = registry, _Handle._next_id
-        _Handle._next_id += 1
-        registry[self.id] = hook
-
-    def remove(self) -> None:
-        self.registry.pop(self.id, None)

@@ -25,6 +25,10 @@ class Lion(torch.optim.Optimizer):  # stand-in for an optimizer with no known ru
     ({"logical_batch_size": 8, "beta_form": "x"}, "beta_form"),
     ({"logical_batch_size": 8, "max_grad_norm": -1.0}, "max_grad_norm"),
     ({"logical_batch_size": 8, "gamma": 0.44}, "horizon"),
+    ({"logical_batch_size": None}, "logical_batch_size must be a positive int, got None"),
+    ({"logical_batch_size": 8, "noise_scale_every": 0}, "noise_scale_every must be an int >= 1"),
+    ({"logical_batch_size": 8, "noise_scale_decay": 1.0}, "noise_scale_decay must be in [0, 1)"),
+    ({"logical_batch_size": 8, "ema_rescale": 1}, "ema_rescale must be True, False or None"),
 ])
 def test_invalid_configuration(kwargs, needle):
     model = make_model()
@@ -178,3 +182,22 @@ def test_a_rule_error_leaves_every_group_at_its_reference():
         opt.step()
     assert opt.param_groups[0]["lr"] == 0.1 and opt.param_groups[0]["betas"] == (0.99, 0.999)
     assert torch.equal(a.detach(), torch.ones(2))
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"rule": "lamb"}, "'auto', 'sgd', 'adam', 'none'"),
+    ({"beta_form": "x"}, "beta_form"),
+    ({"max_grad_norm": 0.0}, "max_grad_norm"),
+    ({"gamma": 0.44}, "horizon"),
+    ({"ema_rescale": "yes"}, "ema_rescale"),
+])
+def test_the_lightning_callback_checks_the_same_options_when_built(kwargs, needle):
+    """sdebatch.lightning.LogicalBatch checks the wrapper's options with the wrapper's own checks, at construction
+    (before any Trainer exists), with the same messages."""
+    import sdebatch.lightning as sl
+
+    with pytest.raises(ValueError) as cb:
+        sl.LogicalBatch(8, **kwargs)
+    with pytest.raises(ValueError) as opt:
+        sdebatch.LogicalBatchOptimizer(torch.optim.Adam(make_model().parameters()), 8, **kwargs)
+    assert needle in str(cb.value) and str(cb.value) == str(opt.value)
