@@ -201,3 +201,24 @@ def test_the_lightning_callback_checks_the_same_options_when_built(kwargs, needl
     with pytest.raises(ValueError) as opt:
         sdebatch.LogicalBatchOptimizer(torch.optim.Adam(make_model().parameters()), 8, **kwargs)
     assert needle in str(cb.value) and str(cb.value) == str(opt.value)
+
+
+def test_update_hooks_run_once_per_update_and_can_be_removed():
+    """register_pre_update_hook sees each update's window (samples, kappa) before the step, register_post_update_hook
+    the clock after it; both once per update (not per micro-step) until removed."""
+    model = make_model()
+    opt = sdebatch.LogicalBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 8, 4)  # 2 micro-steps
+    pre, post = [], []
+    h1 = opt.register_pre_update_hook(lambda o, w: pre.append((o.updates, w["samples"], w["kappa"])))
+    h2 = opt.register_post_update_hook(lambda o: post.append(o.updates))
+    for i in range(6):
+        model(torch.ones(4, 6)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert pre == [(0, 8.0, 1.0), (1, 8.0, 1.0), (2, 8.0, 1.0)] and post == [1, 2, 3]
+    h1.remove()
+    h2.remove()
+    for i in range(2):
+        model(torch.ones(4, 6)).sum().backward()
+        opt.step()
+    assert len(pre) == 3 and len(post) == 3 and opt.updates == 4

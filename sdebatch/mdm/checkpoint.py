@@ -1,5 +1,6 @@
-"""Checkpoints of the tri-modal MDM: the training record they carry, the denoiser's weights, and the checks that a
-checkpoint fits the config and the data folder it is used with (each failure names the file and the fix).
+"""Checkpoints of the tri-modal MDM: the training record they carry, the denoiser's weights, the checks that a
+checkpoint fits the config and the data folder it is used with (each failure names the file and the fix), and
+:func:`load_trained`: a checkpoint loaded with its data folder's tokenizers, ready to sample.
 
 A checkpoint knows how it was trained: ``sdebatch train`` puts its record (the resolved config and the data's
 vocabulary sizes) into every Lightning checkpoint (key ``"sdebatch_mdm"``) and writes it beside ``model.pt`` as
@@ -10,8 +11,12 @@ checkpoint is an error before any work, not a shape error deep in torch or, wors
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 import torch
 
@@ -156,3 +161,82 @@ def load_model(obj: Any, config: dict, vocab: Vocab, device: str | torch.device 
                          "tried: pass --config, the one it was trained with") from None
     module.model.load_state_dict(state)
     return module.model.to(device).eval(), source
+
+
+@dataclass
+class TrainedModel:
+    """A trained denoiser with the data folder whose tokenizers and statistics sampling needs.
+
+    Build it with :func:`load_trained`. Tokenizers are loaded when first used.
+    """
+
+    model: torch.nn.Module
+    vocab: Vocab
+    config: dict
+    seq_len: int
+    weights: str = ""  # where the weights came from ("state_dict", "checkpoint (EMA weights)", ...)
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.config["data"])
+
+    @property
+    def device(self) -> torch.device:
+        p = next(iter(self.model.parameters()), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    @cached_property
+    def text_tokenizer(self):
+        from .data.text import TextTokenizer
+
+        return TextTokenizer.load(self.folder / "tokenizers" / "text")
+
+    @cached_property
+    def image_tokenizer(self):
+        from .tokenizers.image import ImageTokenizer
+
+        return ImageTokenizer.load(self.folder / "tokenizers" / "image")
+
+    @cached_property
+    def audio_tokenizer(self):
+        from .tokenizers.audio import AudioTokenizer
+
+        return AudioTokenizer.load(self.folder / "tokenizers" / "audio")
+
+    def captions(self, source: str) -> np.ndarray:
+        """Training caption lengths (tokens) of a pair source; their array's width is the longest caption kept."""
+        arr = np.load(self.folder / f"{source}_train_captions.npy", mmap_mode="r")
+        return np.asarray(arr)
+
+    def codes_per_caption_token(self) -> float:
+        """Audio codes per caption token over the training pairs (how long speech for a sentence should be)."""
+        offsets = np.load(self.folder / "audio_train_offsets.npy")
+        tokens = int((self.captions("audio") >= 0).sum())
+        return float(offsets[-1]) / max(tokens, 1)
+
+
+def load_trained(checkpoint: str | Path, config_path: str | Path | None = None, *, data: str | None = None,
+                 device: str | torch.device | None = None) -> TrainedModel:
+    """Load a checkpoint of ``sdebatch train`` with the config it carries (or ``config_path``) and check it against
+    its data folder (``data`` overrides the config's): every mismatch is a ValueError naming the file and the fix.
+
+    Args:
+        checkpoint: ``<out>/model.pt``, a Lightning ``.ckpt`` (EMA weights when it has them) or a state dict.
+        config_path: a training config TOML (default: the checkpoint's own record, else the defaults).
+        data: the prepared data folder (default: the config's ``data``).
+        device: default CUDA when available, else CPU.
+    """
+    from .data.dataset import read_index
+
+    obj = read_checkpoint(checkpoint)
+    record = record_of(obj, checkpoint)
+    config = resolve_config(record, config_path, **({"data": data} if data is not None else {}))
+    vocab = data_vocab(config, record)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, source = load_model(obj, config, vocab, device, guessed=record is None and config_path is None)
+    missing = [f"tokenizers/{k}/config.json" for k in ("text", "image", "audio")
+               if not (Path(config["data"]) / "tokenizers" / k / "config.json").is_file()]
+    if missing:
+        raise ValueError(f"data folder {config['data']} lacks {', '.join(missing)}: finish it with "
+                         f"`sdebatch data prepare --out {config['data']}`")
+    return TrainedModel(model, vocab, config, int(read_index(config["data"])["seq_len"]), source)

@@ -226,7 +226,7 @@ def _image_grid(path: Path, generated: torch.Tensor, recon: torch.Tensor, captio
 
 def evaluate(model, data_folder, out_dir, *, n_images: int = 32, n_speech: int = 8, steps: int | None = None,
              seed: int = 0, progress: bool = True, schedules="linear", text_rows: int | None = None,
-             sampler: dict | None = None) -> dict:
+             sampler: dict | None = None, extra: dict | None = None) -> dict:
     """Evaluate a trained MDM on the held-out split of a prepared data folder; writes ``<out_dir>/report.json``,
     ``t2i_grid.png`` and ``speech/*.wav`` and returns the report.
 
@@ -243,6 +243,7 @@ def evaluate(model, data_folder, out_dir, *, n_images: int = 32, n_speech: int =
         text_rows: evaluate the ELBO on at most this many held-out text rows (default: all).
         sampler: per-modality sampler options over SAMPLING_DEFAULTS, e.g. ``{"image": {"guidance": 3.0}}``
             (default None: the defaults).
+        extra: more entries for the report (e.g. the checkpoint evaluated); default None.
     """
     for modality in ("image", "audio"):
         _sampler(modality, steps, sampler)  # bad options fail here, before any work
@@ -384,6 +385,7 @@ def evaluate(model, data_folder, out_dir, *, n_images: int = 32, n_speech: int =
             model.train()
 
     report["timings_s"]["total"] = time.time() - t_start
+    report.update(extra or {})
     report = _clean(report)
     atomic_write(out / "report.json", json.dumps(report, indent=1).encode())
     log(f"[eval] report -> {out / 'report.json'} ({report['timings_s']['total']:.1f}s)", flush=True)
@@ -414,7 +416,5 @@ def evaluate_checkpoint(config: dict | None, checkpoint, out_dir, **kwargs) -> d
     model, source = load_model(obj, config, vocab, device)
     kwargs.setdefault("schedules", config.get("schedule", "linear"))
     kwargs.setdefault("seed", config.get("seed", 0))
-    report = evaluate(model, config["data"], out_dir, **kwargs)
-    report["checkpoint"] = {"path": str(checkpoint), "weights": source, "model": config.get("model")}
-    atomic_write(Path(out_dir) / "report.json", json.dumps(_clean(report), indent=1).encode())
-    return report
+    extra = {"checkpoint": {"path": str(checkpoint), "weights": source, "model": config.get("model")}}
+    return evaluate(model, config["data"], out_dir, extra={**extra, **kwargs.pop("extra", {})}, **kwargs)

@@ -92,7 +92,6 @@ def prepare(out: str | Path, *, preset: str = "tiny", text_dir: str | None = Non
     if not _done(out, "text"):
         tok = TextTokenizer.train(docs, p["text_vocab"])
         tok.save(out / "tokenizers" / "text")
-        _mark(out, "text_tokenizer", {"vocab_size": tok.vocab_size})
     tok = TextTokenizer.load(out / "tokenizers" / "text")
     n_val = max(1, int(len(docs) * p["val_fraction"]))
     if not _done(out, "text"):
@@ -180,8 +179,8 @@ def prepare(out: str | Path, *, preset: str = "tiny", text_dir: str | None = Non
 def _write_index(out: Path, p: dict, tok: TextTokenizer) -> dict:
     itok_cfg = json.loads((out / "tokenizers" / "image" / "config.json").read_text())
     atok_cfg = json.loads((out / "tokenizers" / "audio" / "config.json").read_text())
-    image_codes = int(itok_cfg.get("codebook_size", itok_cfg.get("config", {}).get("codebook_size", 0)))
-    audio_codes = int(atok_cfg.get("codebook_size", atok_cfg.get("config", {}).get("codebook_size", 0)))
+    image_codes = int(itok_cfg["config"]["codebook_size"])  # the layout tokenizers/files.py writes
+    audio_codes = int(atok_cfg["config"]["codebook_size"])
     vocab = Vocab(tok.vocab_size, image_codes, audio_codes)
     counts = {}
     for split in ("train", "val"):

@@ -142,9 +142,6 @@ class AudioTokenizer:
         y = griffin_lim(mag, c.n_fft, c.hop // c.gl_upsample, c.gl_iters, (t - 1) * c.hop, seed)
         return y.cpu().numpy().astype(np.float32)
 
-    def decode_batch(self, codes_list) -> list[np.ndarray]:
-        return [self.decode(c) for c in codes_list]
-
     @torch.no_grad()
     def evaluate(self, waves, seed: int = 0) -> dict:
         """On (ideally held-out) clips, mean absolute log-mel difference per frame and band (natural-log units) to
