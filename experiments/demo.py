@@ -57,11 +57,12 @@ def make_teacher():
     return net, x_test, y_test
 
 
-def make_stream(teacher, seed: int):
+def make_stream(teacher, seed: int, samples: int = SAMPLES):
+    """The training stream of one seed: ``samples`` inputs and noisy teacher targets (the same for every batch)."""
     g = torch.Generator().manual_seed(10_000 + seed)
-    x = torch.randn(SAMPLES, DIM, generator=g)
+    x = torch.randn(samples, DIM, generator=g)
     with torch.no_grad():
-        y = teacher(x) + NOISE * torch.randn(SAMPLES, 1, generator=g)
+        y = teacher(x) + NOISE * torch.randn(samples, 1, generator=g)
     return x, y
 
 

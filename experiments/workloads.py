@@ -41,10 +41,7 @@ def mlp(config: dict, progress: bool = True) -> dict:
 
     samples, seed = int(config["samples"]), int(config.get("seed", 0))
     teacher, x_test, y_test = demo.make_teacher()
-    g = torch.Generator().manual_seed(10_000 + seed)
-    x = torch.randn(samples, demo.DIM, generator=g)
-    with torch.no_grad():
-        y = teacher(x) + demo.NOISE * torch.randn(samples, 1, generator=g)
+    x, y = demo.make_stream(teacher, seed, samples)
     torch.manual_seed(seed)
     model = demo.mlp(demo.HIDDEN, torch.nn.SiLU)
     cls = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[config.get("optimizer", "adam")]
