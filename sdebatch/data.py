@@ -16,8 +16,12 @@ from torch.utils.data import DataLoader, Sampler
 
 
 class ShardedMixin:
-    """``num_replicas`` / ``rank`` given, or read from ``torch.distributed`` when used, not when made: a loader is
-    often built before the process group exists."""
+    """The extension point for resumable, sharded samplers (``ResumableSampler`` here; the MDM's
+    ``MixtureSampler`` is another): a subclass sets ``_num_replicas`` / ``_rank`` (None: read from
+    ``torch.distributed`` when used, not when made, since a loader is often built before the process group exists)
+    and keeps ``epoch`` and ``start`` (the position to resume from within the epoch), which :meth:`set_epoch` and
+    :class:`ResumableDataLoader`'s state drive. Its ``__iter__`` yields this rank's share of the epoch from
+    ``start`` on."""
 
     _num_replicas: int | None = None
     _rank: int | None = None
