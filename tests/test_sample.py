@@ -237,7 +237,7 @@ def _errors(ckpt: Path, data: Path, other: Path, tmp: Path) -> list[tuple[list[s
         (["--task", "t2i", "--prompt", "a", "--sampler", "steps"] + c, "--sampler takes KEY=VALUE"),
         (["--task", "t2i", "--prompt", "a", "--checkpoint", str(tmp / "none.pt")], "none.pt does not exist"),
         (["--task", "t2i", "--prompt", "a", "--data", str(other)] + c, "trained on a vocabulary of"),
-        (["--task", "t2i", "--prompt", "a", "--checkpoint", str(bare / "model.pt")],
+        (["--task", "t2i", "--prompt", "a", "--checkpoint", str(bare / "model.pt"), "--data", str(data)],
          "the checkpoint carries no config, so the defaults (model='tiny') were tried: pass --config"),
         (["--task", "t2i", "--prompt", "a", "--data", str(other), "--checkpoint", str(bare / "model.pt"),
           "--config", str(tmp / "micro.toml")], "weights do not fit the model"),
