@@ -7,6 +7,7 @@ Public API:
     ClockSchedule, warmup_cosine, linear, constant, warmup_stable_decay   schedules in samples or tokens
     ModelEMA, ema_avg_fn                           model EMA with decay rho**kappa
     LogicalChunker                                 exact split of a physical batch into logical chunks
+    batch_schedule, BatchSchedule                  the batch per update over the sample / token clock
 """
 from .rules import kappa, rescale, ema_decay, lr_factor
 from .clock import Clock
@@ -14,8 +15,10 @@ from .optimizer import LogicalBatchOptimizer
 from .schedules import ClockSchedule, constant, linear, warmup_cosine, warmup_stable_decay
 from .ema import ModelEMA, ema_avg_fn
 from .chunking import LogicalChunker
+from .batch_schedules import BatchSchedule, batch_schedule
 
 __version__ = "0.1.0"
 
 __all__ = ["kappa", "rescale", "ema_decay", "lr_factor", "Clock", "LogicalBatchOptimizer", "ClockSchedule",
-           "constant", "linear", "warmup_cosine", "warmup_stable_decay", "ModelEMA", "ema_avg_fn", "LogicalChunker"]
+           "constant", "linear", "warmup_cosine", "warmup_stable_decay", "ModelEMA", "ema_avg_fn", "LogicalChunker",
+           "batch_schedule", "BatchSchedule"]

@@ -12,7 +12,8 @@ per-device batch x devices x nodes x accumulation. The callback also
 - applies a short last window at the end of each epoch with its own normalisation and kappa;
 - drives the lr from the clock (``lr_schedule``, in samples or tokens) and gates torch schedulers with
   ``interval="step"`` to updates (their frequency is multiplied by the accumulation);
-- logs ``samples_seen``, ``tokens_seen``, ``updates``, ``kappa``, the effective ``lr`` (and betas) per update;
+- logs ``samples_seen``, ``tokens_seen``, ``updates``, ``batch_per_update``, ``kappa``, the effective ``lr`` (and
+  betas) per update;
 - keeps the window's gradients and the clock in checkpoints, and fixes the data position of a
   :class:`sdebatch.data.ResumableDataLoader` (Lightning fetches one batch ahead), so a run resumed mid-epoch and
   mid-window follows the uninterrupted trajectory.
@@ -78,6 +79,10 @@ class LogicalBatch(pl.Callback):
         batch_size_fn: batch -> number of samples. Default: Lightning's ``extract_batch_size``.
         noise_scale: estimate the gradient noise scale B_simple and log it as ``noise_scale`` (needs accumulation or
             several devices); warns once if the batch per update exceeds it. Default False.
+        batch_schedule: a :func:`sdebatch.batch_schedule` of the samples per update over the clock, reached by
+            accumulation per update (Lightning's own accumulation scheduler is epoch-keyed); with it, drive the lr
+            with ``lr_schedule`` (on the clock, untouched by a change of batch), not a torch scheduler stepped per
+            update. Default None.
         verbose: print the batch arithmetic at the start of training (default True).
     """
 
@@ -89,7 +94,7 @@ class LogicalBatch(pl.Callback):
                  schedule_unit: str = "samples", ema_decay: float | None = None, ema_rescale: bool | None = None,
                  max_samples: int | None = None,
                  max_tokens: int | None = None, batch_size_fn: Callable[[Any], int] | None = None,
-                 noise_scale: bool = False, verbose: bool = True) -> None:
+                 noise_scale: bool = False, batch_schedule: Any = None, verbose: bool = True) -> None:
         checks.batch_sizes(logical_batch_size, physical_batch_size=physical_batch_size,
                            accumulation_steps=accumulation_steps, max_samples=max_samples, max_tokens=max_tokens)
         checks.wrapper_options(rule=rule, beta_form=beta_form, momentum_mode=momentum_mode,
@@ -107,7 +112,8 @@ class LogicalBatch(pl.Callback):
         self.optimizer_kwargs = dict(rule=rule, beta_form=beta_form, momentum_mode=momentum_mode,
                                      weight_decay_form=weight_decay_form, horizon=horizon,
                                      reference_horizon=reference_horizon, gamma=gamma, max_grad_norm=max_grad_norm,
-                                     noise_scale=noise_scale, ema_rescale=ema_rescale)
+                                     noise_scale=noise_scale, ema_rescale=ema_rescale,
+                                     batch_schedule=batch_schedule)
         self.lr_schedule, self.schedule_unit = lr_schedule, schedule_unit
         self.ema_decay, self.ema = ema_decay, None
         self.max_samples, self.max_tokens = max_samples, max_tokens
@@ -195,6 +201,10 @@ class LogicalBatch(pl.Callback):
                 f"logical_batch_size={self.logical_batch_size}. Pass reparameterize=True to take one update per batch "
                 f"with kappa = {opt.kappa:.4g} (valid below the critical batch size), or lower the per-device batch.")
         for config in trainer.lr_scheduler_configs:  # torch schedulers step once per update, not per batch
+            if config.interval == "step" and opt.batch_schedule is not None:
+                raise ValueError("a torch lr scheduler with interval='step' under a batch_schedule would step per "
+                                 "batch, not per update, once the accumulation changes: pass the lr schedule as "
+                                 "LogicalBatch(lr_schedule=...), which follows the clock")
             if config.interval == "step":
                 config.frequency *= opt.accumulation_steps
         if self.verbose:
@@ -230,7 +240,8 @@ class LogicalBatch(pl.Callback):
         opt = self.optimizer
         eff = opt.effective_hyperparameters()[0]
         metrics = {"samples_seen": float(opt.samples_seen), "tokens_seen": float(opt.tokens_seen),
-                   "updates": float(opt.updates), "kappa": float(opt.last_kappa), "lr": float(eff["lr"])}
+                   "updates": float(opt.updates), "kappa": float(opt.last_kappa), "lr": float(eff["lr"]),
+                   "batch_per_update": float(opt.last_batch_size)}
         if "betas" in eff:
             metrics["beta1"], metrics["beta2"] = (float(b) for b in eff["betas"])
         if opt.noise_scale is not None:

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from . import checks, rules
 from .clock import Clock
+from .batch_schedules import BatchSchedule
 from .facade import Handle, InnerOptimizerProxy
 from .families import KNOWN_OPTIMIZERS, family_of
 from .noise import NoiseScaleEstimator, NoiseScaleMonitor
@@ -72,6 +73,10 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         noise_scale_every: observe one window in this many (default 1: every window). The micro-batch norms cost one
             pass over the gradients per micro-step; on small models where that is a visible share of the step,
             observing every 2-4 windows keeps the overhead down at the price of a noisier EMA.
+        batch_schedule: a :func:`sdebatch.batch_schedule` of the samples per update over the clock, reached by
+            accumulation (each batch a multiple of physical x world size; set at the start of each window), with the
+            rules applied at every update from the logical batch's reference values. Default None: the fixed
+            ``accumulation_steps``. Not with ``accumulation_steps``.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, logical_batch_size: int,
@@ -82,7 +87,7 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
                  grad_scaler: "torch.amp.GradScaler | None" = None, model: torch.nn.Module | None = None,
                  ema: Any = None, ema_rescale: bool | None = None, process_group: Any = None, noise_scale: bool = False,
                  noise_scale_decay: float = 0.95, noise_scale_warn: float | None = 1.0,
-                 noise_scale_every: int = 1) -> None:
+                 noise_scale_every: int = 1, batch_schedule: BatchSchedule | None = None) -> None:
         # --- validate everything before touching any state ---
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -107,12 +112,20 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
                           f"{', '.join(KNOWN_OPTIMIZERS)}); measure it, e.g. with a batch sweep.", stacklevel=2)
         if ema is not None and not callable(getattr(ema, "update", None)):
             raise TypeError("ema must have an update(kappa) method (for example sdebatch.ModelEMA)")
+        if batch_schedule is not None and not isinstance(batch_schedule, BatchSchedule):
+            raise TypeError(f"batch_schedule must come from sdebatch.batch_schedule(...), got "
+                            f"{type(batch_schedule).__name__}")
+        if batch_schedule is not None and accumulation_steps is not None:
+            raise ValueError("batch_schedule sets the accumulation per window; leave accumulation_steps None")
 
         self.process_group = process_group
         self.world_size = dist.get_world_size(process_group) if dist.is_available() and dist.is_initialized() else 1
         physical_batch_size, accumulation_steps = self._batch_arithmetic(logical_batch_size, physical_batch_size,
                                                                          accumulation_steps)
+        if batch_schedule is not None:
+            _check_schedule(batch_schedule, physical_batch_size * self.world_size)
         self.optimizer = optimizer
+        self.batch_schedule = batch_schedule
         self.logical_batch_size = logical_batch_size
         self.physical_batch_size = physical_batch_size
         self.accumulation_steps = accumulation_steps
@@ -131,6 +144,7 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         self._noise = NoiseScaleMonitor((p for g in optimizer.param_groups for p in g["params"]), noise_scale_decay,
                                         noise_scale_warn, noise_scale_every) if noise_scale else None
         self.last_kappa: float | None = None
+        self.last_batch_size: float | None = None  # samples in the last update (all ranks)
         self.last_grad_norm: float | None = None
         self.did_update = False
         self._effective: list[dict] = []
@@ -161,6 +175,17 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         once the data loader is known. Not allowed inside a window."""
         checks.batch_sizes(self.logical_batch_size, physical_batch_size=physical_batch_size,
                            accumulation_steps=accumulation_steps)
+        if self.batch_schedule is not None:
+            if accumulation_steps is not None:
+                raise ValueError("batch_schedule sets the accumulation per window; leave accumulation_steps None")
+            _check_schedule(self.batch_schedule, physical_batch_size * self.world_size)
+            if self.in_window and physical_batch_size != self.physical_batch_size:
+                raise RuntimeError(f"configure_batch({physical_batch_size}) inside an unfinished window of physical "
+                                   f"batch {self.physical_batch_size}; change it between updates")
+            if not self.in_window:
+                self.physical_batch_size = physical_batch_size
+                self._reset_window()
+            return
         new = self._batch_arithmetic(self.logical_batch_size, physical_batch_size, accumulation_steps)
         if self.in_window and new != (self.physical_batch_size, self.accumulation_steps):
             raise RuntimeError(f"configure_batch{new} inside an unfinished window of "
@@ -182,9 +207,10 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         """The batch arithmetic as one line, e.g. "32 per device x 4 accumulation x 2 devices = 256 = logical ..."."""
         b = self.batch_per_update
         rel = "=" if b == self.logical_batch_size else ("<" if b < self.logical_batch_size else ">")
+        ramp = f"; batch schedule: {self.batch_schedule.describe()}" if self.batch_schedule is not None else ""
         return (f"{self.physical_batch_size} per device x {self.accumulation_steps} accumulation x {self.world_size} "
                 f"device(s) = {b} samples per update {rel} logical batch {self.logical_batch_size}, "
-                f"kappa = {self.kappa:.4g}, rule = {self.rule}")
+                f"kappa = {self.kappa:.4g}, rule = {self.rule}{ramp}")
 
     @property
     def samples_seen(self) -> int:
@@ -229,6 +255,15 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         self.window = Window()
         if self._noise is not None:
             self._noise.start_window(self.clock.updates)
+        if self.batch_schedule is not None:  # the next window's accumulation, from the clock
+            s = self.batch_schedule
+            batch = s(self.clock.tokens_seen if s.unit == "tokens" else self.clock.samples_seen)
+            per_pass = self.physical_batch_size * self.world_size
+            if batch % per_pass:
+                raise ValueError(f"batch_schedule asks {batch} samples per update at {self.clock.samples_seen} "
+                                 f"samples / {self.clock.tokens_seen} tokens: not a multiple of physical "
+                                 f"{self.physical_batch_size} x world size {self.world_size}")
+            self.accumulation_steps = batch // per_pass
 
     def backward(self, loss: torch.Tensor, num_items: float | torch.Tensor | None = None, *,
                  num_samples: int | None = None, num_tokens: int | None = None, reduction: str = "sum",
@@ -416,6 +451,7 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         c.tokens_seen += int(round(tokens))
         c.kappa_sum += k
         self.last_kappa = k
+        self.last_batch_size = samples
         self.did_update = True
         self._reset_window()
         self._backward_synced = True
@@ -475,6 +511,14 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         # (Lightning's fit does), and a sum does not care about order.
         self.window.saved_grads = None if grads is None else [
             None if g is None else g.to(device=p.device, dtype=p.dtype) for p, g in zip(params, grads)]
+
+
+def _check_schedule(schedule: BatchSchedule, per_pass: int) -> None:
+    """Every batch of a piecewise schedule is reachable by accumulation: a multiple of physical x world size."""
+    for t, b in schedule.points or []:
+        if b % per_pass:
+            raise ValueError(f"batch_schedule: {b} samples per update from {t:g} {schedule.unit} is not a multiple of "
+                             f"physical x world size = {per_pass}")
 
 
 def _warn_batchnorm(model: torch.nn.Module) -> None:

@@ -1,0 +1,209 @@
+"""Batch-size schedules (sdebatch.batch_schedule): the parser and its errors; a ramp reached by accumulation equals a
+hand-written Adam that takes each big batch with the rules applied by hand (lr sqrt(kappa), betas**kappa,
+eps / sqrt(kappa), bias correction through the product of the betas) to round-off; the same for SGD; the values
+applied at each change; a resume mid-ramp; the Lightning callback = the plain loop."""
+import math
+
+import pytest
+import torch
+
+import sdebatch
+from reference import make_data, make_model, sample_loss_mean
+
+SCHEDULE = "0:8, 32:16, 96:32"  # samples per update: 8 from 0, 16 from 32, 32 from 96 samples seen
+LOGICAL, PHYSICAL = 8, 4
+
+
+@pytest.mark.parametrize("spec,unit,needle", [
+    ("0:64, 10:0", "samples", "entry 2 ('10:0'): the batch must be a positive int"),
+    ("0:64, 10:-8", "samples", "entry 2 ('10:-8')"),
+    ("5:64", "samples", "entry 1 ('5:64'): the first entry must start at 0 samples"),
+    ("0:64, 20M:128, 20M:256", "tokens", "entry 3 ('20M:256'): clock values must increase"),
+    ("0:64, 1e6:128", "samples", "entry 2 ('1e6:128'): '1e6' is not a number"),
+    ("0:64; 10:128", "samples", "is not a number"),
+    ("0", "samples", "entry 1 ('0') is not clock:batch"),
+    ("", "samples", "batch_schedule is empty"),
+    ("0:64", "steps", "unit must be one of 'samples', 'tokens'"),
+    ([(0, 64), (10, 1.5)], "samples", "entry 2 ('10:1.5'): the batch must be a positive int"),
+])
+def test_invalid_schedules_name_the_entry(spec, unit, needle):
+    with pytest.raises(ValueError) as e:
+        sdebatch.batch_schedule(spec, unit=unit)
+    assert needle in str(e.value)
+
+
+def test_parser_and_description():
+    s = sdebatch.batch_schedule("0:64, 20M:128, 0.1G:256", unit="tokens")
+    assert s.points == [(0.0, 64), (2e7, 128), (1e8, 256)]
+    assert [s(t) for t in (0, 2e7 - 1, 2e7, 99_999_999, 1e8, 1e12)] == [64, 64, 128, 128, 256, 256]
+    assert s.describe() == "64 from 0, 128 from 20M, 256 from 100M tokens"
+    assert sdebatch.batch_schedule([(0, 8), (100, 16)])(150) == 16
+
+
+def _stream(n=224):
+    x, y, _ = make_data(n=n)
+    return x, y
+
+
+def _wrapped_run(inner_cls, kw, schedule, *, stop_after=None, state=None):
+    """The wrapper on the schedule, micro-batches of PHYSICAL in stream order; optionally stopped / resumed."""
+    x, y = _stream()
+    model = make_model()
+    opt = sdebatch.LogicalBatchOptimizer(inner_cls(model.parameters(), **kw), LOGICAL, PHYSICAL,
+                                         batch_schedule=schedule)
+    start = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start = state["micro"]
+    used = []
+    for i in range(start, len(x) // PHYSICAL):
+        if stop_after is not None and i == stop_after:
+            return model, opt, {"model": model.state_dict(), "opt": opt.state_dict(), "micro": i}
+        sl = slice(i * PHYSICAL, (i + 1) * PHYSICAL)
+        sample_loss_mean(model, x[sl], y[sl]).backward()
+        opt.step()
+        if opt.did_update:
+            assert opt.last_batch_size == opt.last_kappa * LOGICAL
+            used.append((opt.last_kappa, dict(opt.effective_hyperparameters()[0])))
+        opt.zero_grad()
+    return model, opt, used
+
+
+def _batches(schedule, n):
+    """The update batches the schedule gives over a stream of n samples: (start, size)."""
+    out, seen = [], 0
+    while seen < n:
+        b = schedule(seen)
+        out.append((seen, b))
+        seen += b
+    return out
+
+
+def test_ramp_by_accumulation_equals_hand_written_adam_with_the_rules_and_the_product_bias_correction():
+    lr, b1, b2, eps = 0.01, 0.9, 0.99, 1e-8
+    schedule = sdebatch.batch_schedule(SCHEDULE)
+    model, opt, used = _wrapped_run(torch.optim.Adam, dict(lr=lr, betas=(b1, b2), eps=eps), schedule)
+    # the reference: plain float64 Adam on each update's whole batch, every hyperparameter rescaled by hand
+    x, y = _stream()
+    ref = make_model()
+    params = list(ref.parameters())
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    k_sum = 0.0
+    batches = _batches(schedule, len(x))
+    for (start, b), (kappa, applied) in zip(batches, used):
+        k = b / LOGICAL
+        assert kappa == k
+        # the values applied at this update are the rules computed by hand
+        assert applied["lr"] == pytest.approx(lr * math.sqrt(k), rel=1e-15)
+        assert applied["betas"] == pytest.approx((b1 ** k, b2 ** k), rel=1e-15)
+        assert applied["eps"] == pytest.approx(eps / math.sqrt(k), rel=1e-15)
+        ref.zero_grad()
+        sample_loss_mean(ref, x[start:start + b], y[start:start + b]).backward()
+        k_sum += k
+        with torch.no_grad():
+            for p, mi, vi in zip(params, m, v):
+                mi.mul_(b1 ** k).add_((1 - b1 ** k) * p.grad)
+                vi.mul_(b2 ** k).add_((1 - b2 ** k) * p.grad ** 2)
+                m_hat = mi / (1 - b1 ** k_sum)  # bias correction through prod_s beta1**kappa_s
+                v_hat = vi / (1 - b2 ** k_sum)
+                p.sub_(lr * math.sqrt(k) * m_hat / (v_hat.sqrt() + eps / math.sqrt(k)))
+    assert [b for _, b in batches] == [8] * 4 + [16] * 4 + [32] * 4 and len(used) == len(batches) == 12
+    assert opt.samples_seen == len(x) and opt.accumulation_steps == 8
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-10)
+
+
+def test_ramp_by_accumulation_equals_the_piecewise_big_batch_sgd():
+    lr = 0.05
+    schedule = sdebatch.batch_schedule(SCHEDULE)
+    model, _, used = _wrapped_run(torch.optim.SGD, dict(lr=lr), schedule)
+    x, y = _stream()
+    ref = make_model()
+    for (start, b), (kappa, applied) in zip(_batches(schedule, len(x)), used):
+        assert applied["lr"] == pytest.approx(lr * b / LOGICAL, rel=1e-15)  # the linear rule
+        ref.zero_grad()
+        sample_loss_mean(ref, x[start:start + b], y[start:start + b]).backward()
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.sub_(lr * (b / LOGICAL) * p.grad)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("stop_after", [5, 8, 13, 30])  # mid-window and at a window's end, before / after changes
+def test_resume_mid_ramp_equals_uninterrupted(stop_after):
+    kw = dict(lr=0.01, betas=(0.9, 0.99))
+    schedule = sdebatch.batch_schedule(SCHEDULE)
+    full, full_opt, _ = _wrapped_run(torch.optim.Adam, kw, schedule)
+    _, _, state = _wrapped_run(torch.optim.Adam, kw, schedule, stop_after=stop_after)
+    resumed, opt, _ = _wrapped_run(torch.optim.Adam, kw, schedule, state=state)
+    assert opt.updates == full_opt.updates and opt.samples_seen == full_opt.samples_seen
+    for p, q in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_schedule_errors_before_any_state_changes():
+    model = make_model()
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="12 samples per update from 32 samples is not a multiple of physical x "
+                                         "world size = 8"):
+        sdebatch.LogicalBatchOptimizer(inner, 8, 8, batch_schedule=sdebatch.batch_schedule("0:8, 32:12"))
+    with pytest.raises(ValueError, match="leave accumulation_steps None"):
+        sdebatch.LogicalBatchOptimizer(inner, 8, 4, accumulation_steps=2,
+                                       batch_schedule=sdebatch.batch_schedule("0:8"))
+    with pytest.raises(TypeError, match="sdebatch.batch_schedule"):
+        sdebatch.LogicalBatchOptimizer(inner, 8, 4, batch_schedule="0:8")
+    opt = sdebatch.LogicalBatchOptimizer(inner, 8, 4, batch_schedule=sdebatch.batch_schedule(lambda n: 12))
+    model(torch.ones(4, 6)).sum().backward()
+    with pytest.raises(ValueError, match="batch_schedule asks 12 samples per update"):
+        opt.configure_batch(8)  # a callable that asks what 8-sample micro-batches cannot reach
+    assert "batch schedule: <lambda> of the samples seen" in opt.describe()
+
+
+def test_lightning_ramp_equals_the_plain_loop(tmp_path):
+    import sdebatch.lightning as sl
+    from lightning_helpers import Regression, loader, trainer
+
+    n = 96
+    schedule = sdebatch.batch_schedule("0:8, 32:16")
+    module = Regression("adam")
+    cb = sl.LogicalBatch(LOGICAL, batch_schedule=schedule, verbose=False)
+    trainer(cb, epochs=1).fit(module, train_dataloaders=loader(n, PHYSICAL))
+    # the plain loop: the same data in the same order, the same schedule
+    from reference import OPTIMIZERS
+    x, y, _ = make_data(n=n)
+    model = make_model()
+    cls, kw = OPTIMIZERS["adam"]
+    opt = sdebatch.LogicalBatchOptimizer(cls(model.parameters(), **kw), LOGICAL, PHYSICAL, batch_schedule=schedule)
+    for i in range(0, n, PHYSICAL):
+        sample_loss_mean(model, x[i:i + PHYSICAL], y[i:i + PHYSICAL]).backward()
+        opt.step()
+        opt.zero_grad()
+    opt.flush()
+    assert cb.optimizer.updates == opt.updates == 4 + 4 and cb.optimizer.samples_seen == n
+    for p, q in zip(module.net.parameters(), model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+
+
+def test_lightning_lr_schedule_follows_the_clock_through_a_ramp_and_step_schedulers_are_refused():
+    """The Megatron-Bridge #2609 class of bug: a batch ramp must not bend the lr schedule. Under a ramp the lr of
+    every update is the schedule at the clock, exactly as without one; a torch scheduler stepped per update (whose
+    step count a change of accumulation would skew) is refused before training."""
+    import sdebatch.lightning as sl
+    from lightning_helpers import Regression, flat_params, loader, trainer
+
+    f = sdebatch.warmup_cosine(total=2 * 96, warmup=32)
+    ramp = Regression("adam")
+    trainer(sl.LogicalBatch(LOGICAL, lr_schedule=f, batch_schedule=sdebatch.batch_schedule("0:8, 32:16, 96:32"),
+                            verbose=False), epochs=2).fit(ramp, train_dataloaders=loader(96, PHYSICAL))
+    assert len(ramp.lrs) == 4 + 4 + 3 and [t for t, _, _ in ramp.lrs][-1] == 192
+    for t, reference, used in ramp.lrs:
+        assert reference == pytest.approx(0.01 * f(t), abs=1e-15)
+    module = Regression("adam", scheduler="step")
+    before = flat_params(module.net).clone()
+    with pytest.raises(ValueError, match="interval='step' under a batch_schedule"):
+        trainer(sl.LogicalBatch(LOGICAL, batch_schedule=sdebatch.batch_schedule("0:8, 32:16"), verbose=False),
+                epochs=1).fit(module, train_dataloaders=loader(96, PHYSICAL))
+    assert torch.equal(flat_params(module.net), before)
