@@ -111,3 +111,118 @@ def batch_schedule(spec: str | Sequence[tuple[float, int]] | Callable[[float], i
         return batch
 
     return BatchSchedule(piecewise, unit, points)
+
+
+# ---------------------------------------------------------------- presets
+
+def megatron_ramp(start: int, increment: int, ramp_samples: int, global_batch_size: int) -> BatchSchedule:
+    """Megatron-LM's ``--rampup-batch-size start increment ramp_samples`` (global batch ``global_batch_size``): the
+    batch starts at ``start`` and grows by ``increment`` in equal steps of samples until ``global_batch_size`` is
+    reached after ``ramp_samples`` samples. Megatron changes no hyperparameter with it; here the rules follow."""
+    for name, v in (("start", start), ("increment", increment), ("ramp_samples", ramp_samples),
+                    ("global_batch_size", global_batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if global_batch_size < start or (global_batch_size - start) % increment:
+        raise ValueError(f"global_batch_size - start must be a non-negative multiple of increment, got "
+                         f"{global_batch_size} - {start} and {increment}")
+    steps = (global_batch_size - start) // increment
+    per_step = ramp_samples / steps if steps else 0.0
+    return batch_schedule([(i * per_step, start + i * increment) for i in range(steps + 1)], "samples")
+
+
+def seesaw(lr_schedule: Callable[[float], float], logical_batch_size: int, max_batch_size: int, total: float,
+           unit: str = "samples", *, tolerance: float = 1e-6) -> BatchSchedule:
+    """Seesaw (arXiv 2510.14717): where the lr schedule would halve the lr, double the batch instead. Keep
+    ``lr_schedule`` as the reference schedule and give the wrapper this batch schedule: at the k-th point where the
+    schedule has fallen to 2**-k of its peak the batch becomes ``logical_batch_size * 2**k`` (capped at
+    ``max_batch_size``), and the wrapper's rule turns the halving into lr / sqrt 2 under Adam's square-root rule (a
+    constant effective lr under SGD's linear rule), which is Seesaw's update.
+
+    Args:
+        lr_schedule: the lr multiplier of the clock (e.g. :func:`sdebatch.warmup_cosine`), peak 1 after warmup.
+        logical_batch_size: the batch of the reference hyperparameters (the first batch).
+        max_batch_size: the cap (samples); doublings beyond it are dropped (the lr then decays as scheduled).
+        total: the clock's horizon; crossings are looked for in [peak, total].
+        unit: "samples" or "tokens" (the clock of ``lr_schedule``).
+        tolerance: relative precision of each crossing point (bisection).
+    """
+    choice("unit", unit, UNITS)
+    if max_batch_size < logical_batch_size:
+        raise ValueError(f"max_batch_size ({max_batch_size}) must be >= logical_batch_size ({logical_batch_size})")
+    grid = [total * i / 4096 for i in range(4097)]
+    values = [lr_schedule(t) for t in grid]
+    peak_i = max(range(len(values)), key=lambda i: (values[i], -i))
+    peak = values[peak_i]
+    points, k = [(0.0, logical_batch_size)], 1
+    while logical_batch_size * 2 ** k <= max_batch_size:
+        level = peak * 2.0 ** -k
+        i = next((j for j in range(peak_i, len(grid)) if values[j] <= level), None)
+        if i is None:
+            break
+        lo, hi = grid[i - 1], grid[i]  # the crossing, to tolerance (the schedule falls after its peak)
+        while hi - lo > tolerance * max(total, 1.0):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if lr_schedule(mid) > level else (lo, mid)
+        points.append((hi, logical_batch_size * 2 ** k))
+        k += 1
+    return batch_schedule(points, unit)
+
+
+class CriticalBatchWarmup(BatchSchedule):
+    """Grow the batch while it stays below ``fraction`` x the critical batch, estimated online (Merrill et al. 2025:
+    the critical batch starts near 0 and grows): at each window the batch becomes the largest multiple of the
+    physical pass (physical x world size) not above ``fraction`` x B_simple of the wrapper's noise-scale estimator
+    (``noise_scale=True``), never smaller than before, at most ``max_batch_size``. Until the estimator has a value
+    the batch stays at ``start``. Built by :func:`critical_batch_warmup`; the wrapper attaches itself."""
+
+    def __init__(self, start: int, max_batch_size: int, fraction: float, unit: str) -> None:
+        super().__init__(self._next, unit)
+        self.start, self.max_batch_size, self.fraction = start, max_batch_size, fraction
+        self.current = start
+        self._opt = None
+
+    def attach(self, optimizer) -> None:
+        if getattr(optimizer, "noise", None) is None:
+            raise ValueError("critical_batch_warmup needs the wrapper's noise-scale estimator: pass noise_scale=True")
+        self._opt = optimizer
+
+    def _next(self, clock: float) -> int:
+        opt = self._opt
+        if opt is None or opt.noise_scale is None:
+            return self.current
+        step = opt.physical_batch_size * opt.world_size
+        target = int(self.fraction * opt.noise_scale // step) * step
+        self.current = max(self.current, min(self.max_batch_size, target))
+        return self.current
+
+    def describe(self) -> str:
+        return (f"{self.start} growing to {self.fraction:g} x B_simple (online), at most {self.max_batch_size}; "
+                f"now {self.current}")
+
+    def state_dict(self) -> dict:
+        return {"current": self.current}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.current = int(state["current"])
+
+
+def critical_batch_warmup(start: int, max_batch_size: int, fraction: float = 0.5,
+                          unit: str = "samples") -> CriticalBatchWarmup:
+    """A batch warmup that follows the online critical-batch estimate; see :class:`CriticalBatchWarmup`.
+
+    Args:
+        start: the first batch (samples), a multiple of physical x world size.
+        max_batch_size: the cap (samples).
+        fraction: the batch is kept at or below this multiple of B_simple (default 0.5).
+        unit: the clock the wrapper reads ("samples" default, or "tokens"); the estimate, not the clock, drives it.
+    """
+    choice("unit", unit, UNITS)
+    for name, v in (("start", start), ("max_batch_size", max_batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int (samples), got {v!r}")
+    if max_batch_size < start:
+        raise ValueError(f"max_batch_size ({max_batch_size}) must be >= start ({start})")
+    if not 0 < fraction <= 1e3:
+        raise ValueError(f"fraction must be in (0, 1000], got {fraction!r}")
+    return CriticalBatchWarmup(start, max_batch_size, float(fraction), unit)

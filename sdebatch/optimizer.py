@@ -124,6 +124,9 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
                                                                          accumulation_steps)
         if batch_schedule is not None:
             _check_schedule(batch_schedule, physical_batch_size * self.world_size)
+            if hasattr(batch_schedule, "attach") and not noise_scale:
+                raise ValueError("critical_batch_warmup needs the wrapper's noise-scale estimator: pass "
+                                 "noise_scale=True")
         self.optimizer = optimizer
         self.batch_schedule = batch_schedule
         self.logical_batch_size = logical_batch_size
@@ -151,6 +154,8 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         self._pre_update_hooks: "OrderedDict[int, Callable]" = OrderedDict()
         self._post_update_hooks: "OrderedDict[int, Callable]" = OrderedDict()
         self._init_torch_hooks()
+        if hasattr(batch_schedule, "attach"):
+            batch_schedule.attach(self)
         self._reset_window()
         self._backward_synced = True
         if model is not None and accumulation_steps > 1:
@@ -474,6 +479,8 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
                 "last_kappa": self.last_kappa,
                 "window": window,
                 "noise": self.noise.state_dict() if self.noise is not None else None,
+                "batch_schedule": (self.batch_schedule.state_dict()
+                                   if hasattr(self.batch_schedule, "state_dict") else None),
                 "window_grads": window_grads,
                 "config": {"logical_batch_size": self.logical_batch_size, "rule": self.rule,
                            "physical_batch_size": self.physical_batch_size,
@@ -499,6 +506,8 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         self.last_kappa = ours.get("last_kappa")
         if self.noise is not None and ours.get("noise") is not None:
             self.noise.load_state_dict(ours["noise"])
+        if hasattr(self.batch_schedule, "load_state_dict") and ours.get("batch_schedule") is not None:
+            self.batch_schedule.load_state_dict(ours["batch_schedule"])
         self._reset_window()
         self.window.load_state_dict(ours["window"])
         if self._noise is not None:

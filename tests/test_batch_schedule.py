@@ -207,3 +207,62 @@ def test_lightning_lr_schedule_follows_the_clock_through_a_ramp_and_step_schedul
         trainer(sl.LogicalBatch(LOGICAL, batch_schedule=sdebatch.batch_schedule("0:8, 32:16"), verbose=False),
                 epochs=1).fit(module, train_dataloaders=loader(96, PHYSICAL))
     assert torch.equal(flat_params(module.net), before)
+
+
+def test_megatron_ramp_is_megatrons_arithmetic():
+    """--rampup-batch-size 32 32 1000 with global batch 128: 32, 64, 96, 128, each step after 1000 / 3 samples."""
+    from sdebatch.batch_schedules import megatron_ramp
+
+    s = megatron_ramp(32, 32, 1000, 128)
+    assert s.points == [(0.0, 32), (1000 / 3, 64), (2000 / 3, 96), (1000.0, 128)]
+    assert [s(n) for n in (0, 333, 334, 999, 1000, 10 ** 6)] == [32, 32, 64, 96, 128, 128]
+    with pytest.raises(ValueError, match="multiple of increment"):
+        megatron_ramp(32, 28, 1000, 128)
+
+
+def test_seesaw_doubles_the_batch_where_the_lr_would_halve():
+    from sdebatch.batch_schedules import seesaw
+
+    def steps(t):  # a step decay: halved at 100, 200, 300 (after a warmup to 1 by 10)
+        return min(t / 10, 1.0) * 0.5 ** sum(t >= x for x in (100, 200, 300))
+
+    s = seesaw(steps, 64, 256, 400)
+    assert [b for _, b in s.points] == [64, 128, 256]  # capped: the third halving stays an lr halving
+    assert [t for t, _ in s.points][1:] == pytest.approx([100, 200], abs=400 * 1e-6)
+    f = sdebatch.warmup_cosine(total=1000, warmup=100)
+    c = seesaw(f, 8, 64, 1000, "tokens")
+    for k, (t, b) in enumerate(c.points[1:], 1):  # each point: the cosine has fallen to 2**-k of its peak
+        assert b == 8 * 2 ** k and f(t) == pytest.approx(2.0 ** -k, abs=1e-5)
+    assert c.unit == "tokens" and len(c.points) == 4
+    # under the square-root rule the effective lr at each point is the reference lr / sqrt 2 per doubling
+    for k, (t, b) in enumerate(c.points[1:], 1):
+        assert f(t) * math.sqrt(b / 8) == pytest.approx(2.0 ** (-k / 2), abs=1e-5)
+
+
+def test_critical_batch_warmup_follows_the_online_estimate_and_resumes(monkeypatch):
+    from sdebatch.batch_schedules import critical_batch_warmup
+
+    with pytest.raises(ValueError, match="noise_scale=True"):
+        sdebatch.LogicalBatchOptimizer(torch.optim.SGD(make_model().parameters(), lr=0.1), 8, 4,
+                                       batch_schedule=critical_batch_warmup(8, 64))
+    ramp = critical_batch_warmup(8, 64, fraction=0.5)
+    model = make_model()
+    opt = sdebatch.LogicalBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 8, 4, batch_schedule=ramp,
+                                         noise_scale=True)
+    assert opt.accumulation_steps == 2  # no estimate yet: the start
+    fake = [None]
+    monkeypatch.setattr(type(opt), "noise_scale", property(lambda self: fake[0]))  # the estimate, set per window
+    seen = []
+    for est in [None, 20.0, 13.0, 70.0, 500.0, 30.0]:
+        fake[0] = est
+        opt._reset_window()  # what each update does at its end
+        seen.append(opt.batch_per_update)
+    monkeypatch.undo()
+    # 0.5 x B_simple rounded down to a multiple of 4, never below the last, capped at 64; no estimate: keep
+    assert seen == [8, 8, 8, 32, 64, 64]
+    state = opt.state_dict()
+    fresh = critical_batch_warmup(8, 64, fraction=0.5)
+    opt2 = sdebatch.LogicalBatchOptimizer(torch.optim.SGD(make_model().parameters(), lr=0.1), 8, 4,
+                                          batch_schedule=fresh, noise_scale=True)
+    opt2.load_state_dict(state)
+    assert fresh.current == 64 and opt2.batch_per_update == 64
