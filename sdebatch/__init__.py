@@ -8,6 +8,7 @@ Public API:
     ModelEMA, ema_avg_fn                           model EMA with decay rho**kappa
     LogicalChunker                                 exact split of a physical batch into logical chunks
     batch_schedule, BatchSchedule                  the batch per update over the sample / token clock
+    choose_physical_batch                          the fastest micro-batch that fits, measured on the real model
 """
 from .rules import kappa, rescale, ema_decay, lr_factor
 from .clock import Clock
@@ -16,9 +17,10 @@ from .schedules import ClockSchedule, constant, linear, warmup_cosine, warmup_st
 from .ema import ModelEMA, ema_avg_fn
 from .chunking import LogicalChunker
 from .batch_schedules import BatchSchedule, batch_schedule
+from .physical_batch import choose_physical_batch
 
 __version__ = "0.1.0"
 
 __all__ = ["kappa", "rescale", "ema_decay", "lr_factor", "Clock", "LogicalBatchOptimizer", "ClockSchedule",
            "constant", "linear", "warmup_cosine", "warmup_stable_decay", "ModelEMA", "ema_avg_fn", "LogicalChunker",
-           "batch_schedule", "BatchSchedule"]
+           "batch_schedule", "BatchSchedule", "choose_physical_batch"]

@@ -266,3 +266,37 @@ def test_critical_batch_warmup_follows_the_online_estimate_and_resumes(monkeypat
                                           batch_schedule=fresh, noise_scale=True)
     opt2.load_state_dict(state)
     assert fresh.current == 64 and opt2.batch_per_update == 64
+
+
+def test_choose_physical_batch_picks_the_fastest_that_fits_from_a_measured_table():
+    """Faked timings and memory: throughput peaks at 32, 64 is over the memory margin, 128 runs out of memory (and
+    256 is never tried); the choice is 32, and configuring the wrapper with it keeps the logical batch."""
+    clock = [0.0]
+    tried = []
+    seconds = {8: 1.0, 16: 1.4, 32: 2.0, 64: 3.0, 128: None}  # per micro-step; samples/s = b / seconds
+    peak = {8: 10, 16: 20, 32: 40, 64: 95, 128: None}
+
+    def step(b):
+        tried.append(b)
+        if seconds[b] is None:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate ...")
+        clock[0] += seconds[b]
+        return None
+
+    def memory():  # (peak bytes of the candidate just run, total bytes)
+        return (peak[tried[-1]] if tried else None), 100
+
+    choice = sdebatch.choose_physical_batch(step, [64, 8, 256, 32, 16, 128], steps=2, warmup=1, margin=0.1,
+                                            device="cpu", timer=lambda: clock[0], memory=memory)
+    assert 256 not in tried
+    rows = {r["batch"]: r for r in choice.rows}
+    assert rows[8]["throughput"] == pytest.approx(8.0) and rows[32]["throughput"] == pytest.approx(16.0)
+    assert rows[64]["status"] == "over the 10% margin" and rows[128]["status"] == "out of memory"
+    assert choice.physical_batch_size == 32 and "chosen: 32 per device" in choice.describe()
+    opt = sdebatch.LogicalBatchOptimizer(torch.optim.SGD(make_model().parameters(), lr=0.1), 256)
+    opt.configure_batch(choice.physical_batch_size)
+    assert opt.logical_batch_size == 256 and opt.accumulation_steps == 8 and opt.kappa == 1.0
+    with pytest.raises(ValueError, match="candidates must be positive ints"):
+        sdebatch.choose_physical_batch(step, [0, 8])
+    with pytest.raises(RuntimeError, match="no candidate micro-batch fits"):
+        sdebatch.choose_physical_batch(step, [128], device="cpu")
