@@ -114,10 +114,21 @@ class ResumableDataLoader(DataLoader):
         super().__init__(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
         self.batches_yielded = 0
         self._resume_batches = 0
+        self._resume_geometry: tuple[int, int] | None = None  # (batch size, ranks) the resume point was saved with
 
     def __iter__(self) -> Iterator[Any]:
         sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
         skip, self._resume_batches = self._resume_batches, 0
+        geometry, self._resume_geometry = self._resume_geometry, None
+        if geometry is not None and geometry != (self.batch_size, sampler.num_replicas):
+            # elastic resume: the same position in samples of the epoch's order, in the new batch / rank split
+            consumed = skip * geometry[0] * geometry[1]
+            per_pass = self.batch_size * sampler.num_replicas
+            if consumed % per_pass:
+                raise ValueError(f"resuming at sample {consumed} of the epoch with {sampler.num_replicas} rank(s) x "
+                                 f"batch {self.batch_size}: not a whole number of batches; pick a batch size and "
+                                 "rank count whose product divides it")
+            skip = consumed // per_pass
         sampler.start = skip * self.batch_size
         self.batches_yielded = skip
         for batch in super().__iter__():
@@ -125,10 +136,15 @@ class ResumableDataLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict:
-        return {"epoch": self.sampler.epoch, "batches": self.batches_yielded, "sdebatch_resumable": True}
+        """The epoch and the batches handed out in it, with the batch size and rank count that position is in (a
+        loader with another batch size or rank count resumes at the same sample)."""
+        return {"epoch": self.sampler.epoch, "batches": self.batches_yielded, "batch_size": self.batch_size,
+                "num_replicas": self.sampler.num_replicas, "sdebatch_resumable": True}
 
     def load_state_dict(self, state: dict) -> None:
         if "epoch" not in state or "batches" not in state:
             raise ValueError("ResumableDataLoader state must have 'epoch' and 'batches'")
         self.sampler.epoch = int(state["epoch"])
         self._resume_batches = int(state["batches"])
+        if "batch_size" in state and "num_replicas" in state:
+            self._resume_geometry = (int(state["batch_size"]), int(state["num_replicas"]))

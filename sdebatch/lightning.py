@@ -194,7 +194,10 @@ class LogicalBatch(pl.Callback):
         if physical is None:
             raise ValueError("cannot read the per-device batch size from the train dataloader; pass "
                              "LogicalBatch(physical_batch_size=...)")
-        opt.configure_batch(physical, self.accumulation_steps)  # inside a resumed window: must match the saved one
+        # elastic resume: another per-device batch than the checkpoint's; a window restored with other arithmetic is
+        # flushed (applied as a short update) and the run continues in samples
+        if opt.configure_batch(physical, self.accumulation_steps):
+            self._after_update(trainer, pl_module, in_batch=False)
         if opt.batch_per_update > self.logical_batch_size and opt.accumulation_steps == 1 and not self.reparameterize:
             raise ValueError(
                 f"{physical} per device x {opt.world_size} devices = {opt.batch_per_update} samples per batch exceeds "

@@ -175,11 +175,21 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
             accumulation = math.ceil(logical / per_pass) if per_pass < logical else 1
         return physical, accumulation
 
-    def configure_batch(self, physical_batch_size: int, accumulation_steps: int | None = None) -> None:
+    def configure_batch(self, physical_batch_size: int, accumulation_steps: int | None = None) -> bool:
         """Set the physical batch (and accumulation, default derived as in the constructor) before training, e.g.
-        once the data loader is known. Not allowed inside a window."""
+        once the data loader is known, or after a resume with another physical batch (elastic resume: the clock and
+        the logical batch continue). Not allowed inside a running window; a window restored from a checkpoint with
+        other arithmetic is flushed first (applied as a short update with its own kappa). Returns whether it
+        flushed."""
         checks.batch_sizes(self.logical_batch_size, physical_batch_size=physical_batch_size,
                            accumulation_steps=accumulation_steps)
+        flushed = False
+        if self.window.saved_grads is not None:  # restored mid-window, no micro-step since: flush if it changes
+            wanted = (physical_batch_size, accumulation_steps)
+            if self.batch_schedule is not None or wanted[0] != self.physical_batch_size or (
+                    wanted[1] is not None and wanted[1] != self.accumulation_steps):
+                if wanted != (self.physical_batch_size, self.accumulation_steps):
+                    flushed = self.flush()
         if self.batch_schedule is not None:
             if accumulation_steps is not None:
                 raise ValueError("batch_schedule sets the accumulation per window; leave accumulation_steps None")
@@ -190,12 +200,13 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
             if not self.in_window:
                 self.physical_batch_size = physical_batch_size
                 self._reset_window()
-            return
+            return flushed
         new = self._batch_arithmetic(self.logical_batch_size, physical_batch_size, accumulation_steps)
         if self.in_window and new != (self.physical_batch_size, self.accumulation_steps):
             raise RuntimeError(f"configure_batch{new} inside an unfinished window of "
                                f"{(self.physical_batch_size, self.accumulation_steps)}; change it between updates")
         self.physical_batch_size, self.accumulation_steps = new
+        return flushed
 
     @property
     def batch_per_update(self) -> int:
@@ -484,7 +495,7 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
                 "window_grads": window_grads,
                 "config": {"logical_batch_size": self.logical_batch_size, "rule": self.rule,
                            "physical_batch_size": self.physical_batch_size,
-                           "accumulation_steps": self.accumulation_steps},
+                           "accumulation_steps": self.accumulation_steps, "world_size": self.world_size},
             },
         }
 
@@ -499,6 +510,12 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         if grads is not None and len(grads) != len(params):
             raise ValueError(f"state_dict holds window gradients for {len(grads)} parameters, "
                              f"the optimizer has {len(params)}")
+        saved_world = ours.get("config", {}).get("world_size", self.world_size)
+        if ours["window"].get("micro_steps", 0) > 0 and saved_world != self.world_size:
+            raise ValueError(f"the checkpoint stopped inside a window on {saved_world} ranks and is resumed on "
+                             f"{self.world_size}: each rank's partial gradients do not carry over; resume on the same "
+                             "world size, or checkpoint at window ends (every_n_train_steps a multiple of the "
+                             "accumulation) to change it")
         clock = Clock()
         clock.load_state_dict(ours["clock"])  # validates before anything changes
         self.optimizer.load_state_dict(state_dict["optimizer"])

@@ -300,3 +300,107 @@ def test_choose_physical_batch_picks_the_fastest_that_fits_from_a_measured_table
         sdebatch.choose_physical_batch(step, [0, 8])
     with pytest.raises(RuntimeError, match="no candidate micro-batch fits"):
         sdebatch.choose_physical_batch(step, [128], device="cpu")
+
+
+def _plain(model, opt, x, y, start, stop, physical):
+    for i in range(start, stop, physical):
+        sample_loss_mean(model, x[i:i + physical], y[i:i + physical]).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("before,after", [(4, 8), (8, 4), (2, 8)])
+def test_elastic_resume_at_a_window_end_equals_the_continuous_run(before, after):
+    """Stop after 3 updates of logical batch 8 with one physical batch, resume with another (accumulation derived):
+    the clock continues in samples and the weights equal the continuous run's (the same samples per update)."""
+    x, y = _stream(96)
+    ref = make_model()
+    ref_opt = sdebatch.LogicalBatchOptimizer(torch.optim.Adam(ref.parameters(), lr=0.01), LOGICAL, before)
+    _plain(ref, ref_opt, x, y, 0, 96, before)
+    model = make_model()
+    opt = sdebatch.LogicalBatchOptimizer(torch.optim.Adam(model.parameters(), lr=0.01), LOGICAL, before)
+    _plain(model, opt, x, y, 0, 24, before)
+    state = {"model": model.state_dict(), "opt": opt.state_dict()}
+    model2 = make_model()
+    opt2 = sdebatch.LogicalBatchOptimizer(torch.optim.Adam(model2.parameters(), lr=0.01), LOGICAL, after)
+    model2.load_state_dict(state["model"])
+    opt2.load_state_dict(state["opt"])
+    assert opt2.configure_batch(after) is False and opt2.accumulation_steps == LOGICAL // after
+    _plain(model2, opt2, x, y, 24, 96, after)
+    assert opt2.samples_seen == ref_opt.samples_seen == 96 and opt2.updates == ref_opt.updates == 12
+    for p, q in zip(model2.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+
+
+def test_elastic_resume_mid_window_flushes_the_restored_window_then_continues_in_samples():
+    x, y = _stream(96)
+    model = make_model()
+    opt = sdebatch.LogicalBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), LOGICAL, 2)
+    _plain(model, opt, x, y, 0, 28, 2)  # 3 updates of 8, then 2 micro-steps of 2 (4 samples) in the window
+    assert opt.in_window and opt.samples_seen == 24
+    state = {"model": model.state_dict(), "opt": opt.state_dict()}
+    # the reference: the same 24 samples in 3 updates, then the 4 held samples as one short update (kappa 1/2)
+    ref = make_model()
+    ref_opt = sdebatch.LogicalBatchOptimizer(torch.optim.SGD(ref.parameters(), lr=0.05), LOGICAL, 2)
+    _plain(ref, ref_opt, x, y, 0, 28, 2)
+    ref_opt.flush()
+    model2 = make_model()
+    opt2 = sdebatch.LogicalBatchOptimizer(torch.optim.SGD(model2.parameters(), lr=0.05), LOGICAL, 2)
+    model2.load_state_dict(state["model"])
+    opt2.load_state_dict(state["opt"])
+    assert opt2.configure_batch(4) is True  # the restored window (of physical 2) is applied before the change
+    assert opt2.samples_seen == 28 and opt2.updates == 4 and opt2.last_kappa == 0.5 and not opt2.in_window
+    for p, q in zip(model2.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+    _plain(model2, opt2, x, y, 28, 92, 4)  # continues at sample 28 in windows of 2 x 4
+    assert opt2.samples_seen == 92 and opt2.updates == 12
+
+
+def test_a_mid_window_checkpoint_does_not_resume_on_another_world_size():
+    model = make_model()
+    opt = sdebatch.LogicalBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), LOGICAL, 2)
+    x, y = _stream(8)
+    _plain(model, opt, x, y, 0, 4, 2)
+    state = opt.state_dict()
+    state["sdebatch"]["config"]["world_size"] = 2  # as if saved on 2 ranks
+    opt2 = sdebatch.LogicalBatchOptimizer(torch.optim.SGD(make_model().parameters(), lr=0.05), LOGICAL, 2)
+    before = opt2.state_dict()
+    with pytest.raises(ValueError, match="inside a window on 2 ranks and is resumed on 1"):
+        opt2.load_state_dict(state)
+    assert opt2.state_dict()["sdebatch"]["clock"] == before["sdebatch"]["clock"] and not opt2.in_window
+
+
+@pytest.mark.parametrize("before,after,ranks_before,ranks_after", [(4, 8, 1, 1), (8, 2, 1, 1), (4, 4, 2, 1),
+                                                                  (4, 2, 1, 2), (2, 4, 1, 2)])
+def test_resumable_loader_resumes_at_the_same_sample_with_another_batch_or_rank_count(before, after, ranks_before,
+                                                                                       ranks_after):
+    from torch.utils.data import TensorDataset
+
+    from sdebatch.data import ResumableDataLoader, ResumableSampler
+
+    data = TensorDataset(torch.arange(64))
+
+    def loader(b, ranks, rank):
+        return ResumableDataLoader(data, b, sampler=ResumableSampler(64, seed=3, num_replicas=ranks, rank=rank))
+
+    order = ResumableSampler(64, seed=3).order(0)
+    saved = []
+    for rank in range(ranks_before):  # every rank hands out 2 batches
+        ld = loader(before, ranks_before, rank)
+        it = iter(ld)
+        next(it), next(it)
+        saved.append(ld.state_dict())
+    consumed = 2 * before * ranks_before
+    if consumed % (after * ranks_after):  # 4 samples consumed, passes of 2 x 4: no whole batch to resume at
+        with pytest.raises(ValueError, match=f"resuming at sample {consumed} of the epoch with {ranks_after} rank"):
+            ld = loader(after, ranks_after, 0)
+            ld.load_state_dict(saved[0])
+            next(iter(ld))
+        return
+    got = []
+    for rank in range(ranks_after):
+        ld = loader(after, ranks_after, rank)
+        ld.load_state_dict(saved[0])
+        got += [int(v) for batch in ld for v in batch[0]]
+    # together the new ranks hand out exactly the samples of the order not yet consumed
+    assert sorted(got) == sorted(order[consumed:])
