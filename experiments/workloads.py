@@ -35,7 +35,10 @@ def mlp(config: dict, progress: bool = True) -> dict:
     """A student MLP learns a teacher MLP with label noise (the regression of ``experiments/demo.py``).
 
     Config: physical_batch_size, logical_batch_size, rule, optimizer ("adam" | "sgd"), lr, samples, seed,
-    eval_every (samples, default samples // 16).
+    eval_every (samples, default samples // 16); for a batch ramp, batch_schedule (a
+    :func:`sdebatch.batch_schedule` spec in samples, reached by accumulation of physical batches) and ramp: "rules"
+    (default: every hyperparameter rescaled per update by the optimizer's rule), "lr_only" (the OLMo-core way: lr x
+    sqrt(kappa) for Adam, x kappa for SGD, the rest unchanged) or "none" (the Megatron way: nothing rescaled).
     """
     from experiments import demo
 
@@ -48,8 +51,22 @@ def mlp(config: dict, progress: bool = True) -> dict:
     inner = cls(model.parameters(), lr=float(config["lr"]))
     b = int(config["physical_batch_size"])
     lb = int(config["logical_batch_size"])
-    opt = sdebatch.LogicalBatchOptimizer(inner, lb, presets.update_batch(config.get("rule", "sqrt_exact"), lb, b),
-                                         **wrapper_kwargs(config))
+    if config.get("batch_schedule"):
+        ramp = config.get("ramp", "rules")
+        family = "adam" if config.get("optimizer", "adam") == "adam" else "sgd"
+        opt = sdebatch.LogicalBatchOptimizer(inner, lb, b, rule=family if ramp == "rules" else "none",
+                                             batch_schedule=sdebatch.batch_schedule(config["batch_schedule"]))
+        if ramp == "lr_only":  # the reference lr is constant here: set the lr of each update from its kappa
+            base = float(config["lr"])
+
+            def lr_only(o, window):
+                factor = window["kappa"] ** (0.5 if family == "adam" else 1.0)
+                for group in o.param_groups:
+                    group["lr"] = base * factor
+            opt.register_pre_update_hook(lr_only)
+    else:
+        opt = sdebatch.LogicalBatchOptimizer(inner, lb, presets.update_batch(config.get("rule", "sqrt_exact"), lb, b),
+                                             **wrapper_kwargs(config))
     every = int(config.get("eval_every", max(1, samples // 16)))
     curve, next_eval = [], every
 
@@ -65,11 +82,12 @@ def mlp(config: dict, progress: bool = True) -> dict:
         opt.step(num_samples=len(xb))
         opt.zero_grad()
         if opt.samples_seen >= next_eval:
-            curve.append({"samples": opt.samples_seen, "loss": evaluate()})
+            curve.append({"samples": opt.samples_seen, "updates": opt.updates, "loss": evaluate()})
             next_eval += every
     opt.flush()
     final = evaluate()
-    return {"final_loss": final, "curve": curve + [{"samples": opt.samples_seen, "loss": final}],
+    return {"final_loss": final, "curve": curve + [{"samples": opt.samples_seen, "updates": opt.updates,
+                                                    "loss": final}],
             "updates": opt.updates, "samples_seen": opt.samples_seen}
 
 
@@ -134,6 +152,10 @@ def mdm(config: dict, progress: bool = True, run_dir=None) -> dict:
 
 def _check_mlp(config: dict) -> None:
     presets.check(config.get("rule", "sqrt_exact"))
+    if config.get("batch_schedule"):
+        sdebatch.batch_schedule(config["batch_schedule"])  # names a bad entry
+        if config.get("ramp", "rules") not in ("rules", "lr_only", "none"):
+            raise ValueError(f"ramp must be 'rules', 'lr_only' or 'none', got {config.get('ramp')!r}")
     if config.get("optimizer", "adam") not in ("adam", "sgd"):
         raise ValueError(f"optimizer must be 'adam' or 'sgd', got {config.get('optimizer')!r}")
     if not isinstance(config.get("lr"), (int, float)) or isinstance(config.get("lr"), bool) or not config["lr"] > 0:

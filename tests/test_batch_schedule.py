@@ -404,3 +404,27 @@ def test_resumable_loader_resumes_at_the_same_sample_with_another_batch_or_rank_
         got += [int(v) for batch in ld for v in batch[0]]
     # together the new ranks hand out exactly the samples of the order not yet consumed
     assert sorted(got) == sorted(order[consumed:])
+
+
+def test_ramp_summary_pairs_by_seed_and_finds_the_updates_to_the_fixed_loss(tmp_path):
+    """sdebatch.figures.ramp.summarise on hand-made runs: the paired relative difference by hand, and the first
+    evaluation whose loss reaches the fixed run's final loss, as a fraction of the fixed run's updates."""
+    from sdebatch.figures.ramp import summarise
+
+    rows = []
+    for seed in (0, 1):
+        for arm, final, curve in (("fixed", 1.0 + seed, [(100, 3.0), (200, 1.0 + seed)]),
+                                  ("rules", 1.02 + seed, [(20, 2.0 + seed), (50, 0.9 + seed), (64, 1.02 + seed)]),
+                                  ("none", 1.5 + seed, [(64, 1.5 + seed)])):
+            rid = f"{arm}{seed}"
+            (tmp_path / rid).mkdir()
+            (tmp_path / rid / "curve.csv").write_text("updates,loss\n" + "".join(f"{u},{v}\n" for u, v in curve))
+            rows.append({"run_id": rid, "seed": seed, "final_loss": final, "updates": curve[-1][0],
+                         "batch_schedule": "" if arm == "fixed" else "0:8, 10:16", "ramp": arm})
+    s = summarise(rows, tmp_path)
+    d = [0.02 / 1.0, 0.02 / 2.0]
+    assert s["arms"]["rules"]["vs_fixed"][0] == pytest.approx(sum(d) / 2)
+    assert s["arms"]["rules"]["vs_fixed"][1] == pytest.approx(abs(d[0] - d[1]) / 2)  # se of two = |diff| / 2
+    assert s["arms"]["rules"]["updates_to_fixed_loss"][:3:2] == (pytest.approx(50 / 200), 2)
+    assert s["arms"]["none"]["updates_to_fixed_loss"] == (None, None, 0)
+    assert s["arms"]["fixed"]["updates"] == 200

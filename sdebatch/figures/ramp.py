@@ -1,0 +1,128 @@
+"""A batch ramp against the fixed logical batch: final loss paired by seed, updates, and the updates each ramp needs
+to reach the fixed run's final loss (from the evaluation curve).
+
+Runs of a sweep are grouped into arms by their config: ``batch_schedule`` empty (the fixed logical batch) or set,
+with ``ramp`` = "rules" (every hyperparameter rescaled), "lr_only" or "none". Reads a sweep folder, trains nothing:
+``python -m paper_figures.ramp runs/mlp_ramp --out paper_figures/out``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .batch_ablation import final_loss, read_sweep, save_figure  # noqa: E402
+
+ARMS = ("fixed", "rules", "lr_only", "none")
+LABELS = {"fixed": "fixed logical batch", "rules": "ramp, every hyperparameter rescaled (sdebatch)",
+          "lr_only": "ramp, lr only (OLMo-core)", "none": "ramp, nothing rescaled (Megatron)"}
+COLORS = {"fixed": "#000000", "rules": "#0072B2", "lr_only": "#E69F00", "none": "#D55E00"}
+
+
+def arm_of(row: dict) -> str:
+    return "fixed" if not row.get("batch_schedule") else str(row.get("ramp", "rules"))
+
+
+def _curve(folder: Path, row: dict) -> list[dict]:
+    path = folder / str(row["run_id"]) / "curve.csv"
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return [{k: float(v) for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(f)]
+
+
+def _mean_se(v: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(v), (statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else None)
+
+
+def summarise(rows: list[dict], folder: Path | None = None) -> dict:
+    """Per arm: seeds, mean final loss, updates; per ramp arm: its final loss minus the fixed run's of the same seed,
+    relative to the fixed run's (mean, se, seeds), and, from the curves (with ``folder``), the updates it took to
+    reach the fixed run's final loss as a fraction of the fixed run's updates (mean, se, seeds reaching it)."""
+    by_arm: dict[str, dict[int, dict]] = {}
+    for r in rows:
+        by_arm.setdefault(arm_of(r), {})[int(r["seed"])] = r
+    fixed = by_arm.get("fixed", {})
+    out: dict = {"arms": {}}
+    for arm, runs in sorted(by_arm.items(), key=lambda kv: ARMS.index(kv[0]) if kv[0] in ARMS else 99):
+        losses = [final_loss(r) for r in runs.values()]
+        entry = {"seeds": len(runs), "final_loss": _mean_se(losses),
+                 "updates": statistics.fmean(float(r["updates"]) for r in runs.values())}
+        if arm != "fixed" and fixed:
+            d = [(final_loss(r) - final_loss(fixed[s])) / final_loss(fixed[s]) for s, r in runs.items() if s in fixed]
+            entry["vs_fixed"] = (*_mean_se(d), len(d)) if d else None
+            if folder is not None:
+                fractions, reached = [], 0
+                for s, r in runs.items():
+                    if s not in fixed:
+                        continue
+                    target = final_loss(fixed[s])
+                    hit = next((p["updates"] for p in _curve(folder, r) if "updates" in p and p["loss"] <= target),
+                               None)
+                    if hit is not None:
+                        reached += 1
+                        fractions.append(hit / float(fixed[s]["updates"]))
+                entry["updates_to_fixed_loss"] = ((*_mean_se(fractions), reached) if fractions else (None, None, 0))
+        out["arms"][arm] = entry
+    return out
+
+
+def table(s: dict) -> str:
+    lines = [f"{'arm':>8} {'seeds':>5} {'final loss':>11} {'updates':>8} {'vs fixed (paired)':>22} "
+             f"{'updates to the fixed loss':>26}"]
+    for arm, e in s["arms"].items():
+        m, se = e["final_loss"]
+        vs = e.get("vs_fixed")
+        vs_text = f"{100 * vs[0]:+.2f}% +- {100 * vs[1]:.2f}" if vs and vs[1] is not None else ""
+        u = e.get("updates_to_fixed_loss")
+        u_text = (f"{100 * u[0]:.0f}% +- {100 * u[1]:.0f} ({u[2]}/{e['seeds']} seeds)" if u and u[0] is not None
+                  and u[1] is not None else (f"not reached ({u[2]}/{e['seeds']})" if u else ""))
+        lines.append(f"{arm:>8} {e['seeds']:>5} {m:>11.5f} {e['updates']:>8.0f} {vs_text:>22} {u_text:>26}")
+    return "\n".join(lines)
+
+
+def figure(rows: list[dict], folder: Path, out: Path, name: str) -> list[Path]:
+    """Loss vs samples and vs updates per arm (mean over seeds at each evaluation point)."""
+    fig, axes = plt.subplots(1, 2, figsize=(6.8, 2.7), sharey=True)
+    by_arm: dict[str, list[list[dict]]] = {}
+    for r in rows:
+        c = _curve(folder, r)
+        if c:
+            by_arm.setdefault(arm_of(r), []).append(c)
+    for arm in [a for a in ARMS if a in by_arm]:
+        curves = by_arm[arm]
+        n = min(len(c) for c in curves)
+        for ax, x in zip(axes, ("samples", "updates")):
+            xs = [statistics.fmean(c[i][x] for c in curves) for i in range(n)]
+            ys = [statistics.fmean(c[i]["loss"] for c in curves) for i in range(n)]
+            ax.plot(xs, ys, color=COLORS[arm], lw=1.3, ls="-" if arm in ("fixed", "rules") else "--",
+                    label=f"{LABELS[arm]} ({len(curves)} seeds)")
+    for ax, x in zip(axes, ("samples", "updates")):
+        ax.set_xlabel(f"{x} seen")
+        ax.set_yscale("log")
+    axes[1].set_xscale("log")
+    axes[0].set_ylabel("held-out loss (mean over seeds)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, frameon=False, fontsize=6, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.06))
+    return save_figure(fig, out, f"{name}_ramp")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, folder, rows = read_sweep(argv, __doc__)
+    s = summarise(rows, folder)
+    print(table(s))
+    paths = figure(rows, folder, Path(args.out), folder.name)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    print(json.dumps({a: e.get("vs_fixed") for a, e in s["arms"].items()}))
+    return s
+
+
+if __name__ == "__main__":
+    main()
