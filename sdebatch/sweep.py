@@ -235,7 +235,7 @@ def describe_run(config: dict) -> str:
         updates = f", {int(budget // per)} updates" if budget and unit == "samples" else ""
         if config.get("batch_schedule"):  # a ramp: the schedule's updates, not the fixed batch's
             from .batch_schedules import batch_schedule
-            ramp, seen, n = batch_schedule(config["batch_schedule"]), 0, 0
+            ramp, seen, n = batch_schedule(config["batch_schedule"], unit), 0, 0
             while budget and unit == "samples" and seen < budget:
                 seen, n = seen + ramp(seen), n + 1
             return (f"rule={rule}: batch schedule {ramp.describe()} ({config.get('ramp', 'rules')}), logical {lb}"

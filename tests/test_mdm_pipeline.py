@@ -281,3 +281,27 @@ def test_train_config_is_one_typed_dataclass_with_a_docstring_per_field():
     with pytest.raises(ValueError, match="init_seed must be an int or None"):
         load_config(None, init_seed="1")
     assert load_config(None, lr=1)["lr"] == 1 and load_config(None, schedule={"text": "cosine"})["schedule"]
+
+
+def test_mdm_batch_ramp_config_and_its_three_ways(micro_data):
+    import math
+
+    import sdebatch
+    from sdebatch.mdm.train import build, load_config
+
+    with pytest.raises(ValueError, match="needs rule = 'accumulate'"):
+        load_config(None, batch_schedule="0:4, 100:8", rule="sqrt_exact")
+    with pytest.raises(ValueError, match="ramp must be 'rules', 'lr_only' or 'none'"):
+        load_config(None, ramp="half")
+    with pytest.raises(ValueError, match="entry 2"):
+        load_config(None, batch_schedule="0:4, 100:0")
+    base = dict(data=str(micro_data[0]), model="micro", logical_batch_size=4, physical_batch_size=2, tokens=4000,
+                batch_schedule="0:4, 1K:8")
+    cosine = sdebatch.warmup_cosine(total=4000, warmup=0.05 * 4000, final=0.1)
+    for ramp, rule in (("rules", "auto"), ("lr_only", "none"), ("none", "none")):
+        _, _, cb = build(load_config(None, ramp=ramp, **base))
+        assert cb.optimizer_kwargs["rule"] == rule and cb.optimizer_kwargs["batch_schedule"].points == [(0, 4),
+                                                                                                       (1000, 8)]
+        for t in (0.0, 500.0, 1500.0):
+            expect = cosine(t) * (math.sqrt((4 if t < 1000 else 8) / 4) if ramp == "lr_only" else 1.0)
+            assert cb.lr_schedule(t) == pytest.approx(expect, rel=1e-12)

@@ -35,6 +35,12 @@ class TrainConfig:
     """A preset of :mod:`sdebatch.presets`: naive | accumulate | linear | sqrt_exact | sqrt_linear."""
     tokens: int = 2_000_000
     """[tokens] training budget (real, non-padding)."""
+    batch_schedule: str = ""
+    """[sequences per update over the tokens seen] a batch ramp, e.g. "0:16, 200K:32, 1M:64", reached by accumulation
+    of physical batches (needs rule = "accumulate"); empty: the fixed logical batch."""
+    ramp: str = "rules"
+    """How a batch_schedule rescales: "rules" (every hyperparameter, the SDE rule), "lr_only" (lr x sqrt(kappa), the
+    OLMo-core way) or "none" (the Megatron way)."""
     lr: float = 3e-3
     """AdamW lr at the logical batch (base shape; CompleteP scales it per group)."""
     betas: list = field(default_factory=lambda: [0.9, 0.99])
@@ -102,6 +108,15 @@ class TrainConfig:
                 default = f.default if f.default_factory is MISSING else f.default_factory()
                 raise ValueError(f"{f.name} must be {_describe(kind)} (like the default {default!r}), got {value!r}")
         presets.check(self.rule)
+        if self.ramp not in ("rules", "lr_only", "none"):
+            raise ValueError(f"ramp must be 'rules', 'lr_only' or 'none', got {self.ramp!r}")
+        if self.batch_schedule:
+            from ..batch_schedules import batch_schedule
+
+            batch_schedule(self.batch_schedule, unit="tokens")  # names a bad entry
+            if self.rule != "accumulate":
+                raise ValueError(f"batch_schedule is reached by accumulation: it needs rule = 'accumulate', got "
+                                 f"{self.rule!r} (the ramp's rescaling is set by ramp)")
         for key in ("logical_batch_size", "physical_batch_size", "tokens", "val_batch_size", "val_time_points",
                     "val_replicates"):
             if getattr(self, key) < 1:

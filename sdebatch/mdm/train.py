@@ -160,12 +160,21 @@ def build(config: dict) -> tuple[MDMModule, MDMDataModule, sl.LogicalBatch]:
     module = MDMModule(config, data.vocab.size)
     module.record = training_record(config, data.vocab)
     rule = presets.lightning_kwargs(config["rule"])
+    lr_schedule = sdebatch.warmup_cosine(total=config["tokens"], warmup=config["warmup"] * config["tokens"],
+                                         final=config["final_lr"])
+    ramp = sdebatch.batch_schedule(config["batch_schedule"], unit="tokens") if config["batch_schedule"] else None
+    if ramp is not None and config["ramp"] != "rules":  # the baselines: nothing rescaled, or the lr alone
+        rule["rule"] = "none"
+        if config["ramp"] == "lr_only":
+            cosine, lb = lr_schedule, config["logical_batch_size"]
+
+            def lr_schedule(t: float) -> float:  # lr x sqrt(batch / logical) of the ramp at this clock
+                return cosine(t) * math.sqrt(ramp(t) / lb)
     callback = sl.LogicalBatch(
-        config["logical_batch_size"], physical_batch_size=config["physical_batch_size"],
-        lr_schedule=sdebatch.warmup_cosine(total=config["tokens"], warmup=config["warmup"] * config["tokens"],
-                                           final=config["final_lr"]),
+        config["logical_batch_size"], physical_batch_size=config["physical_batch_size"], lr_schedule=lr_schedule,
         schedule_unit="tokens", max_tokens=config["tokens"], ema_decay=config["ema"] or None,
-        noise_scale=config["noise_scale"], max_grad_norm=config["max_grad_norm"] or None, **rule)
+        noise_scale=config["noise_scale"], max_grad_norm=config["max_grad_norm"] or None, batch_schedule=ramp,
+        **rule)
     return module, data, callback
 
 
