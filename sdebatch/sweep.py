@@ -207,7 +207,8 @@ def run_one(spec: dict, config: dict, out: Path, *, progress: bool = True) -> di
     result = dict(result)
     curve = result.pop("curve", [])
     if curve:
-        atomic_write(tmp / "curve.csv", _csv(curve, list(curve[0])))
+        # every key any point has, in order of first appearance (the noise-scale columns start mid-run)
+        atomic_write(tmp / "curve.csv", _csv(curve, list(dict.fromkeys(k for point in curve for k in point))))
     metrics = {"run_id": rid, "wall_clock_s": time.time() - start, "diverged": _diverged(result), **result}
     _write_json(tmp / "metrics.json", metrics)
     shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover (no metrics.json) is replaced

@@ -213,3 +213,16 @@ def test_workload_by_file_path_imports_its_package_without_touching_sys_path(tmp
     finally:
         for name in [m for m in sys.modules if m == "mypkg" or m.startswith("mypkg.")]:
             del sys.modules[name]
+
+
+def grow(config: dict, progress: bool = True) -> dict:
+    """A workload whose curve gains a column mid-run (as the MDM's noise-scale columns do)."""
+    return {"final_loss": 1.0, "curve": [{"samples": 1, "loss": 2.0}, {"samples": 2, "loss": 1.5, "noise_g2": 0.3}]}
+
+
+def test_a_curve_whose_points_gain_keys_is_written_whole(tmp_path):
+    path = tmp_path / "g.toml"
+    path.write_text('name = "g"\nworkload = "test_sweep:grow"\n[base]\nseed = 0\n')
+    sweep.run_sweep(path, tmp_path / "runs", progress=False)
+    (run,) = (tmp_path / "runs" / "g").glob("*/curve.csv")
+    assert run.read_text().splitlines() == ["samples,loss,noise_g2", "1,2.0,", "2,1.5,0.3"]
