@@ -48,6 +48,24 @@ class BatchSchedule:
             raise ValueError(f"batch_schedule gave {batch!r} at {clock:g} {self.unit}: batches are positive ints")
         return batch
 
+    def check_reachable(self, per_pass: int) -> None:
+        """Every batch of a piecewise schedule is reachable by accumulation: a multiple of ``per_pass`` (physical x
+        world size); a callable schedule is checked at each window instead."""
+        for t, b in self.points or []:
+            if b % per_pass:
+                raise ValueError(f"batch_schedule: {b} samples per update from {t:g} {self.unit} is not a multiple "
+                                 f"of physical x world size = {per_pass}")
+
+    def accumulation(self, clock, physical_batch_size: int, world_size: int) -> int:
+        """Micro-steps per rank for the window starting at ``clock`` (a :class:`sdebatch.Clock`)."""
+        batch = self(clock.tokens_seen if self.unit == "tokens" else clock.samples_seen)
+        per_pass = physical_batch_size * world_size
+        if batch % per_pass:
+            raise ValueError(f"batch_schedule asks {batch} samples per update at {clock.samples_seen} samples / "
+                             f"{clock.tokens_seen} tokens: not a multiple of physical {physical_batch_size} x world "
+                             f"size {world_size}")
+        return batch // per_pass
+
     def describe(self) -> str:
         """``64 from 0, 128 from 20M, 256 from 100M tokens`` (or the callable's name)."""
         if self.points is None:

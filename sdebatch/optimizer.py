@@ -123,7 +123,7 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         physical_batch_size, accumulation_steps = self._batch_arithmetic(logical_batch_size, physical_batch_size,
                                                                          accumulation_steps)
         if batch_schedule is not None:
-            _check_schedule(batch_schedule, physical_batch_size * self.world_size)
+            batch_schedule.check_reachable(physical_batch_size * self.world_size)
             if hasattr(batch_schedule, "attach") and not noise_scale:
                 raise ValueError("critical_batch_warmup needs the wrapper's noise-scale estimator: pass "
                                  "noise_scale=True")
@@ -193,7 +193,7 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         if self.batch_schedule is not None:
             if accumulation_steps is not None:
                 raise ValueError("batch_schedule sets the accumulation per window; leave accumulation_steps None")
-            _check_schedule(self.batch_schedule, physical_batch_size * self.world_size)
+            self.batch_schedule.check_reachable(physical_batch_size * self.world_size)
             if self.in_window and physical_batch_size != self.physical_batch_size:
                 raise RuntimeError(f"configure_batch({physical_batch_size}) inside an unfinished window of physical "
                                    f"batch {self.physical_batch_size}; change it between updates")
@@ -272,14 +272,8 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         if self._noise is not None:
             self._noise.start_window(self.clock.updates)
         if self.batch_schedule is not None:  # the next window's accumulation, from the clock
-            s = self.batch_schedule
-            batch = s(self.clock.tokens_seen if s.unit == "tokens" else self.clock.samples_seen)
-            per_pass = self.physical_batch_size * self.world_size
-            if batch % per_pass:
-                raise ValueError(f"batch_schedule asks {batch} samples per update at {self.clock.samples_seen} "
-                                 f"samples / {self.clock.tokens_seen} tokens: not a multiple of physical "
-                                 f"{self.physical_batch_size} x world size {self.world_size}")
-            self.accumulation_steps = batch // per_pass
+            self.accumulation_steps = self.batch_schedule.accumulation(self.clock, self.physical_batch_size,
+                                                                       self.world_size)
 
     def backward(self, loss: torch.Tensor, num_items: float | torch.Tensor | None = None, *,
                  num_samples: int | None = None, num_tokens: int | None = None, reduction: str = "sum",
@@ -537,14 +531,6 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         # (Lightning's fit does), and a sum does not care about order.
         self.window.saved_grads = None if grads is None else [
             None if g is None else g.to(device=p.device, dtype=p.dtype) for p, g in zip(params, grads)]
-
-
-def _check_schedule(schedule: BatchSchedule, per_pass: int) -> None:
-    """Every batch of a piecewise schedule is reachable by accumulation: a multiple of physical x world size."""
-    for t, b in schedule.points or []:
-        if b % per_pass:
-            raise ValueError(f"batch_schedule: {b} samples per update from {t:g} {schedule.unit} is not a multiple of "
-                             f"physical x world size = {per_pass}")
 
 
 def _warn_batchnorm(model: torch.nn.Module) -> None:
