@@ -183,13 +183,10 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         flushed."""
         checks.batch_sizes(self.logical_batch_size, physical_batch_size=physical_batch_size,
                            accumulation_steps=accumulation_steps)
-        flushed = False
-        if self.window.saved_grads is not None:  # restored mid-window, no micro-step since: flush if it changes
-            wanted = (physical_batch_size, accumulation_steps)
-            if self.batch_schedule is not None or wanted[0] != self.physical_batch_size or (
-                    wanted[1] is not None and wanted[1] != self.accumulation_steps):
-                if wanted != (self.physical_batch_size, self.accumulation_steps):
-                    flushed = self.flush()
+        changes = physical_batch_size != self.physical_batch_size or (
+            accumulation_steps is not None and accumulation_steps != self.accumulation_steps)
+        # restored mid-window (no micro-step since) with other arithmetic: apply that window first
+        flushed = self.window.saved_grads is not None and changes and self.flush()
         if self.batch_schedule is not None:
             if accumulation_steps is not None:
                 raise ValueError("batch_schedule sets the accumulation per window; leave accumulation_steps None")

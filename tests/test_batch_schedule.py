@@ -428,3 +428,23 @@ def test_ramp_summary_pairs_by_seed_and_finds_the_updates_to_the_fixed_loss(tmp_
     assert s["arms"]["rules"]["updates_to_fixed_loss"][:3:2] == (pytest.approx(50 / 200), 2)
     assert s["arms"]["none"]["updates_to_fixed_loss"] == (None, None, 0)
     assert s["arms"]["fixed"]["updates"] == 200
+
+
+def test_resume_mid_ramp_with_the_same_physical_batch_carries_the_window():
+    """What the Lightning callback does at the start of a resumed run: configure_batch with the same per-device
+    batch. The restored window is carried, not flushed: the run equals the uninterrupted one."""
+    kw = dict(lr=0.01, betas=(0.9, 0.99))
+    schedule = sdebatch.batch_schedule(SCHEDULE)
+    full, full_opt, _ = _wrapped_run(torch.optim.Adam, kw, schedule)
+    _, _, state = _wrapped_run(torch.optim.Adam, kw, schedule, stop_after=13)  # inside a window of 4 micro-steps
+    model = make_model()
+    opt = sdebatch.LogicalBatchOptimizer(torch.optim.Adam(model.parameters(), **kw), LOGICAL, PHYSICAL,
+                                         batch_schedule=schedule)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    assert opt.configure_batch(PHYSICAL) is False and opt.in_window
+    x, y = _stream()
+    _plain(model, opt, x, y, 13 * PHYSICAL, len(x), PHYSICAL)
+    assert opt.updates == full_opt.updates
+    for p, q in zip(full.parameters(), model.parameters()):
+        assert torch.equal(p, q)
