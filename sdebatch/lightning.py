@@ -23,6 +23,8 @@ For a loss whose item count varies, return the sum-reduced loss from ``training_
 """
 from __future__ import annotations
 
+import sys
+import time
 from typing import Any, Callable
 
 import lightning.pytorch as pl
@@ -33,6 +35,7 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from .ema import ModelEMA
 from .optimizer import LogicalBatchOptimizer
 from . import checks
+from .progress import fmt_seconds, interactive
 from .schedules import ClockSchedule
 
 __all__ = ["LogicalBatch", "ProgressLines", "count", "find_optimizer"]
@@ -314,31 +317,29 @@ class ProgressLines(pl.Callback):
     def __init__(self, every_s: float = 30.0, metric: str | None = None, *, when: str = "not_interactive",
                  stream: Any = None) -> None:
         checks.positive_finite("every_s", every_s)
-        if when not in ("not_interactive", "always"):
-            raise ValueError(f"when must be 'not_interactive' or 'always', got {when!r}")
+        checks.choice("when", when, ("not_interactive", "always"))
         self.every_s, self.metric, self.when, self.stream = float(every_s), metric, when, stream
         self._start = self._last = 0.0
         self._clock0 = 0
 
     def _out(self):
-        import sys
         return self.stream if self.stream is not None else sys.stdout
 
     def _active(self, trainer: pl.Trainer) -> bool:
-        if not trainer.is_global_zero:
-            return False
-        return self.when == "always" or not bool(getattr(self._out(), "isatty", lambda: False)())
+        return trainer.is_global_zero and (self.when == "always" or not interactive(self._out()))
+
+    @staticmethod
+    def _logical_batch(trainer: pl.Trainer) -> "LogicalBatch | None":
+        return next((cb for cb in trainer.callbacks if isinstance(cb, LogicalBatch)), None)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        import time
         self._start = self._last = time.monotonic()
-        lb = next((cb for cb in trainer.callbacks if isinstance(cb, LogicalBatch)), None)
+        lb = self._logical_batch(trainer)
         opt = lb.optimizer if lb is not None else None
         self._clock0 = 0 if opt is None else (opt.tokens_seen or opt.samples_seen)  # a resumed run's clock
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        import time
         now = time.monotonic()
         if now - self._last < self.every_s or not self._active(trainer):
             return
@@ -347,9 +348,7 @@ class ProgressLines(pl.Callback):
 
     def line(self, trainer: pl.Trainer, now: float) -> str:
         """The progress line (see the class docstring)."""
-        from .progress import fmt_seconds
-
-        lb = next((cb for cb in trainer.callbacks if isinstance(cb, LogicalBatch)), None)
+        lb = self._logical_batch(trainer)
         opt = lb.optimizer if lb is not None else None
         elapsed = now - self._start
         parts = []

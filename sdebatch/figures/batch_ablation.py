@@ -88,7 +88,8 @@ def summarise(rows: list[dict], tolerance: float = 0.01, folder: str | os.PathLi
     out = {"means": means, "reference": reference, "logical_batch_size": lb, "deviation": deviation,
            "deviation_se": deviation_se, "paired": paired, "contrast": contrast,
            "reference_runs": len(ref_runs), "reference_spread": spread, "seeds": {k: len(v) for k, v in cells.items()},
-           "knee": knees, "noise_scale": statistics.median(noise) if noise else None, "tolerance": tolerance,
+           "knee": knees, "noise_scale": statistics.median(noise) if noise else None, "noise_scales": noise,
+           "tolerance": tolerance,
            "estimator_se": _median_se(rows)}
     if folder is not None:
         out["paired_estimator_se"], out["contrast_estimator_se"] = _estimator_errors(rows, ref_cells, base,

@@ -121,13 +121,11 @@ def _batch_section(rows: list[dict], folder: Path, out: Path, name: str, toleran
         f"<p>Knee (first batch whose paired deviation exceeds 2 se and {tolerance:.0%}): {knees}.</p>",
     ]
     parts += [_img(p, p.stem) for p in figs if p.suffix == ".png"]
-    logical = [r for r in rows if r["rule"] == "accumulate"] or [r for r in rows if int(r["physical_batch_size"]) == lb]
-    noise = [_num(r.get("noise_probe.b_simple")) for r in logical]
-    noise = [x for x in noise if x is not None]
+    noise = s["noise_scales"]  # the logical runs' estimates behind the median
     knee = s["knee"].get("sqrt_exact")
     parts.append("<h2>2. Noise scale and knee</h2>")
     if s["noise_scale"]:
-        rng = f", range {min(noise):.0f}&ndash;{max(noise):.0f} over {len(noise)} probes" if len(noise) > 1 else ""
+        rng = f", range {min(noise):.0f}&ndash;{max(noise):.0f} over {len(noise)} runs" if len(noise) > 1 else ""
         relation = ("" if not knee else f"; the square-root rule's knee is at {knee} ({knee / s['noise_scale']:.2g} "
                     "x B_simple)")
         parts.append(f"<p>B_simple of the logical runs (median): <b>{s['noise_scale']:.0f}</b> samples{rng}"

@@ -51,7 +51,7 @@ def record_of(obj: Any, path: str | Path) -> dict | None:
     """The training record of a checkpoint: inside a Lightning checkpoint, else ``train_config.json`` (or a sweep
     run's ``config.json``, keys of the MDM config only) beside the file or one folder up (``<out>/checkpoints/``);
     None when there is none (files written before records existed)."""
-    from .train import DEFAULTS
+    from .config import DEFAULTS
 
     if isinstance(obj, dict) and isinstance(obj.get(RECORD_KEY), dict):
         return obj[RECORD_KEY]
@@ -70,7 +70,7 @@ def resolve_config(record: dict | None, config_path: str | Path | None = None, *
     """The config to use a checkpoint with: ``config_path`` when given (its model keys must match the checkpoint's),
     else the checkpoint's own, else the defaults; then ``overrides`` (e.g. ``data``). Checked by
     :func:`sdebatch.mdm.train.load_config`."""
-    from .train import load_config
+    from .config import load_config
 
     if config_path is not None:
         config = load_config(config_path, **overrides)
@@ -103,6 +103,21 @@ def data_vocab(config: dict, record: dict | None) -> Vocab:
         raise ValueError(f"the checkpoint was trained on a vocabulary of {Vocab(**trained)} but the data folder "
                          f"{folder} has {vocab}: pass the data folder it was trained on (--data, or data in --config)")
     return vocab
+
+
+def open_checkpoint(path: str | Path, *, config: dict | None = None, config_path: str | Path | None = None,
+                    data: str | None = None) -> tuple[Any, dict | None, dict, Vocab]:
+    """Read a checkpoint once and settle what it is used with: ``config`` (a dict, checked against the checkpoint's
+    record), else ``config_path`` (checked likewise), else the record's own config (else the defaults), ``data``
+    overriding the data folder; the folder's vocabulary is checked against the record's. Returns (the checkpoint
+    object, its record, the config, the vocabulary)."""
+    obj = read_checkpoint(path)
+    record = record_of(obj, path)
+    if config is None:
+        config = resolve_config(record, config_path, **({"data": data} if data is not None else {}))
+    else:
+        check_config(record, config)
+    return obj, record, config, data_vocab(config, record)
 
 
 def model_state(obj: Any, model: torch.nn.Module) -> tuple[dict, str]:
@@ -228,10 +243,7 @@ def load_trained(checkpoint: str | Path, config_path: str | Path | None = None, 
     """
     from .data.dataset import read_index
 
-    obj = read_checkpoint(checkpoint)
-    record = record_of(obj, checkpoint)
-    config = resolve_config(record, config_path, **({"data": data} if data is not None else {}))
-    vocab = data_vocab(config, record)
+    obj, record, config, vocab = open_checkpoint(checkpoint, config_path=config_path, data=data)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, source = load_model(obj, config, vocab, device, guessed=record is None and config_path is None)
     missing = [f"tokenizers/{k}/config.json" for k in ("text", "image", "audio")

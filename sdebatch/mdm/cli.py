@@ -92,7 +92,6 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    from .checkpoint import read_checkpoint, record_of, resolve_config
     from .evaluate import evaluate_checkpoint
 
     sampler: dict = {}
@@ -102,10 +101,8 @@ def eval_command(args: argparse.Namespace) -> int:
         if modality not in ("image", "audio") or not option:
             raise ValueError(f"--sampler takes image.KEY=VALUE or audio.KEY=VALUE, got {item!r}")
         sampler.setdefault(modality, {})[option] = value
-    record = record_of(read_checkpoint(args.checkpoint), args.checkpoint)
-    config = resolve_config(record, args.config, **({"data": args.data} if args.data else {}))
-    evaluate_checkpoint(config, args.checkpoint, args.out, n_images=args.images, n_speech=args.speech,
-                        sampler=sampler)
+    evaluate_checkpoint(None, args.checkpoint, args.out, config_path=args.config, data=args.data,
+                        n_images=args.images, n_speech=args.speech, sampler=sampler)
     return 0
 
 
@@ -113,8 +110,6 @@ def sample_command(args: argparse.Namespace) -> int:
     from . import tasks
 
     options = tasks.sampler_options(args.task, dict(key_value(i, "--sampler") for i in args.sampler))
-    if args.n < 1:
-        raise ValueError(f"--n must be a positive int (samples), got {args.n}")
     trained = tasks.load_trained(args.checkpoint, args.config, data=args.data)
     request = tasks.build_request(trained, args.task, prompt=args.prompt, input=args.input, length=args.length)
     result = tasks.run(trained, request, n=args.n, seed=args.seed, options=options, progress=not args.quiet)

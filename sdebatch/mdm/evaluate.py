@@ -184,10 +184,7 @@ def _image_grid(path: Path, generated: torch.Tensor, recon: torch.Tensor, captio
     """PNG grid: per item [generated | reconstruction of the true codes] with the caption below."""
     from PIL import Image, ImageDraw
 
-    def to_img(x: torch.Tensor) -> Image.Image:
-        a = (x.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-        im = Image.fromarray(a)
-        return im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+    from .tokenizers.image import png_bytes, to_pil
 
     n = len(generated)
     if n == 0:
@@ -202,8 +199,8 @@ def _image_grid(path: Path, generated: torch.Tensor, recon: torch.Tensor, captio
     for i in range(n):
         x0 = (i % cols) * (cell_w + 2 * gap) + gap
         y0 = header + (i // cols) * (cell_h + gap)
-        canvas.paste(to_img(generated[i]), (x0, y0))
-        canvas.paste(to_img(recon[i]), (x0 + s + gap, y0))
+        canvas.paste(to_pil(generated[i], scale), (x0, y0))
+        canvas.paste(to_pil(recon[i], scale), (x0 + s + gap, y0))
         cap = captions[i] if i < len(captions) else ""
         words, lines, line = cap.split(), [], ""
         for w in words:  # wrap to the cell width (~6 px per character with PIL's default font)
@@ -215,11 +212,7 @@ def _image_grid(path: Path, generated: torch.Tensor, recon: torch.Tensor, captio
         lines.append(line)
         for k, ln in enumerate(lines[:2]):
             draw.text((x0, y0 + s + 2 + 12 * k), ln, fill=(0, 0, 0))
-    import io
-
-    buf = io.BytesIO()
-    canvas.save(buf, format="PNG")
-    atomic_write(path, buf.getvalue())
+    atomic_write(path, png_bytes(canvas))
 
 
 # ---------------------------------------------------------------- evaluate
@@ -394,24 +387,21 @@ def evaluate(model, data_folder, out_dir, *, n_images: int = 32, n_speech: int =
 
 # ---------------------------------------------------------------- checkpoints
 
-def evaluate_checkpoint(config: dict | None, checkpoint, out_dir, **kwargs) -> dict:
+def evaluate_checkpoint(config: dict | None, checkpoint, out_dir, *, config_path=None, data: str | None = None,
+                        **kwargs) -> dict:
     """Load a checkpoint written by ``sdebatch train`` (a Lightning checkpoint, or a plain state dict of the denoiser
     or of MDMModule) into ``MDMModule(config, vocab_size).model`` and run :func:`evaluate` on ``config["data"]``
     with the config's masking schedule; extra keyword arguments go to :func:`evaluate`.
 
-    ``config`` None: the config the checkpoint carries (:mod:`sdebatch.mdm.checkpoint`). A given config's data
-    folder must have the vocabulary the checkpoint was trained on, and its model the checkpoint's shapes.
+    ``config`` None: ``config_path`` (a TOML file), else the config the checkpoint carries
+    (:mod:`sdebatch.mdm.checkpoint`), with ``data`` overriding its data folder. A config's data folder must have
+    the vocabulary the checkpoint was trained on, and its model the checkpoint's shapes.
     """
-    from .checkpoint import check_config, data_vocab, load_model, read_checkpoint, record_of, resolve_config
+    from .checkpoint import load_model, open_checkpoint
 
-    obj = read_checkpoint(checkpoint)
-    record = record_of(obj, checkpoint)
-    if config is None:
-        config = resolve_config(record)
-    check_config(record, config)
+    obj, record, config, vocab = open_checkpoint(checkpoint, config=config, config_path=config_path, data=data)
     if config.get("threads"):
         torch.set_num_threads(int(config["threads"]))
-    vocab = data_vocab(config, record)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, source = load_model(obj, config, vocab, device)
     kwargs.setdefault("schedules", config.get("schedule", "linear"))

@@ -17,7 +17,6 @@ checked (:func:`build_request`) before anything is generated or written; every f
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import re
@@ -33,6 +32,7 @@ from ..progress import Progress
 from ..utils import atomic_write
 from .checkpoint import TrainedModel, load_trained  # noqa: F401 (sdebatch sample's entry point, public here)
 from .sample import SAMPLING_DEFAULTS, check_options, generate, step_plan
+from .tokenizers.image import png_bytes, to_pil
 from .vocab import AUDIO, IMAGE, SPECIAL, SPECIALS, TASKS, TEXT, layout_pair
 
 GENERATES = {"text": "text", "t2i": "image", "t2s": "audio", "i2t": "text", "s2t": "text"}  # modality of the target
@@ -305,20 +305,6 @@ def run(tm: TrainedModel, request: Request, *, n: int = 1, seed: int = 0, option
 
 # ---------------------------------------------------------------- files
 
-def _png(image: torch.Tensor, scale: int = 1):
-    from PIL import Image
-
-    a = (image.float().clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    im = Image.fromarray(a)
-    return im.resize((im.width * scale, im.height * scale), Image.NEAREST) if scale != 1 else im
-
-
-def _png_bytes(im) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _grid(images: torch.Tensor, caption: str, *, scale: int = 4, cols: int = 8):
     from PIL import Image, ImageDraw
 
@@ -328,7 +314,7 @@ def _grid(images: torch.Tensor, caption: str, *, scale: int = 4, cols: int = 8):
     canvas = Image.new("RGB", (cols * (s + gap) + gap, header + rows * (s + gap)), (255, 255, 255))
     ImageDraw.Draw(canvas).text((gap, 2), caption[:cols * (s + gap) // 6], fill=(0, 0, 0))
     for i in range(n):
-        canvas.paste(_png(images[i], scale), (gap + (i % cols) * (s + gap), header + (i // cols) * (s + gap)))
+        canvas.paste(to_pil(images[i], scale), (gap + (i % cols) * (s + gap), header + (i // cols) * (s + gap)))
     return canvas
 
 
@@ -342,9 +328,9 @@ def write(result: dict, out: str | Path) -> list[Path]:
     if task == "t2i":
         for i, image in enumerate(result["images"]):
             paths.append(out / f"t2i_{i:02d}.png")
-            atomic_write(paths[-1], _png_bytes(_png(image)))
+            atomic_write(paths[-1], png_bytes(to_pil(image)))
         paths.append(out / "t2i_grid.png")
-        atomic_write(paths[-1], _png_bytes(_grid(result["images"], result["prompt"] or "")))
+        atomic_write(paths[-1], png_bytes(_grid(result["images"], result["prompt"] or "")))
     elif task == "t2s":
         from .tokenizers.audio import write_wav
 

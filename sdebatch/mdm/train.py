@@ -186,12 +186,9 @@ def train(config: dict, *, progress: bool = True, ckpt_path: str | None = None,
     pl.seed_everything(seed_of(config, "init"), verbose=False)
     module, data, callback = build(config)
     if ckpt_path is not None:  # a checkpoint of another model or data: say so now, not as a shape error in Lightning
-        from .checkpoint import check_config, data_vocab, model_state, read_checkpoint, record_of
+        from .checkpoint import model_state, open_checkpoint
 
-        obj = read_checkpoint(ckpt_path)
-        record = record_of(obj, ckpt_path)
-        check_config(record, config)
-        data_vocab(config, record)
+        obj = open_checkpoint(ckpt_path, config=config)[0]
         model_state(obj, module.model)
         del obj
     callbacks = list(callbacks or [])

@@ -271,3 +271,22 @@ class ImageTokenizer:
         tok = cls(ImageTokenizerConfig(**meta))
         tok.model.load_state_dict(state)
         return tok.to(device)
+
+
+def to_pil(image: torch.Tensor, scale: int = 1):
+    """A (3, H, W) float image in [0, 1] as a PIL RGB image, each pixel a ``scale`` x ``scale`` block."""
+    import numpy as np
+    from PIL import Image
+
+    a = (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    im = Image.fromarray(a)
+    return im.resize((im.width * scale, im.height * scale), Image.NEAREST) if scale != 1 else im
+
+
+def png_bytes(im) -> bytes:
+    """A PIL image encoded as PNG (for an atomic write)."""
+    import io
+
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
