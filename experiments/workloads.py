@@ -169,12 +169,28 @@ def _check_mdm(config: dict) -> None:
     mdm_train.load_config(None, **config)
 
 
+QUADRATIC_SCHEDULES = ("seesaw", "critical_batch_warmup")  # named batch schedules, beside clock:batch specs
+
+
 def _check_quadratic(config: dict) -> None:
     allowed = {"sgd": ("naive", "accumulate", "linear"), "adam": ("naive", "accumulate", "sqrt_exact", "sqrt_linear")}
     opt_name, rule = config.get("optimizer", "sgd"), config.get("rule")
     if opt_name not in allowed or rule not in allowed[opt_name]:
         raise ValueError(f"quadratic: rule must be one of {allowed.get(opt_name)} for optimizer {opt_name!r} "
                          f"(optimizer: sgd | adam), got {rule!r}")
+    if config.get("lr_schedule", "constant") not in ("constant", "cosine"):
+        raise ValueError(f"quadratic: lr_schedule must be 'constant' or 'cosine', got {config.get('lr_schedule')!r}")
+    spec = config.get("batch_schedule")
+    if spec:
+        if rule != "accumulate":
+            raise ValueError(f"quadratic: a batch_schedule is reached by accumulation: it needs rule = 'accumulate' "
+                             f"(the ramp's rescaling is set by ramp), got {rule!r}")
+        if spec not in QUADRATIC_SCHEDULES:
+            sdebatch.batch_schedule(spec)  # names a bad entry
+        if config.get("ramp", "rules") not in ("rules", "lr_only", "none"):
+            raise ValueError(f"ramp must be 'rules', 'lr_only' or 'none', got {config.get('ramp')!r}")
+    if config.get("second_moment_rescale", False) not in (True, False):
+        raise ValueError(f"second_moment_rescale must be true or false, got {config.get('second_moment_rescale')!r}")
 
 
 def quadratic(config: dict, progress: bool = True) -> dict:
@@ -183,10 +199,17 @@ def quadratic(config: dict, progress: bool = True) -> dict:
     Config: physical_batch_size, logical_batch_size, rule (naive | accumulate | linear with sgd | sqrt_exact,
     sqrt_linear with adam), optimizer ("sgd" | "adam"), lr, samples, seed, and optional replicas (default 256), dim
     (default 16; curvatures log-spaced from 1 to 1e-2), noise (per-sample gradient variance, default 1.0), theta0
-    (default 1.0). The loss is exact (0.5 sum h theta^2), averaged over the replicas; all batch sizes of a sweep see
-    the same sample stream (common random numbers), so their differences have little noise.
+    (default 1.0), lr_schedule ("constant", default, or "cosine" to 0 over the samples). The loss is exact (0.5 sum h
+    theta^2), averaged over the replicas; all batch sizes of a sweep see the same sample stream (common random
+    numbers), so their differences have little noise.
+
+    A batch ramp (rule "accumulate"): batch_schedule, a :func:`sdebatch.batch_schedule` spec in samples, or
+    "seesaw" (the cosine lr schedule's halvings turned into doublings of the batch, up to max_batch_size) or
+    "critical_batch_warmup" (the batch grows to cbw_fraction x the online B_simple, default 0.5, up to
+    max_batch_size), reached by accumulating physical batches; ramp: "rules" (every hyperparameter rescaled),
+    "lr_only" (the OLMo-core way) or "none" (the Megatron way); second_moment_rescale (default false).
     """
-    from sdebatch import sde
+    from sdebatch import batch_schedules, sde
 
     _check_quadratic(config)
     opt_name, rule = config.get("optimizer", "sgd"), config["rule"]
@@ -195,6 +218,29 @@ def quadratic(config: dict, progress: bool = True) -> dict:
                                float(config.get("theta0", 1.0)))
     lb, b = int(config["logical_batch_size"]), int(config["physical_batch_size"])
     samples = int(config["samples"])
+    cosine = sdebatch.warmup_cosine(samples) if config.get("lr_schedule", "constant") == "cosine" else None
+    if config.get("batch_schedule"):
+        spec, cap = config["batch_schedule"], int(config.get("max_batch_size", 8 * lb))
+        if spec == "seesaw":
+            ramp = batch_schedules.seesaw(cosine or (lambda t: 1.0), lb, cap, samples)
+        elif spec == "critical_batch_warmup":
+            ramp = batch_schedules.critical_batch_warmup(lb, cap, float(config.get("cbw_fraction", 0.5)))
+        else:
+            ramp = sdebatch.batch_schedule(spec)
+        arm = {"rules": "auto", "lr_only": "lr_only", "none": "none"}[config.get("ramp", "rules")]
+        grid = sde.sample_grid(samples, 64, multiple_of=b)
+        sim = sde.simulate(model, opt_name, float(config["lr"]), lb, b, grid, rule=arm,
+                           seeds=int(config.get("replicas", 256)), seed=int(config.get("seed", 0)),
+                           lr_schedule=cosine, batch_schedule=ramp,
+                           second_moment_rescale=bool(config.get("second_moment_rescale", False)))
+        return _quadratic_result(sim)
+    if cosine is not None or config.get("second_moment_rescale"):
+        grid = sde.sample_grid(samples, 64, multiple_of=lb if rule == "accumulate" else b)
+        sim = sde.simulate(model, opt_name, float(config["lr"]), lb, lb if rule == "accumulate" else b, grid,
+                           rule="none" if rule == "naive" else "auto", seeds=int(config.get("replicas", 256)),
+                           seed=int(config.get("seed", 0)), beta_form="linear" if rule == "sqrt_linear" else "exact",
+                           lr_schedule=cosine, second_moment_rescale=bool(config.get("second_moment_rescale", False)))
+        return _quadratic_result(sim)
     grid = sde.sample_grid(samples, 16, multiple_of=max(b, lb) if rule != "accumulate" else lb)
     sim = sde.simulate(model, opt_name, float(config["lr"]), lb, lb if rule == "accumulate" else b, grid,
                        rule="none" if rule == "naive" else "auto", seeds=int(config.get("replicas", 256)),
@@ -203,6 +249,16 @@ def quadratic(config: dict, progress: bool = True) -> dict:
     final = curve[-1]["loss"]
     return {"final_loss": final if math.isfinite(final) else float("nan"), "final_loss_se": float(sim.loss_se[-1]),
             "curve": curve, "samples_seen": curve[-1]["samples"], "kappa": sim.kappa}
+
+
+def _quadratic_result(sim) -> dict:
+    """A run's result with the updates at each point of the curve (ramps and lr schedules)."""
+    curve = [{"samples": int(n), "updates": int(u), "loss": float(v)}
+             for n, u, v in zip(sim.samples, sim.updates, sim.loss_mean)]
+    final = curve[-1]["loss"]
+    return {"final_loss": final if math.isfinite(final) else float("nan"), "final_loss_se": float(sim.loss_se[-1]),
+            "curve": curve, "samples_seen": curve[-1]["samples"], "updates": curve[-1]["updates"],
+            "kappa": sim.kappa}
 
 
 # the checks the sweep runner applies to every run before the first one starts (sdebatch.sweep.validate)

@@ -76,7 +76,8 @@ def batch_sizes(logical_batch_size: Any, **optional: Any) -> None:
 def wrapper_options(*, rule: Any = "auto", beta_form: Any = "exact", momentum_mode: Any = "fixed",
                     weight_decay_form: Any = None, horizon: Any = None, reference_horizon: Any = None,
                     gamma: Any = 0.0, max_grad_norm: Any = None, ema_rescale: Any = None,
-                    noise_scale_decay: Any = 0.95, noise_scale_warn: Any = 1.0, noise_scale_every: Any = 1) -> None:
+                    noise_scale_decay: Any = 0.95, noise_scale_warn: Any = 1.0, noise_scale_every: Any = 1,
+                    second_moment_rescale: Any = False) -> None:
     """The options of :class:`sdebatch.LogicalBatchOptimizer` that do not depend on the inner optimizer (shared with
     :class:`sdebatch.lightning.LogicalBatch`, which checks them before the optimizer exists)."""
     from . import rules
@@ -96,3 +97,5 @@ def wrapper_options(*, rule: Any = "auto", beta_form: Any = "exact", momentum_mo
     if noise_scale_warn is not None:
         positive_finite("noise_scale_warn", noise_scale_warn)
     int_at_least("noise_scale_every", noise_scale_every)
+    if not isinstance(second_moment_rescale, bool):
+        raise ValueError(f"second_moment_rescale must be True or False, got {second_moment_rescale!r}")

@@ -86,6 +86,8 @@ class LogicalBatch(pl.Callback):
             accumulation per update (Lightning's own accumulation scheduler is epoch-keyed); with it, drive the lr
             with ``lr_schedule`` (on the clock, untouched by a change of batch), not a torch scheduler stepped per
             update. Default None.
+        second_moment_rescale: as in :class:`LogicalBatchOptimizer` (Adam's v <- v B_old / B_new at a change of
+            batch). Default False.
         verbose: print the batch arithmetic at the start of training (default True).
     """
 
@@ -97,13 +99,14 @@ class LogicalBatch(pl.Callback):
                  schedule_unit: str = "samples", ema_decay: float | None = None, ema_rescale: bool | None = None,
                  max_samples: int | None = None,
                  max_tokens: int | None = None, batch_size_fn: Callable[[Any], int] | None = None,
-                 noise_scale: bool = False, batch_schedule: Any = None, verbose: bool = True) -> None:
+                 noise_scale: bool = False, batch_schedule: Any = None, second_moment_rescale: bool = False,
+                 verbose: bool = True) -> None:
         checks.batch_sizes(logical_batch_size, physical_batch_size=physical_batch_size,
                            accumulation_steps=accumulation_steps, max_samples=max_samples, max_tokens=max_tokens)
         checks.wrapper_options(rule=rule, beta_form=beta_form, momentum_mode=momentum_mode,
                                weight_decay_form=weight_decay_form, horizon=horizon,
                                reference_horizon=reference_horizon, gamma=gamma, max_grad_norm=max_grad_norm,
-                               ema_rescale=ema_rescale)
+                               ema_rescale=ema_rescale, second_moment_rescale=second_moment_rescale)
         if schedule_unit not in ("samples", "tokens"):
             raise ValueError(f"schedule_unit must be 'samples' or 'tokens', got {schedule_unit!r}")
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
@@ -116,7 +119,7 @@ class LogicalBatch(pl.Callback):
                                      weight_decay_form=weight_decay_form, horizon=horizon,
                                      reference_horizon=reference_horizon, gamma=gamma, max_grad_norm=max_grad_norm,
                                      noise_scale=noise_scale, ema_rescale=ema_rescale,
-                                     batch_schedule=batch_schedule)
+                                     batch_schedule=batch_schedule, second_moment_rescale=second_moment_rescale)
         self.lr_schedule, self.schedule_unit = lr_schedule, schedule_unit
         self.ema_decay, self.ema = ema_decay, None
         self.max_samples, self.max_tokens = max_samples, max_tokens

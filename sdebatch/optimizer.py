@@ -77,6 +77,12 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
             accumulation (each batch a multiple of physical x world size; set at the start of each window), with the
             rules applied at every update from the logical batch's reference values. Default None: the fixed
             ``accumulation_steps``. Not with ``accumulation_steps``.
+        second_moment_rescale: at an update whose batch differs from the previous update's (a ramp, a short last
+            window), multiply the second moment of an Adam-family optimizer (``exp_avg_sq``, ``max_exp_avg_sq``,
+            RMSprop's ``square_avg``) by B_old / B_new, its noise-dominated limit (v ~ trace / B), so it need not
+            relearn its scale over ~1 / (1 - beta2**kappa) updates. Default False; with ``rule="adam"`` (or "auto"
+            on an Adam-family optimizer) only. Measured on the noisy quadratic in ``experiments/results/``
+            (``quadratic_ramp.csv``): see the README before turning it on.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, logical_batch_size: int,
@@ -87,7 +93,8 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
                  grad_scaler: "torch.amp.GradScaler | None" = None, model: torch.nn.Module | None = None,
                  ema: Any = None, ema_rescale: bool | None = None, process_group: Any = None, noise_scale: bool = False,
                  noise_scale_decay: float = 0.95, noise_scale_warn: float | None = 1.0,
-                 noise_scale_every: int = 1, batch_schedule: BatchSchedule | None = None) -> None:
+                 noise_scale_every: int = 1, batch_schedule: BatchSchedule | None = None,
+                 second_moment_rescale: bool = False) -> None:
         # --- validate everything before touching any state ---
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -99,7 +106,8 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
                                weight_decay_form=weight_decay_form, horizon=horizon,
                                reference_horizon=reference_horizon, gamma=gamma, max_grad_norm=max_grad_norm,
                                ema_rescale=ema_rescale, noise_scale_decay=noise_scale_decay,
-                               noise_scale_warn=noise_scale_warn, noise_scale_every=noise_scale_every)
+                               noise_scale_warn=noise_scale_warn, noise_scale_every=noise_scale_every,
+                               second_moment_rescale=second_moment_rescale)
         family = family_of(optimizer) if rule == "auto" else rule
         if family is None:
             raise ValueError(
@@ -117,6 +125,9 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
                             f"{type(batch_schedule).__name__}")
         if batch_schedule is not None and accumulation_steps is not None:
             raise ValueError("batch_schedule sets the accumulation per window; leave accumulation_steps None")
+        if second_moment_rescale and family != "adam":
+            raise ValueError(f"second_moment_rescale=True needs an Adam-family rule (rule='adam', or 'auto' on Adam, "
+                             f"AdamW, RMSprop, NAdam, RAdam), got rule {family!r}")
 
         self.process_group = process_group
         self.world_size = dist.get_world_size(process_group) if dist.is_available() and dist.is_initialized() else 1
@@ -142,6 +153,7 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         self.model = model
         self.ema = ema
         self.ema_rescale = family != "none" if ema_rescale is None else ema_rescale
+        self.second_moment_rescale = second_moment_rescale
         self.clock = Clock()
         # the in-run noise scale: a monitor the window calls at each micro-step and at its end
         self._noise = NoiseScaleMonitor((p for g in optimizer.param_groups for p in g["params"]), noise_scale_decay,
@@ -447,6 +459,8 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         window = {"samples": samples, "tokens": tokens, "items": items, "kappa": k}
         for hook in list(self._pre_update_hooks.values()):
             hook(self, window)
+        if self.second_moment_rescale and self.last_batch_size and samples != self.last_batch_size:
+            _scale_second_moment(self.optimizer, self.last_batch_size / samples)
         self._effective = rescaled_step(self.optimizer, self.rule, k, kappa_sum=self.clock.kappa_sum,
                                         updates=self.clock.updates, beta_form=self.beta_form,
                                         momentum_mode=self.momentum_mode, weight_decay_form=self.weight_decay_form,
@@ -479,6 +493,7 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
             "sdebatch": {
                 "clock": self.clock.state_dict(),
                 "last_kappa": self.last_kappa,
+                "last_batch_size": self.last_batch_size,
                 "window": window,
                 "noise": self.noise.state_dict() if self.noise is not None else None,
                 "batch_schedule": (self.batch_schedule.state_dict()
@@ -512,6 +527,7 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.clock = clock
         self.last_kappa = ours.get("last_kappa")
+        self.last_batch_size = ours.get("last_batch_size")
         if self.noise is not None and ours.get("noise") is not None:
             self.noise.load_state_dict(ours["noise"])
         if hasattr(self.batch_schedule, "load_state_dict") and ours.get("batch_schedule") is not None:
@@ -528,6 +544,17 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         # (Lightning's fit does), and a sum does not care about order.
         self.window.saved_grads = None if grads is None else [
             None if g is None else g.to(device=p.device, dtype=p.dtype) for p, g in zip(params, grads)]
+
+
+SECOND_MOMENT_KEYS = ("exp_avg_sq", "max_exp_avg_sq", "square_avg")
+
+
+def _scale_second_moment(optimizer: torch.optim.Optimizer, ratio: float) -> None:
+    """v <- v * ratio for every second-moment buffer (one foreach call; no host sync)."""
+    buffers = [st[k] for st in optimizer.state.values() for k in SECOND_MOMENT_KEYS
+               if isinstance(st.get(k), torch.Tensor)]
+    if buffers:
+        torch._foreach_mul_(buffers, ratio)
 
 
 def _warn_batchnorm(model: torch.nn.Module) -> None:

@@ -236,7 +236,11 @@ def describe_run(config: dict) -> str:
         updates = f", {int(budget // per)} updates" if budget and unit == "samples" else ""
         if config.get("batch_schedule"):  # a ramp: the schedule's updates, not the fixed batch's
             from .batch_schedules import batch_schedule
-            ramp, seen, n = batch_schedule(config["batch_schedule"], unit), 0, 0
+            try:
+                ramp, seen, n = batch_schedule(config["batch_schedule"], unit), 0, 0
+            except ValueError:  # a schedule the workload names (e.g. "seesaw"): it describes it when it runs
+                return (f"rule={rule}: batch schedule {config['batch_schedule']} ({config.get('ramp', 'rules')}), "
+                        f"logical {lb}")
             while budget and unit == "samples" and seen < budget:
                 seen, n = seen + ramp(seen), n + 1
             return (f"rule={rule}: batch schedule {ramp.describe()} ({config.get('ramp', 'rules')}), logical {lb}"

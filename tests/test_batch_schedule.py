@@ -45,12 +45,12 @@ def _stream(n=224):
     return x, y
 
 
-def _wrapped_run(inner_cls, kw, schedule, *, stop_after=None, state=None):
+def _wrapped_run(inner_cls, kw, schedule, *, stop_after=None, state=None, **wrapper_kw):
     """The wrapper on the schedule, micro-batches of PHYSICAL in stream order; optionally stopped / resumed."""
     x, y = _stream()
     model = make_model()
     opt = sdebatch.LogicalBatchOptimizer(inner_cls(model.parameters(), **kw), LOGICAL, PHYSICAL,
-                                         batch_schedule=schedule)
+                                         batch_schedule=schedule, **wrapper_kw)
     start = 0
     if state is not None:
         model.load_state_dict(state["model"])
@@ -80,10 +80,13 @@ def _batches(schedule, n):
     return out
 
 
-def test_ramp_by_accumulation_equals_hand_written_adam_with_the_rules_and_the_product_bias_correction():
+@pytest.mark.parametrize("second_moment_rescale", [False, True])
+def test_ramp_by_accumulation_equals_hand_written_adam_with_the_rules_and_the_product_bias_correction(
+        second_moment_rescale):
     lr, b1, b2, eps = 0.01, 0.9, 0.99, 1e-8
     schedule = sdebatch.batch_schedule(SCHEDULE)
-    model, opt, used = _wrapped_run(torch.optim.Adam, dict(lr=lr, betas=(b1, b2), eps=eps), schedule)
+    model, opt, used = _wrapped_run(torch.optim.Adam, dict(lr=lr, betas=(b1, b2), eps=eps), schedule,
+                                    second_moment_rescale=second_moment_rescale)
     # the reference: plain float64 Adam on each update's whole batch, every hyperparameter rescaled by hand
     x, y = _stream()
     ref = make_model()
@@ -104,6 +107,8 @@ def test_ramp_by_accumulation_equals_hand_written_adam_with_the_rules_and_the_pr
         k_sum += k
         with torch.no_grad():
             for p, mi, vi in zip(params, m, v):
+                if second_moment_rescale and start > 0 and b != schedule(start - 1):
+                    vi.mul_(schedule(start - 1) / b)  # v's noise-dominated limit: trace / B
                 mi.mul_(b1 ** k).add_((1 - b1 ** k) * p.grad)
                 vi.mul_(b2 ** k).add_((1 - b2 ** k) * p.grad ** 2)
                 m_hat = mi / (1 - b1 ** k_sum)  # bias correction through prod_s beta1**kappa_s
@@ -448,3 +453,48 @@ def test_resume_mid_ramp_with_the_same_physical_batch_carries_the_window():
     assert opt.updates == full_opt.updates
     for p, q in zip(full.parameters(), model.parameters()):
         assert torch.equal(p, q)
+
+
+def test_second_moment_rescale_resumes_across_a_change_and_is_refused_off_adam():
+    """The batch of the last update is in the checkpoint, so a run resumed just before a change rescales v as the
+    uninterrupted one does; the option needs an Adam-family rule and a bool, refused before anything changes."""
+    kw = dict(lr=0.01, betas=(0.9, 0.99))
+    schedule = sdebatch.batch_schedule(SCHEDULE)
+    full, _, _ = _wrapped_run(torch.optim.Adam, kw, schedule, second_moment_rescale=True)
+    _, _, state = _wrapped_run(torch.optim.Adam, kw, schedule, stop_after=8, second_moment_rescale=True)
+    resumed, _, _ = _wrapped_run(torch.optim.Adam, kw, schedule, state=state, second_moment_rescale=True)
+    plain, _, _ = _wrapped_run(torch.optim.Adam, kw, schedule)
+    for p, q, r in zip(full.parameters(), resumed.parameters(), plain.parameters()):
+        assert torch.equal(p, q)
+        assert not torch.equal(p, r)  # the option changes the run (so the resume test can fail)
+    model = make_model()
+    for inner, rule, flag, needle in ((torch.optim.SGD, "auto", True, "needs an Adam-family rule"),
+                                      (torch.optim.Adam, "none", True, "got rule 'none'"),
+                                      (torch.optim.Adam, "auto", 1, "must be True or False")):
+        opt = inner(model.parameters(), lr=0.1)
+        before = opt.state_dict()
+        with pytest.raises(ValueError, match="second_moment_rescale"):
+            sdebatch.LogicalBatchOptimizer(opt, LOGICAL, PHYSICAL, rule=rule, second_moment_rescale=flag)
+        assert opt.state_dict() == before
+    from sdebatch.lightning import LogicalBatch
+
+    with pytest.raises(ValueError, match="second_moment_rescale must be True or False"):
+        LogicalBatch(8, second_moment_rescale="yes")
+
+
+def test_ramp_arms_of_named_schedules_pair_against_their_own_rescaled_ramp():
+    from sdebatch.figures.ramp import arm_of, summarise
+
+    rows = []
+    for seed in (0, 1):
+        for spec, ramp, v, final in (("", "rules", False, 1.0), ("seesaw", "rules", False, 1.1),
+                                     ("seesaw", "none", False, 1.3 + 0.1 * seed), ("seesaw", "rules", True, 1.0),
+                                     ("0:8, 16:16", "rules", False, 2.0)):
+            rows.append({"run_id": f"{spec}{ramp}{v}{seed}", "seed": seed, "final_loss": final, "updates": 10,
+                         "batch_schedule": spec, "ramp": ramp, "second_moment_rescale": str(v)})
+    assert [arm_of(r) for r in rows[:5]] == ["fixed", "seesaw rules", "seesaw none", "seesaw rules+v", "rules"]
+    s = summarise(rows)
+    assert list(s["arms"]) == ["fixed", "rules", "seesaw rules", "seesaw rules+v", "seesaw none"]
+    # paired against Seesaw's own rescaled ramp (1.1), not the clock:batch ramp's (2.0), relative to the fixed run
+    assert s["arms"]["seesaw none"]["vs_rules"][0] == pytest.approx(((1.3 - 1.1) + (1.4 - 1.1)) / 2)
+    assert s["arms"]["seesaw rules+v"]["vs_rules"][0] == pytest.approx(-0.1)

@@ -285,3 +285,67 @@ def test_noise_scale_by_hand():
 def test_bad_input_raises_value_error_naming_the_argument(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# --- batch schedules in the Monte Carlo ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rule,second_moment", [("auto", False), ("auto", True), ("lr_only", False), ("none", False)])
+def test_simulate_under_a_batch_schedule_equals_hand_written_adam(rule, second_moment):
+    """simulate(batch_schedule=, lr_schedule=) against Adam written here on each update's whole batch: the rules
+    (auto), the lr alone (lr_only), nothing (none), and v <- v B_old / B_new at a change; the grid's losses and updates.
+    The noise stream is the sampler's own (the same samples in the same order)."""
+    import sdebatch
+    from sdebatch.sde.montecarlo import _NoiseStream
+
+    m, seeds, lb, pb, lr, (b1, b2), eps = model(), 6, 4, 2, 0.05, (0.9, 0.99), 1e-3
+    ramp = sdebatch.batch_schedule("0:4, 16:8, 48:16")
+
+    def decay(t):
+        return 1.0 / (1.0 + t / 50)
+
+    grid = torch.tensor([0.0, 8, 20, 47, 64, 100, 112], dtype=torch.float64)
+    sim = sde.simulate(m, "adam", lr, lb, pb, grid, rule=rule, seeds=seeds, seed=3, betas=(b1, b2), eps=eps,
+                       lr_schedule=decay, batch_schedule=ramp, second_moment_rescale=second_moment)
+    stream = _NoiseStream(m.noise.sqrt(), seeds, 3, 64)
+    theta = m.theta0.expand(seeds, m.dim).clone().double()
+    mom, v = torch.zeros_like(theta), torch.zeros_like(theta)
+    seen, updates, k_sum, prev, loss, ups = 0, 0, 0.0, None, [], []
+    while len(loss) < len(grid):
+        b = ramp(seen)
+        while len(loss) < len(grid) and grid[len(loss)] < seen + b:
+            loss.append(m.loss(theta))
+            ups.append(updates)
+        if len(loss) == len(grid):
+            break
+        g = m.curvature * theta + stream.take(b).mean(0)
+        k = b / lb
+        k_sum += k
+        steps = updates + 1
+        if rule == "auto":
+            a, be1, be2, e, bc1, bc2 = lr * math.sqrt(k), b1 ** k, b2 ** k, eps / math.sqrt(k), \
+                1 - b1 ** k_sum, 1 - b2 ** k_sum
+        else:
+            a = lr * (math.sqrt(k) if rule == "lr_only" else 1.0)
+            be1, be2, e, bc1, bc2 = b1, b2, eps, 1 - b1 ** steps, 1 - b2 ** steps
+        if second_moment and prev is not None and b != prev:
+            v = v * (prev / b)
+        mom = be1 * mom + (1 - be1) * g
+        v = be2 * v + (1 - be2) * g * g
+        theta = theta - a * decay(seen) * (mom / bc1) / ((v / bc2).sqrt() + e)
+        seen, updates, prev = seen + b, steps, b
+    torch.testing.assert_close(sim.losses, torch.stack(loss, 1), rtol=1e-10, atol=0)
+    assert sim.updates.tolist() == ups == [0, 2, 4, 7, 9, 11, 12]  # 4 x 4, 4 x 8, then 16 per update
+
+
+def test_simulate_with_a_fixed_batch_keeps_floor_updates_and_refuses_bad_schedules():
+    import sdebatch
+
+    grid = torch.tensor([0.0, 7, 8, 30, 64], dtype=torch.float64)
+    sim = sde.simulate(model(), "sgd", 0.1, 8, 8, grid, seeds=4)
+    assert sim.updates.tolist() == [0, 0, 1, 3, 8]  # floor(n / B)
+    with pytest.raises(ValueError, match="batch_schedule must be in samples"):
+        sde.simulate(model(), "sgd", 0.1, 8, 8, grid, batch_schedule=sdebatch.batch_schedule("0:8", unit="tokens"))
+    with pytest.raises(ValueError, match="batch_schedule must come from"):
+        sde.simulate(model(), "sgd", 0.1, 8, 8, grid, batch_schedule="0:8")
+    with pytest.raises(ValueError, match="lr_schedule must be a callable"):
+        sde.simulate(model(), "sgd", 0.1, 8, 8, grid, lr_schedule=0.5)

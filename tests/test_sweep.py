@@ -1,4 +1,5 @@
 """The sweep runner: grid expansion, dry run, resumable after a kill, atomic run folders, divergence and failures."""
+import math
 import json
 
 import pytest
@@ -125,6 +126,33 @@ def test_quadratic_workload_rules_and_errors():
     assert naive["curve"][0] == {"samples": 0, "loss": pytest.approx(float(0.5 * h.sum()))}
     with pytest.raises(ValueError, match="rule must be one of"):
         quadratic({**base, "physical_batch_size": 2, "rule": "linear"})  # the linear rule is for SGD
+
+
+def test_quadratic_workload_ramps():
+    """The named schedules run through sde.simulate and take fewer updates than the fixed run; a clock:batch ramp
+    equals sde.simulate called by hand; bad ramp configs are named."""
+    import sdebatch
+    from sdebatch import sde
+    from experiments.workloads import quadratic
+
+    base = dict(optimizer="adam", lr=0.02, logical_batch_size=8, physical_batch_size=4, rule="accumulate",
+                samples=1024, replicas=8, dim=4, lr_schedule="cosine", max_batch_size=32)
+    fixed = quadratic(base)
+    assert fixed["updates"] == 128 and fixed["curve"][-1]["samples"] == 1024
+    for spec in ("seesaw", "critical_batch_warmup"):
+        r = quadratic({**base, "batch_schedule": spec, "ramp": "lr_only"})
+        assert r["updates"] < fixed["updates"] and math.isfinite(r["final_loss"])
+    r = quadratic({**base, "batch_schedule": "0:8, 512:16", "second_moment_rescale": True})
+    sim = sde.simulate(sde.NoisyQuadratic(torch.logspace(0, -2, 4, dtype=torch.float64), 1.0, 1.0), "adam", 0.02, 8,
+                       4, sde.sample_grid(1024, 64, multiple_of=4), seeds=8, lr_schedule=sdebatch.warmup_cosine(1024),
+                       batch_schedule=sdebatch.batch_schedule("0:8, 512:16"), second_moment_rescale=True)
+    assert r["final_loss"] == float(sim.loss_mean[-1]) and r["updates"] == 64 + 32
+    for bad, needle in ((dict(batch_schedule="seesaw", rule="sqrt_exact"), "needs rule = 'accumulate'"),
+                        (dict(batch_schedule="0:8, 10:0"), "entry 2"), (dict(lr_schedule="step"), "lr_schedule"),
+                        (dict(batch_schedule="seesaw", ramp="all"), "ramp must be"),
+                        (dict(second_moment_rescale="yes"), "second_moment_rescale")):
+        with pytest.raises(ValueError, match=needle):
+            quadratic({**base, **bad})
 
 
 def checked(config, progress=True):

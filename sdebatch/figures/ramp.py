@@ -2,7 +2,9 @@
 to reach the fixed run's final loss (from the evaluation curve).
 
 Runs of a sweep are grouped into arms by their config: ``batch_schedule`` empty (the fixed logical batch) or set,
-with ``ramp`` = "rules" (every hyperparameter rescaled), "lr_only" or "none". Reads a sweep folder, trains nothing:
+with ``ramp`` = "rules" (every hyperparameter rescaled), "lr_only" or "none", and "+v" when Adam's second moment is
+rescaled at each change (``second_moment_rescale``). A named schedule ("seesaw", "critical_batch_warmup") prefixes
+its arms ("seesaw rules"); a clock:batch spec does not. Reads a sweep folder, trains nothing:
 ``python -m paper_figures.ramp runs/mlp_ramp --out paper_figures/out``.
 """
 from __future__ import annotations
@@ -20,14 +22,42 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .batch_ablation import final_loss, read_sweep, save_figure  # noqa: E402
 
-ARMS = ("fixed", "rules", "lr_only", "none")
-LABELS = {"fixed": "fixed logical batch", "rules": "ramp, every hyperparameter rescaled (sdebatch)",
-          "lr_only": "ramp, lr only (OLMo-core)", "none": "ramp, nothing rescaled (Megatron)"}
-COLORS = {"fixed": "#000000", "rules": "#0072B2", "lr_only": "#E69F00", "none": "#D55E00"}
+RAMPS = ("rules", "rules+v", "lr_only", "none")
+KINDS = ("", "seesaw", "critical_batch_warmup")  # "": a clock:batch spec
+KIND_LABELS = {"": "ramp", "seesaw": "Seesaw", "critical_batch_warmup": "critical-batch warmup"}
+RAMP_LABELS = {"rules": "every hyperparameter rescaled (sdebatch)", "rules+v": "rescaled, and Adam's v",
+               "lr_only": "lr only (OLMo-core)", "none": "nothing rescaled (Megatron)"}
+COLORS = {"fixed": "#000000", "rules": "#0072B2", "rules+v": "#009E73", "lr_only": "#E69F00", "none": "#D55E00"}
+STYLES = {"": "-", "seesaw": "--", "critical_batch_warmup": ":"}
+
+
+def _split(arm: str) -> tuple[str, str]:
+    """(schedule kind, ramp) of an arm name."""
+    kind, _, ramp = arm.rpartition(" ")
+    return kind, ramp
 
 
 def arm_of(row: dict) -> str:
-    return "fixed" if not row.get("batch_schedule") else str(row.get("ramp", "rules"))
+    spec = row.get("batch_schedule")
+    if not spec:
+        return "fixed"
+    ramp = str(row.get("ramp", "rules")) + ("+v" if str(row.get("second_moment_rescale")) in ("True", "true", "1")
+                                            else "")
+    return f"{spec} {ramp}" if spec in KINDS else ramp
+
+
+def _order(arm: str) -> tuple:
+    if arm == "fixed":
+        return (-1, 0)
+    kind, ramp = _split(arm)
+    return (KINDS.index(kind) if kind in KINDS else 99, RAMPS.index(ramp) if ramp in RAMPS else 99)
+
+
+def label_of(arm: str) -> str:
+    if arm == "fixed":
+        return "fixed logical batch"
+    kind, ramp = _split(arm)
+    return f"{KIND_LABELS.get(kind, kind)}, {RAMP_LABELS.get(ramp, ramp)}"
 
 
 def _curve(folder: Path, row: dict) -> list[dict]:
@@ -56,15 +86,17 @@ def summarise(rows: list[dict], folder: Path | None = None) -> dict:
         (c := _curve(folder, r)) and math.isclose(c[-1]["loss"], final_loss(r), rel_tol=1e-9)
         for r in fixed.values())
     out: dict = {"arms": {}, "curve_is_final_loss": comparable}
-    for arm, runs in sorted(by_arm.items(), key=lambda kv: ARMS.index(kv[0]) if kv[0] in ARMS else 99):
+    for arm, runs in sorted(by_arm.items(), key=lambda kv: _order(kv[0])):
         losses = [final_loss(r) for r in runs.values()]
         entry = {"seeds": len(runs), "final_loss": _mean_se(losses),
                  "updates": statistics.fmean(float(r["updates"]) for r in runs.values())}
         if arm != "fixed" and fixed:
             d = [(final_loss(r) - final_loss(fixed[s])) / final_loss(fixed[s]) for s, r in runs.items() if s in fixed]
             entry["vs_fixed"] = (*_mean_se(d), len(d)) if d else None
-            rules = by_arm.get("rules", {})
-            if arm != "rules" and rules:  # paired against the rescaled ramp, relative to the fixed run
+            kind, _ = _split(arm)
+            rules_arm = f"{kind} rules".strip()
+            rules = by_arm.get(rules_arm, {})
+            if arm != rules_arm and rules:  # paired against the same schedule's rescaled ramp, relative to fixed
                 c = [(final_loss(r) - final_loss(rules[s])) / final_loss(fixed[s]) for s, r in runs.items()
                      if s in rules and s in fixed]
                 entry["vs_rules"] = (*_mean_se(c), len(c)) if c else None
@@ -85,7 +117,8 @@ def summarise(rows: list[dict], folder: Path | None = None) -> dict:
 
 
 def table(s: dict) -> str:
-    lines = [f"{'arm':>8} {'seeds':>5} {'final loss':>11} {'updates':>8} {'vs fixed (paired)':>22} "
+    width = max([8] + [len(a) for a in s["arms"]])
+    lines = [f"{'arm':>{width}} {'seeds':>5} {'final loss':>11} {'updates':>8} {'vs fixed (paired)':>22} "
              f"{'vs the rescaled ramp':>22} {'updates to the fixed loss':>26}"]
     for arm, e in s["arms"].items():
         m, se = e["final_loss"]
@@ -96,7 +129,7 @@ def table(s: dict) -> str:
                   and u[1] is not None else (f"not reached ({u[2]}/{e['seeds']})" if u else ""))
         vr = e.get("vs_rules")
         vr_text = f"{100 * vr[0]:+.2f}% +- {100 * vr[1]:.2f}" if vr and vr[1] is not None else ""
-        lines.append(f"{arm:>8} {e['seeds']:>5} {m:>11.5f} {e['updates']:>8.0f} {vs_text:>22} {vr_text:>22} "
+        lines.append(f"{arm:>{width}} {e['seeds']:>5} {m:>11.5f} {e['updates']:>8.0f} {vs_text:>22} {vr_text:>22} "
                      f"{u_text:>26}")
     if not s.get("curve_is_final_loss", True):
         lines.append("(updates to the fixed loss: not computed, the curve is not the final loss's quantity)")
@@ -122,15 +155,16 @@ def figure(rows: list[dict], folder: Path, out: Path, name: str) -> list[Path]:
         if c:
             by_arm.setdefault(arm_of(r), []).append(c)
     clock = "tokens" if any("tokens" in c[0] for cs in by_arm.values() for c in cs) else "samples"
-    for arm in [a for a in ARMS if a in by_arm]:
+    for arm in sorted(by_arm, key=_order):
         curves = by_arm[arm]
+        kind, ramp = _split(arm) if arm != "fixed" else ("", "fixed")
         for ax, x in zip(axes, (clock, "updates")):
             binned = [_bins(c, x) for c in curves]
             n = min(len(b) for b in binned)
             xs = [statistics.fmean(b[i][0] for b in binned) for i in range(n)]
             ys = [statistics.fmean(b[i][1] for b in binned) for i in range(n)]
-            ax.plot(xs, ys, color=COLORS[arm], lw=1.3, ls="-" if arm in ("fixed", "rules") else "--",
-                    label=f"{LABELS[arm]} ({len(curves)} seeds)")
+            ax.plot(xs, ys, color=COLORS.get(ramp, "#999999"), lw=1.6 if arm == "fixed" else 1.1,
+                    ls=STYLES.get(kind, "-"), label=f"{label_of(arm)} ({len(curves)} seeds)")
     for ax, x in zip(axes, (clock, "updates")):
         ax.set_xlabel(f"{x} seen")
         ax.set_yscale("log")
