@@ -116,20 +116,24 @@ class ResumableDataLoader(DataLoader):
         self._resume_batches = 0
         self._resume_geometry: tuple[int, int] | None = None  # (batch size, ranks) the resume point was saved with
 
+    def resume_batches(self) -> int:
+        """Batches (of this loader's size and rank count) the next iteration skips: the saved position, converted
+        to this geometry when the checkpoint had another batch size or rank count (elastic resume)."""
+        skip, geometry = self._resume_batches, self._resume_geometry
+        if geometry is None or geometry == (self.batch_size, self.sampler.num_replicas):
+            return skip
+        consumed = skip * geometry[0] * geometry[1]
+        per_pass = self.batch_size * self.sampler.num_replicas
+        if consumed % per_pass:
+            raise ValueError(f"resuming at sample {consumed} of the epoch with {self.sampler.num_replicas} rank(s) x "
+                             f"batch {self.batch_size}: not a whole number of batches; pick a batch size and rank "
+                             "count whose product divides it")
+        return consumed // per_pass
+
     def __iter__(self) -> Iterator[Any]:
-        sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
-        skip, self._resume_batches = self._resume_batches, 0
-        geometry, self._resume_geometry = self._resume_geometry, None
-        if geometry is not None and geometry != (self.batch_size, sampler.num_replicas):
-            # elastic resume: the same position in samples of the epoch's order, in the new batch / rank split
-            consumed = skip * geometry[0] * geometry[1]
-            per_pass = self.batch_size * sampler.num_replicas
-            if consumed % per_pass:
-                raise ValueError(f"resuming at sample {consumed} of the epoch with {sampler.num_replicas} rank(s) x "
-                                 f"batch {self.batch_size}: not a whole number of batches; pick a batch size and "
-                                 "rank count whose product divides it")
-            skip = consumed // per_pass
-        sampler.start = skip * self.batch_size
+        skip = self.resume_batches()  # the same position in samples of the epoch's order, in this batch / rank split
+        self._resume_batches, self._resume_geometry = 0, None
+        self.sampler.start = skip * self.batch_size
         self.batches_yielded = skip
         for batch in super().__iter__():
             self.batches_yielded += 1

@@ -32,6 +32,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.data import extract_batch_size
 
+from .data import ResumableDataLoader
 from .ema import ModelEMA
 from .optimizer import LogicalBatchOptimizer
 from . import checks
@@ -196,6 +197,7 @@ class LogicalBatch(pl.Callback):
             if opt.in_window and opt.flush():
                 self._after_update(trainer, pl_module, in_batch=False)
             opt.zero_grad()
+        _align_epoch_progress(trainer)
         physical = self.physical_batch_size or _loader_batch_size(trainer.train_dataloader)
         if physical is None:
             raise ValueError("cannot read the per-device batch size from the train dataloader; pass "
@@ -298,6 +300,20 @@ class LogicalBatch(pl.Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self._ema_state = state_dict.get("ema")
         self._flush_on_resume = bool(state_dict.get("flush_on_resume", False))
+
+
+def _align_epoch_progress(trainer: pl.Trainer) -> None:
+    """Elastic resume: Lightning restored the epoch's batch count in the checkpoint's batch size, and ends the epoch
+    when that count reaches the new loader's length; count in the new batches, where the loader resumes."""
+    loader = trainer.train_dataloader
+    if not isinstance(loader, ResumableDataLoader):
+        return
+    skip = loader.resume_batches()
+    current = trainer.fit_loop.epoch_loop.batch_progress.current
+    shift = skip - current.processed
+    if current.processed and shift:  # keep Lightning's own offsets between its counters (a batch mid-hooks)
+        current.ready, current.started = current.ready + shift, current.started + shift
+        current.processed, current.completed = skip, current.completed + shift
 
 
 class ProgressLines(pl.Callback):

@@ -498,3 +498,40 @@ def test_ramp_arms_of_named_schedules_pair_against_their_own_rescaled_ramp():
     # paired against Seesaw's own rescaled ramp (1.1), not the clock:batch ramp's (2.0), relative to the fixed run
     assert s["arms"]["seesaw none"]["vs_rules"][0] == pytest.approx(((1.3 - 1.1) + (1.4 - 1.1)) / 2)
     assert s["arms"]["seesaw rules+v"]["vs_rules"][0] == pytest.approx(-0.1)
+
+
+def _lightning_ramp(tmp_path, physical, *, epochs=2, every=None, ckpt=None):
+    import sdebatch.lightning as sl
+    from lightning_helpers import Regression, loader, trainer
+
+    module = Regression("adam")
+    cb = sl.LogicalBatch(LOGICAL, batch_schedule=sdebatch.batch_schedule("0:8, 32:16, 96:32"), verbose=False)
+    trainer(cb, epochs=epochs, ckpt_dir=tmp_path, every=every).fit(
+        module, train_dataloaders=loader(96, physical, shuffle=True, seed=5), ckpt_path=ckpt)
+    return module, cb
+
+
+@pytest.mark.parametrize("step", [10, 15, 30])  # mid-window in the 16s, mid-window in the 32s, a window's end
+def test_lightning_resume_mid_ramp_equals_uninterrupted(tmp_path, step):
+    from lightning_helpers import flat_params
+
+    full, cb_full = _lightning_ramp(tmp_path, PHYSICAL, every=5)
+    state = torch.load(tmp_path / f"step={step}.ckpt", weights_only=False)
+    assert state["optimizer_states"][0]["sdebatch"]["clock"]["samples_seen"] < step * PHYSICAL or step == 30
+    resumed, cb = _lightning_ramp(tmp_path / "again", PHYSICAL, ckpt=str(tmp_path / f"step={step}.ckpt"))
+    assert cb.optimizer.clock == cb_full.optimizer.clock and cb.optimizer.updates == 4 + 4 + 3
+    torch.testing.assert_close(flat_params(resumed.net), flat_params(full.net), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("before,after", [(4, 8), (8, 4)])
+def test_lightning_elastic_resume_mid_ramp_equals_the_continuous_run(tmp_path, before, after):
+    """A checkpoint at a window's end (32 samples, where the ramp goes 8 -> 16) resumed with another per-device
+    batch: the loader resumes at the same sample, the schedule's accumulation follows the new batch, and the run
+    equals the continuous one in samples (to round-off: the windows are summed in other groupings)."""
+    from lightning_helpers import flat_params
+
+    full, cb_full = _lightning_ramp(tmp_path, before, every=32 // before)
+    resumed, cb = _lightning_ramp(tmp_path / "again", after, ckpt=str(tmp_path / f"step={32 // before}.ckpt"))
+    assert cb.optimizer.physical_batch_size == after and cb.optimizer.accumulation_steps == 32 // after
+    assert cb.optimizer.clock == cb_full.optimizer.clock
+    torch.testing.assert_close(flat_params(resumed.net), flat_params(full.net), rtol=0, atol=1e-10)

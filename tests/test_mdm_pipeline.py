@@ -295,6 +295,9 @@ def test_mdm_batch_ramp_config_and_its_three_ways(micro_data):
         load_config(None, ramp="half")
     with pytest.raises(ValueError, match="entry 2"):
         load_config(None, batch_schedule="0:4, 100:0")
+    for bad in (dict(batch_schedule="0:4, 100:8", ramp="lr_only"), dict(rule="naive")):
+        with pytest.raises(ValueError, match="second_moment_rescale needs the square-root rule"):
+            load_config(None, second_moment_rescale=True, **bad)
     base = dict(data=str(micro_data[0]), model="micro", logical_batch_size=4, physical_batch_size=2, tokens=4000,
                 batch_schedule="0:4, 1K:8")
     cosine = sdebatch.warmup_cosine(total=4000, warmup=0.05 * 4000, final=0.1)
@@ -302,6 +305,9 @@ def test_mdm_batch_ramp_config_and_its_three_ways(micro_data):
         _, _, cb = build(load_config(None, ramp=ramp, **base))
         assert cb.optimizer_kwargs["rule"] == rule and cb.optimizer_kwargs["batch_schedule"].points == [(0, 4),
                                                                                                        (1000, 8)]
+        assert cb.optimizer_kwargs["second_moment_rescale"] is False
         for t in (0.0, 500.0, 1500.0):
             expect = cosine(t) * (math.sqrt((4 if t < 1000 else 8) / 4) if ramp == "lr_only" else 1.0)
             assert cb.lr_schedule(t) == pytest.approx(expect, rel=1e-12)
+    _, _, cb = build(load_config(None, second_moment_rescale=True, **base))
+    assert cb.optimizer_kwargs["second_moment_rescale"] is True

@@ -41,6 +41,9 @@ class TrainConfig:
     ramp: str = "rules"
     """How a batch_schedule rescales: "rules" (every hyperparameter, the SDE rule), "lr_only" (lr x sqrt(kappa), the
     OLMo-core way) or "none" (the Megatron way)."""
+    second_moment_rescale: bool = False
+    """At each change of the batch, AdamW's second moment x B_old / B_new (its noise-dominated limit); see
+    :class:`sdebatch.LogicalBatchOptimizer`. Needs ramp = "rules" or a fixed run."""
     lr: float = 3e-3
     """AdamW lr at the logical batch (base shape; CompleteP scales it per group)."""
     betas: list = field(default_factory=lambda: [0.9, 0.99])
@@ -110,6 +113,11 @@ class TrainConfig:
         presets.check(self.rule)
         if self.ramp not in ("rules", "lr_only", "none"):
             raise ValueError(f"ramp must be 'rules', 'lr_only' or 'none', got {self.ramp!r}")
+        if self.second_moment_rescale and ((self.batch_schedule and self.ramp != "rules")
+                                           or presets.wrapper_kwargs(self.rule)["rule"] not in ("auto", "adam")):
+            raise ValueError(f"second_moment_rescale needs the square-root rule: ramp = 'rules' under a "
+                             f"batch_schedule and a rule other than naive / linear, got ramp {self.ramp!r}, rule "
+                             f"{self.rule!r}")
         if self.batch_schedule:
             from ..batch_schedules import batch_schedule
 

@@ -174,7 +174,7 @@ def build(config: dict) -> tuple[MDMModule, MDMDataModule, sl.LogicalBatch]:
         config["logical_batch_size"], physical_batch_size=config["physical_batch_size"], lr_schedule=lr_schedule,
         schedule_unit="tokens", max_tokens=config["tokens"], ema_decay=config["ema"] or None,
         noise_scale=config["noise_scale"], max_grad_norm=config["max_grad_norm"] or None, batch_schedule=ramp,
-        **rule)
+        second_moment_rescale=config["second_moment_rescale"], **rule)
     return module, data, callback
 
 
