@@ -73,6 +73,17 @@ def batch_sizes(logical_batch_size: Any, **optional: Any) -> None:
                              f"got {v!r}")
 
 
+def candidates(name: str, values: Any) -> list[int]:
+    """A non-empty collection of positive ints (batch sizes), sorted, duplicates removed."""
+    try:
+        out = sorted(set(values))
+    except TypeError:
+        out = []
+    if not out or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in out):
+        raise ValueError(f"{name} must be positive ints (samples), got {values!r}")
+    return out
+
+
 def wrapper_options(*, rule: Any = "auto", beta_form: Any = "exact", momentum_mode: Any = "fixed",
                     weight_decay_form: Any = None, horizon: Any = None, reference_horizon: Any = None,
                     gamma: Any = 0.0, max_grad_norm: Any = None, ema_rescale: Any = None,

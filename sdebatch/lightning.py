@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -65,6 +65,17 @@ class LogicalBatch(pl.Callback):
     Args:
         logical_batch_size: B_L, samples per update the module's hyperparameters were tuned for.
         physical_batch_size: samples per device per batch. Default None: the train dataloader's ``batch_size``.
+            "auto": chosen for the hardware before training (:func:`sdebatch.choose_physical_batch`): a few real
+            forward/backward passes of the module's ``training_step`` at each candidate, the fastest that fits with
+            ``physical_batch_margin`` of CUDA memory free (CPU: throughput only); the table and the choice are
+            printed and kept as ``callback.physical_batch_choice``. It sets the per-device batch through the
+            attribute ``batch_arg_name`` of the LightningModule or its datamodule, which ``train_dataloader()``
+            must read (Lightning's BatchSizeFinder convention). The logical batch never changes; the accumulation
+            (or kappa) follows. Under DDP rank 0's choice is used by all ranks.
+        physical_batch_candidates: the micro-batches "auto" tries (samples per device). Default None: the powers
+            of two (and the largest) that divide the logical batch per device.
+        physical_batch_margin: fraction of CUDA memory "auto" keeps free (default 0.1).
+        batch_arg_name: the attribute "auto" sets (default "batch_size").
         accumulation_steps: batches per update. Default None: ceil(B_L / (physical x devices x nodes)), or 1 when
             that product is already >= B_L.
         reparameterize: allow physical x devices x nodes > B_L, taking one update per batch with kappa > 1 (the
@@ -92,7 +103,7 @@ class LogicalBatch(pl.Callback):
         verbose: print the batch arithmetic at the start of training (default True).
     """
 
-    def __init__(self, logical_batch_size: int, *, physical_batch_size: int | None = None,
+    def __init__(self, logical_batch_size: int, *, physical_batch_size: int | str | None = None,
                  accumulation_steps: int | None = None, reparameterize: bool = False, rule: str = "auto",
                  beta_form: str = "exact", momentum_mode: str = "fixed", weight_decay_form: str | None = None,
                  horizon: float | None = None, reference_horizon: float | None = None, gamma: float = 0.0,
@@ -101,9 +112,15 @@ class LogicalBatch(pl.Callback):
                  max_samples: int | None = None,
                  max_tokens: int | None = None, batch_size_fn: Callable[[Any], int] | None = None,
                  noise_scale: bool = False, batch_schedule: Any = None, second_moment_rescale: bool = False,
-                 verbose: bool = True) -> None:
-        checks.batch_sizes(logical_batch_size, physical_batch_size=physical_batch_size,
+                 physical_batch_candidates: Sequence[int] | None = None, physical_batch_margin: float = 0.1,
+                 batch_arg_name: str = "batch_size", verbose: bool = True) -> None:
+        auto = physical_batch_size == "auto"
+        checks.batch_sizes(logical_batch_size, physical_batch_size=None if auto else physical_batch_size,
                            accumulation_steps=accumulation_steps, max_samples=max_samples, max_tokens=max_tokens)
+        if physical_batch_candidates is not None:
+            checks.candidates("physical_batch_candidates", physical_batch_candidates)
+        if not 0 <= physical_batch_margin < 1:
+            raise ValueError(f"physical_batch_margin must be in [0, 1), got {physical_batch_margin!r}")
         checks.wrapper_options(rule=rule, beta_form=beta_form, momentum_mode=momentum_mode,
                                weight_decay_form=weight_decay_form, horizon=horizon,
                                reference_horizon=reference_horizon, gamma=gamma, max_grad_norm=max_grad_norm,
@@ -114,6 +131,9 @@ class LogicalBatch(pl.Callback):
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}")
         self.logical_batch_size = logical_batch_size
         self.physical_batch_size = physical_batch_size
+        self.physical_batch_candidates, self.physical_batch_margin = physical_batch_candidates, physical_batch_margin
+        self.batch_arg_name = batch_arg_name
+        self.physical_batch_choice = None  # a PhysicalBatchChoice once "auto" has measured
         self.accumulation_steps = accumulation_steps
         self.reparameterize = reparameterize
         self.optimizer_kwargs = dict(rule=rule, beta_form=beta_form, momentum_mode=momentum_mode,
@@ -173,7 +193,7 @@ class LogicalBatch(pl.Callback):
                              f"{len(optimizers)}")
         inner = optimizers[0]
         world = trainer.num_devices * trainer.num_nodes
-        physical = self.physical_batch_size or max(1, self.logical_batch_size // world)
+        physical = self._fixed_physical() or max(1, self.logical_batch_size // world)
         self.ema = ModelEMA(pl_module, self.ema_decay) if self.ema_decay is not None else None
         if self.ema is not None and self._ema_state is not None:
             self.ema.load_state_dict(self._ema_state)
@@ -188,6 +208,59 @@ class LogicalBatch(pl.Callback):
         self.optimizer = opt
         return _replace_optimizer(out, inner, opt)
 
+    def _fixed_physical(self) -> int | None:
+        return None if self.physical_batch_size == "auto" else self.physical_batch_size
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.physical_batch_size == "auto":  # after the optimizer is wrapped, before a checkpoint is restored
+            self._choose_physical_batch(trainer, pl_module)
+
+    def _choose_physical_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_hasattr, lightning_setattr
+
+        from .physical_batch import choose_physical_batch
+
+        name = self.batch_arg_name
+        if not lightning_hasattr(pl_module, name):
+            raise ValueError(f"physical_batch_size='auto' sets the per-device batch through `{name}` on the "
+                             "LightningModule or its datamodule, read by train_dataloader(); neither has it (set "
+                             "batch_arg_name=, or give physical_batch_size as an int)")
+        holder = trainer.datamodule if trainer.datamodule is not None and hasattr(trainer.datamodule, name) \
+            else pl_module
+        world = trainer.num_devices * trainer.num_nodes
+        per_device = max(1, self.logical_batch_size // world)
+        candidates = self.physical_batch_candidates or sorted(
+            {b for b in [2 ** i for i in range(per_device.bit_length())] + [per_device] if per_device % b == 0})
+        opt, original = self.optimizer, lightning_getattr(pl_module, name)
+        batches: dict[int, Any] = {}
+
+        def step(b: int) -> None:  # one forward/backward of the real module on a real batch of b
+            if b not in batches:
+                lightning_setattr(pl_module, name, b)
+                batches[b] = trainer.strategy.batch_to_device(next(iter(holder.train_dataloader())))
+            with torch.enable_grad():
+                out = pl_module.training_step(batches[b], 0)
+                (out["loss"] if isinstance(out, dict) else out).backward()
+            pl_module.zero_grad(set_to_none=True)
+
+        # the measuring passes log nothing and leave the optimizer's window empty
+        pl_module.log, pl_module.log_dict = (lambda *a, **k: None), (lambda *a, **k: None)
+        try:
+            choice = choose_physical_batch(step, candidates, margin=self.physical_batch_margin,
+                                           device=pl_module.device)
+        except BaseException:
+            lightning_setattr(pl_module, name, original)
+            raise
+        finally:
+            del pl_module.log, pl_module.log_dict
+            opt.zero_grad(set_to_none=True)
+            opt._reset_window()
+        lightning_setattr(pl_module, name, choice.physical_batch_size)
+        self.physical_batch_choice = choice
+        if self.verbose:
+            rank_zero_info(f"sdebatch: physical batch measured on the model (logical batch "
+                           f"{self.logical_batch_size} unchanged):\n{choice.describe()}")
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         opt = self.optimizer
         if opt is None:
@@ -198,7 +271,7 @@ class LogicalBatch(pl.Callback):
                 self._after_update(trainer, pl_module, in_batch=False)
             opt.zero_grad()
         _align_epoch_progress(trainer)
-        physical = self.physical_batch_size or _loader_batch_size(trainer.train_dataloader)
+        physical = self._fixed_physical() or _loader_batch_size(trainer.train_dataloader)
         if physical is None:
             raise ValueError("cannot read the per-device batch size from the train dataloader; pass "
                              "LogicalBatch(physical_batch_size=...)")

@@ -20,6 +20,8 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from . import checks
+
 
 @dataclass
 class PhysicalBatchChoice:
@@ -63,9 +65,7 @@ def choose_physical_batch(step: Callable[[int], float | None], candidates: Seque
         timer, memory: the clock and ``memory() -> (peak bytes since the last call, total bytes)`` (tests inject
             them; default: perf_counter with CUDA synchronisation, and the CUDA allocator's peak / the device's total).
     """
-    cands = sorted(set(candidates))
-    if not cands or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in cands):
-        raise ValueError(f"candidates must be positive ints (samples), got {list(candidates)!r}")
+    cands = checks.candidates("candidates", candidates)
     for name, v, lo in (("steps", steps, 1), ("warmup", warmup, 0)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")

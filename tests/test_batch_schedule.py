@@ -535,3 +535,50 @@ def test_lightning_elastic_resume_mid_ramp_equals_the_continuous_run(tmp_path, b
     assert cb.optimizer.physical_batch_size == after and cb.optimizer.accumulation_steps == 32 // after
     assert cb.optimizer.clock == cb_full.optimizer.clock
     torch.testing.assert_close(flat_params(resumed.net), flat_params(full.net), rtol=0, atol=1e-10)
+
+
+def test_lightning_auto_physical_batch_picks_the_fastest_measured_and_keeps_the_logical_batch(tmp_path):
+    """physical_batch_size="auto": training_step is made slow (a sleep per sample) at every micro-batch but 4, so 4
+    is the fastest per sample of the measured table; the loader is rebuilt at 4 through the module's batch_size, the
+    accumulation follows (logical 16 = 4 x 4), and the run equals a run given physical 4 from the start (the
+    measuring passes leave no gradient, window or log behind)."""
+    import time
+
+    import sdebatch.lightning as sl
+    from lightning_helpers import Regression, flat_params, loader, trainer
+
+    class Sized(Regression):
+        def __init__(self, slow=True):
+            super().__init__("adam")
+            self.batch_size, self.slow, self.seen = 2, slow, []
+
+        def train_dataloader(self):
+            return loader(64, self.batch_size, shuffle=True, seed=1)
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append(len(batch[0]))
+            if self.slow and len(batch[0]) != 4:
+                time.sleep(0.05 * len(batch[0]))  # at most 20 samples/s, whatever the machine's load
+            self.log("loss_logged", 1.0)  # would fail outside the fit loop if the measuring passes logged
+            return super().training_step(batch, batch_idx)
+
+    module = Sized()
+    cb = sl.LogicalBatch(16, physical_batch_size="auto", verbose=False)
+    trainer(cb, epochs=1).fit(module)
+    choice = cb.physical_batch_choice
+    assert [r["batch"] for r in choice.rows] == [1, 2, 4, 8, 16] and choice.physical_batch_size == 4
+    assert max(choice.rows, key=lambda r: r["throughput"])["batch"] == 4 and choice.unit == "samples"
+    opt = cb.optimizer
+    assert (opt.logical_batch_size, opt.physical_batch_size, opt.accumulation_steps) == (16, 4, 4)
+    assert opt.samples_seen == 64 and opt.updates == 4 and module.batch_size == 4
+    assert "chosen: 4 per device" in choice.describe()
+    reference = Sized(slow=False)
+    reference.batch_size = 4
+    trainer(sl.LogicalBatch(16, verbose=False), epochs=1).fit(reference)
+    assert torch.equal(flat_params(module.net), flat_params(reference.net))
+    with pytest.raises(ValueError, match="physical_batch_candidates must be positive ints"):
+        sl.LogicalBatch(16, physical_batch_size="auto", physical_batch_candidates=[4, 0])
+    plain = Regression("adam")
+    with pytest.raises(ValueError, match="sets the per-device batch through `batch_size`"):
+        trainer(sl.LogicalBatch(16, physical_batch_size="auto", verbose=False), epochs=1).fit(
+            plain, train_dataloaders=loader(64, 4))
