@@ -36,9 +36,10 @@ def mlp(config: dict, progress: bool = True) -> dict:
 
     Config: physical_batch_size, logical_batch_size, rule, optimizer ("adam" | "sgd"), lr, samples, seed,
     eval_every (samples, default samples // 16); for a batch ramp, batch_schedule (a
-    :func:`sdebatch.batch_schedule` spec in samples, reached by accumulation of physical batches) and ramp: "rules"
-    (default: every hyperparameter rescaled per update by the optimizer's rule), "lr_only" (the OLMo-core way: lr x
-    sqrt(kappa) for Adam, x kappa for SGD, the rest unchanged) or "none" (the Megatron way: nothing rescaled).
+    :func:`sdebatch.batch_schedule` spec in samples, or "critical_batch_warmup": see :func:`_schedule_of`; reached by
+    accumulation of physical batches), ramp: "rules" (default: every hyperparameter rescaled per update by the
+    optimizer's rule), "lr_only" (the OLMo-core way: lr x sqrt(kappa) for Adam, x kappa for SGD, the rest unchanged)
+    or "none" (the Megatron way: nothing rescaled), and second_moment_rescale (default false).
     """
     from experiments import demo
 
@@ -54,8 +55,11 @@ def mlp(config: dict, progress: bool = True) -> dict:
     if config.get("batch_schedule"):
         ramp = config.get("ramp", "rules")
         family = "adam" if config.get("optimizer", "adam") == "adam" else "sgd"
+        schedule = _schedule_of(config, lb, samples)
         opt = sdebatch.LogicalBatchOptimizer(inner, lb, b, rule=family if ramp == "rules" else "none",
-                                             batch_schedule=sdebatch.batch_schedule(config["batch_schedule"]))
+                                             batch_schedule=schedule, noise_scale=hasattr(schedule, "attach"),
+                                             noise_scale_warn=None,
+                                             second_moment_rescale=bool(config.get("second_moment_rescale", False)))
         if ramp == "lr_only":  # the reference lr is constant here: set the lr of each update from its kappa
             base = float(config["lr"])
 
@@ -150,12 +154,36 @@ def mdm(config: dict, progress: bool = True, run_dir=None) -> dict:
             "val": val, "curve": curve, **result}
 
 
-def _check_mlp(config: dict) -> None:
-    presets.check(config.get("rule", "sqrt_exact"))
+NAMED_SCHEDULES = ("seesaw", "critical_batch_warmup")  # batch schedules a config names, beside clock:batch specs
+
+
+def _schedule_of(config: dict, lb: int, total: int, lr_schedule=None):
+    """The run's batch schedule (samples): a clock:batch spec, "seesaw" (the lr schedule's halvings turned into
+    doublings of the batch) or "critical_batch_warmup" (the batch grows to cbw_fraction x the online B_simple,
+    default 0.5), both capped at max_batch_size (default 8 x the logical batch)."""
+    from sdebatch import batch_schedules
+
+    spec, cap = config["batch_schedule"], int(config.get("max_batch_size", 8 * lb))
+    if spec == "seesaw":
+        return batch_schedules.seesaw(lr_schedule or (lambda t: 1.0), lb, cap, total)
+    if spec == "critical_batch_warmup":
+        return batch_schedules.critical_batch_warmup(lb, cap, float(config.get("cbw_fraction", 0.5)))
+    return sdebatch.batch_schedule(spec)
+
+
+def _check_ramp(config: dict) -> None:
     if config.get("batch_schedule"):
-        sdebatch.batch_schedule(config["batch_schedule"])  # names a bad entry
+        if config["batch_schedule"] not in NAMED_SCHEDULES:
+            sdebatch.batch_schedule(config["batch_schedule"])  # names a bad entry
         if config.get("ramp", "rules") not in ("rules", "lr_only", "none"):
             raise ValueError(f"ramp must be 'rules', 'lr_only' or 'none', got {config.get('ramp')!r}")
+    if config.get("second_moment_rescale", False) not in (True, False):
+        raise ValueError(f"second_moment_rescale must be true or false, got {config.get('second_moment_rescale')!r}")
+
+
+def _check_mlp(config: dict) -> None:
+    presets.check(config.get("rule", "sqrt_exact"))
+    _check_ramp(config)
     if config.get("optimizer", "adam") not in ("adam", "sgd"):
         raise ValueError(f"optimizer must be 'adam' or 'sgd', got {config.get('optimizer')!r}")
     if not isinstance(config.get("lr"), (int, float)) or isinstance(config.get("lr"), bool) or not config["lr"] > 0:
@@ -169,9 +197,6 @@ def _check_mdm(config: dict) -> None:
     mdm_train.load_config(None, **config)
 
 
-QUADRATIC_SCHEDULES = ("seesaw", "critical_batch_warmup")  # named batch schedules, beside clock:batch specs
-
-
 def _check_quadratic(config: dict) -> None:
     allowed = {"sgd": ("naive", "accumulate", "linear"), "adam": ("naive", "accumulate", "sqrt_exact", "sqrt_linear")}
     opt_name, rule = config.get("optimizer", "sgd"), config.get("rule")
@@ -180,17 +205,10 @@ def _check_quadratic(config: dict) -> None:
                          f"(optimizer: sgd | adam), got {rule!r}")
     if config.get("lr_schedule", "constant") not in ("constant", "cosine"):
         raise ValueError(f"quadratic: lr_schedule must be 'constant' or 'cosine', got {config.get('lr_schedule')!r}")
-    spec = config.get("batch_schedule")
-    if spec:
-        if rule != "accumulate":
-            raise ValueError(f"quadratic: a batch_schedule is reached by accumulation: it needs rule = 'accumulate' "
-                             f"(the ramp's rescaling is set by ramp), got {rule!r}")
-        if spec not in QUADRATIC_SCHEDULES:
-            sdebatch.batch_schedule(spec)  # names a bad entry
-        if config.get("ramp", "rules") not in ("rules", "lr_only", "none"):
-            raise ValueError(f"ramp must be 'rules', 'lr_only' or 'none', got {config.get('ramp')!r}")
-    if config.get("second_moment_rescale", False) not in (True, False):
-        raise ValueError(f"second_moment_rescale must be true or false, got {config.get('second_moment_rescale')!r}")
+    if config.get("batch_schedule") and rule != "accumulate":
+        raise ValueError(f"quadratic: a batch_schedule is reached by accumulation: it needs rule = 'accumulate' "
+                         f"(the ramp's rescaling is set by ramp), got {rule!r}")
+    _check_ramp(config)
 
 
 def quadratic(config: dict, progress: bool = True) -> dict:
@@ -203,13 +221,12 @@ def quadratic(config: dict, progress: bool = True) -> dict:
     theta^2), averaged over the replicas; all batch sizes of a sweep see the same sample stream (common random
     numbers), so their differences have little noise.
 
-    A batch ramp (rule "accumulate"): batch_schedule, a :func:`sdebatch.batch_schedule` spec in samples, or
-    "seesaw" (the cosine lr schedule's halvings turned into doublings of the batch, up to max_batch_size) or
-    "critical_batch_warmup" (the batch grows to cbw_fraction x the online B_simple, default 0.5, up to
-    max_batch_size), reached by accumulating physical batches; ramp: "rules" (every hyperparameter rescaled),
-    "lr_only" (the OLMo-core way) or "none" (the Megatron way); second_moment_rescale (default false).
+    A batch ramp (rule "accumulate"): batch_schedule, a :func:`sdebatch.batch_schedule` spec in samples, "seesaw"
+    or "critical_batch_warmup" (see :func:`_schedule_of`), reached by accumulating physical batches; ramp: "rules"
+    (every hyperparameter rescaled), "lr_only" (the OLMo-core way) or "none" (the Megatron way);
+    second_moment_rescale (default false).
     """
-    from sdebatch import batch_schedules, sde
+    from sdebatch import sde
 
     _check_quadratic(config)
     opt_name, rule = config.get("optimizer", "sgd"), config["rule"]
@@ -220,13 +237,7 @@ def quadratic(config: dict, progress: bool = True) -> dict:
     samples = int(config["samples"])
     cosine = sdebatch.warmup_cosine(samples) if config.get("lr_schedule", "constant") == "cosine" else None
     if config.get("batch_schedule"):
-        spec, cap = config["batch_schedule"], int(config.get("max_batch_size", 8 * lb))
-        if spec == "seesaw":
-            ramp = batch_schedules.seesaw(cosine or (lambda t: 1.0), lb, cap, samples)
-        elif spec == "critical_batch_warmup":
-            ramp = batch_schedules.critical_batch_warmup(lb, cap, float(config.get("cbw_fraction", 0.5)))
-        else:
-            ramp = sdebatch.batch_schedule(spec)
+        ramp = _schedule_of(config, lb, samples, cosine)
         arm = {"rules": "auto", "lr_only": "lr_only", "none": "none"}[config.get("ramp", "rules")]
         grid = sde.sample_grid(samples, 64, multiple_of=b)
         sim = sde.simulate(model, opt_name, float(config["lr"]), lb, b, grid, rule=arm,
