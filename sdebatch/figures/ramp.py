@@ -19,6 +19,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import EngFormatter  # noqa: E402
 
 from .batch_ablation import final_loss, read_sweep, save_figure  # noqa: E402
 
@@ -169,6 +170,7 @@ def figure(rows: list[dict], folder: Path, out: Path, name: str) -> list[Path]:
         ax.set_xlabel(f"{x} seen")
         ax.set_yscale("log")
     axes[1].set_xscale("log")
+    axes[0].xaxis.set_major_formatter(EngFormatter(sep=""))  # 10k, 1M: long counts do not overlap
     axes[0].set_ylabel("the runs' loss curve (mean over seeds)")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, frameon=False, fontsize=6, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.06))
