@@ -49,10 +49,15 @@ def int_at_least(name: str, value: Any, minimum: int = 1) -> int:
     return value
 
 
-def count(name: str, value: Any, *, allow_zero: bool = False) -> float:
-    """A count of samples / tokens / items (a number or a 0-dim tensor, read back) as a float, > 0 (or >= 0)."""
+def count(name: str, value: Any, *, allow_zero: bool = False) -> float | torch.Tensor:
+    """A count of samples / tokens / items as a float, > 0 (or >= 0). A one-element real tensor is returned as a
+    0-dim tensor on its device, unread (reading it would wait for the device): its value is checked where the update
+    reads the window's counts, see :func:`check_read_counts`."""
     if isinstance(value, torch.Tensor):
-        value = value.item()
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(f"{name} must be a number or a one-element real tensor, got a {value.dtype} tensor of "
+                             f"shape {tuple(value.shape)}")
+        return value.detach().reshape(())
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -61,6 +66,14 @@ def count(name: str, value: Any, *, allow_zero: bool = False) -> float:
         kind = "non-negative" if allow_zero else "positive"
         raise ValueError(f"{name} must be a {kind} finite number, got {value!r}")
     return v
+
+
+def check_read_counts(**counts: float) -> None:
+    """The window's counts once read at the update (tensor counts were not checked when given)."""
+    for name, v in counts.items():
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"the window's {name} add up to {v!r}: counts given as tensors must be non-negative "
+                             "and finite")
 
 
 def batch_sizes(logical_batch_size: Any, **optional: Any) -> None:

@@ -53,9 +53,8 @@ def find_optimizer(module: pl.LightningModule) -> LogicalBatchOptimizer:
 def count(module: pl.LightningModule, num_items: float | torch.Tensor | None = None, *,
           num_tokens: int | torch.Tensor | None = None) -> None:
     """Call from ``training_step``: the loss it returns is a sum over ``num_items`` items (tokens, masked tokens);
-    the window is then divided by its total over micro-batches and ranks. ``num_tokens`` feeds the token clock."""
-    if isinstance(num_tokens, torch.Tensor):
-        num_tokens = int(num_tokens.item())
+    the window is then divided by its total over micro-batches and ranks. ``num_tokens`` feeds the token clock.
+    Tensors stay on their device until the update reads the window's counts (one transfer per update)."""
     find_optimizer(module).count(num_items, num_tokens=num_tokens)
 
 

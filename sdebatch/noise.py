@@ -144,35 +144,50 @@ class NoiseScaleMonitor:
         self.sq_samples, self.sq_count = 0.0, 0.0
         self._norms.active = updates % self.every == 0
 
-    def micro_step(self, samples: float, items: float | None, grad_scaler=None) -> None:
+    def micro_step(self, samples: float | torch.Tensor, items: float | torch.Tensor | None, grad_scaler=None) -> None:
         """Record the micro-step just ended: ``items`` its sum-reduced loss's count (None: a mean loss);
-        ``grad_scaler`` the AMP scaler its loss was multiplied by, if any."""
+        ``grad_scaler`` the AMP scaler its loss was multiplied by, if any. Nothing is read from the device."""
         sq = self._norms.take()
         if sq is None:
             return
-        scale = grad_scaler.get_scale() if grad_scaler is not None else 1.0
+        scale = _scale_of(grad_scaler)
         denom = scale * (items if items is not None else 1.0)
+        if isinstance(denom, torch.Tensor):  # a device count: an empty micro-step is masked out, not tested here
+            ok = denom > 0
+            self.sq = self.sq + torch.where(ok, sq / denom.clamp_min(torch.finfo(denom.dtype).tiny) ** 2, 0.0)
+            self.sq_samples = self.sq_samples + ok * samples
+            self.sq_count = self.sq_count + ok
+            return
         if denom <= 0:
             return
         self.sq = self.sq + sq / denom ** 2  # a tensor: no device sync per micro-step
-        self.sq_samples += samples
-        self.sq_count += 1
+        self.sq_samples = self.sq_samples + samples
+        self.sq_count = self.sq_count + 1
 
     def sums(self) -> list:
         """What the window's all-reduce adds up: sum of micro squared norms, their samples, their count."""
         return [self.sq, self.sq_samples, self.sq_count]
 
-    def window_end(self, grads: list[torch.Tensor], samples: float, sums: list[float]) -> None:
-        """One observation from the window's normalised gradient ``grads`` over ``samples`` (all ranks) and the
-        micro-batch ``sums`` (all ranks)."""
+    @property
+    def observing(self) -> bool:
+        """Whether this window is observed (its micro-steps' norms were taken)."""
+        return self._norms.active
+
+    @staticmethod
+    def window_sq_norm(grads: list[torch.Tensor]) -> torch.Tensor | None:
+        """The squared norm of the window's gradient as a device tensor (read with the update's other values)."""
+        return torch.stack(torch._foreach_norm(grads)).double().square().sum() if grads else None
+
+    def window_end(self, samples: float, sums: list[float], big_sq_norm: float) -> None:
+        """One observation from the window's normalised gradient's squared norm ``big_sq_norm`` over ``samples``
+        (all ranks) and the micro-batch ``sums`` (all ranks), all read to the host by the update."""
         sq_sum, sq_samples, sq_count = sums
-        if not grads or sq_count == 0:
+        if sq_count == 0:
             return
         b = sq_samples / sq_count
         if samples <= b:
             return  # one micro-batch on one rank: only one batch size, nothing to compare
-        big = float(torch.stack(torch._foreach_norm(grads)).double().square().sum())
-        self.estimator.observe(sq_sum / sq_count, b, big, samples)
+        self.estimator.observe(sq_sum / sq_count, b, big_sq_norm, samples)
         value = self.estimator.value
         if (value is not None and self.warn is not None and not self._warned
                 and samples > self.warn * value and self.estimator.count >= 10):
@@ -183,13 +198,22 @@ class NoiseScaleMonitor:
 
     def window_state(self) -> dict:
         """The open window's sums, for a checkpoint taken mid-window."""
-        return {"micro_sq": float(self.sq) if isinstance(self.sq, torch.Tensor) else self.sq,
-                "micro_sq_samples": self.sq_samples, "micro_sq_count": self.sq_count}
+        return {"micro_sq": float(self.sq), "micro_sq_samples": float(self.sq_samples),
+                "micro_sq_count": float(self.sq_count)}
 
     def load_window_state(self, state: dict) -> None:
         self.sq = state.get("micro_sq", 0.0)
         self.sq_samples = state.get("micro_sq_samples", 0.0)
         self.sq_count = state.get("micro_sq_count", 0.0)
+
+
+def _scale_of(grad_scaler) -> float | torch.Tensor:
+    """The AMP loss scale as a device tensor (``get_scale()`` reads it back, a sync per micro-step), or 1.0."""
+    if grad_scaler is None:
+        return 1.0
+    get = getattr(grad_scaler, "_get_scale_async", None)
+    scale = get() if get is not None else None
+    return scale if scale is not None else grad_scaler.get_scale()
 
 
 def probe_noise_scale(params, losses, *, micro_batch_size: int, group_size: int) -> dict:

@@ -33,7 +33,7 @@ from .facade import Handle, InnerOptimizerProxy
 from .families import KNOWN_OPTIMIZERS, family_of
 from .noise import NoiseScaleEstimator, NoiseScaleMonitor
 from .stepping import rescaled_step
-from .window import Window, global_sums
+from .window import Window, read_sums
 
 
 class LogicalBatchOptimizer(InnerOptimizerProxy):
@@ -160,7 +160,7 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
                                         noise_scale_warn, noise_scale_every) if noise_scale else None
         self.last_kappa: float | None = None
         self.last_batch_size: float | None = None  # samples in the last update (all ranks)
-        self.last_grad_norm: float | None = None
+        self._grad_norm: torch.Tensor | None = None
         self.did_update = False
         self._effective: list[dict] = []
         self._pre_update_hooks: "OrderedDict[int, Callable]" = OrderedDict()
@@ -400,6 +400,11 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         self._backward_synced = bool(synced)
 
     @property
+    def last_grad_norm(self) -> float | None:
+        """The last update's gradient norm before clipping (``max_grad_norm``); reading it waits for the device."""
+        return None if self._grad_norm is None else float(self._grad_norm)
+
+    @property
     def noise(self) -> NoiseScaleEstimator | None:
         """The in-run noise-scale estimator (``noise_scale=True``), else None."""
         return None if self._noise is None else self._noise.estimator
@@ -419,10 +424,6 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
     def _update(self) -> None:
         w = self.window
         device = next((p.device for p in self._params()), torch.device("cpu"))
-        noise_sums = self._noise.sums() if self._noise is not None else [0.0, 0.0, 0.0]
-        # one all-reduce for everything the update needs from the other ranks
-        samples, tokens, items, *micro = global_sums([w.samples, w.tokens, w.items, *noise_sums], self.world_size,
-                                                     self.process_group, device)
         params = self._params_with_grad()
         grads = [p.grad for p in params]
         if self.world_size > 1 and not self._backward_synced:
@@ -430,6 +431,23 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
             for g in grads:
                 dist.all_reduce(g, group=self.process_group)
                 g.div_(self.world_size)
+        found_inf = None
+        if self.grad_scaler is not None:  # unscaling commutes with the normalisation below
+            self.grad_scaler.unscale_(self.optimizer)
+            found_inf = sum(self.grad_scaler._found_inf_per_device(self.optimizer).values())
+        observe = self._noise is not None and self._noise.observing
+        window_sq = self._noise.window_sq_norm(grads) if observe else None  # of the unnormalised window gradient
+        # everything the update needs from the device and the other ranks: one all-reduce, one transfer
+        (samples, tokens, items, *micro), (window_sq, found_inf) = read_sums(
+            [w.samples, w.tokens, w.items, *(self._noise.sums() if observe else [])], [window_sq, found_inf],
+            self.world_size, self.process_group, device)
+        checks.check_read_counts(samples=samples, tokens=tokens, items=items)
+        if found_inf:
+            self.grad_scaler.update()  # backs the scale off; the window is dropped, the clock does not move
+            self.clock.skipped_updates += 1
+            self._reset_window()
+            self._backward_synced = True
+            return
         # Normalise the window: DDP/FSDP average over ranks, so a sum protocol multiplies back by the world size.
         if w.protocol == "sum":
             if items <= 0:
@@ -439,20 +457,10 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
             scale = 1.0 / w.micro_steps
         if grads and scale != 1.0:
             torch._foreach_mul_(grads, scale)
-
-        if self.grad_scaler is not None:
-            self.grad_scaler.unscale_(self.optimizer)
-            found_inf = sum(v.item() for v in self.grad_scaler._found_inf_per_device(self.optimizer).values())
-            if found_inf:
-                self.grad_scaler.update()  # backs the scale off; the window is dropped, the clock does not move
-                self.clock.skipped_updates += 1
-                self._reset_window()
-                self._backward_synced = True
-                return
-        if self._noise is not None:
-            self._noise.window_end(grads, samples, micro)
+        if observe and grads:
+            self._noise.window_end(samples, micro, window_sq * scale ** 2)
         if self.max_grad_norm is not None and params:
-            self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+            self._grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)  # read when asked
 
         k = rules.kappa(samples, self.logical_batch_size, horizon=self.horizon,
                         reference_horizon=self.reference_horizon, gamma=self.gamma)

@@ -3,8 +3,8 @@
 A window holds what its update needs: the counts (samples, tokens, items), the loss protocol of its micro-steps
 (mean- or sum-reduced, one per window), the counts reported for the micro-step in progress (``pending``, from
 ``backward`` / ``count`` before ``step``), and the gradients of a window saved in a checkpoint, added back at the
-next micro-step. At its end the counts are summed over data-parallel ranks in one all-reduce (:func:`global_sums`,
-together with whatever else the update reduces).
+next micro-step. At its end the counts are summed over data-parallel ranks in one all-reduce and read to the host in
+one transfer, with whatever else the update reads (:func:`read_sums`).
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ PROTOCOLS = ("mean", "sum")
 class Pending:
     """Counts reported for the micro-step in progress; ``sum``: the loss was sum-reduced over ``items``."""
 
-    items: float = 0.0
-    samples: float | None = None
-    tokens: float | None = None
+    items: float | torch.Tensor = 0.0
+    samples: float | torch.Tensor | None = None
+    tokens: float | torch.Tensor | None = None
     sum: bool = False
 
 
@@ -31,9 +31,9 @@ class Window:
     """The open window: counts so far, its protocol, the pending micro-step, gradients restored from a checkpoint."""
 
     micro_steps: int = 0
-    samples: float = 0.0
-    tokens: float = 0.0
-    items: float = 0.0
+    samples: float | torch.Tensor = 0.0  # counts given as device tensors stay tensors until the update reads them
+    tokens: float | torch.Tensor = 0.0
+    items: float | torch.Tensor = 0.0
     protocol: str | None = None
     pending: Pending | None = None
     saved_grads: list | None = field(default=None, repr=False)
@@ -53,26 +53,28 @@ class Window:
         """Add counts to the micro-step in progress (calls add up); ``items`` given: a sum-reduced loss."""
         if items is not None:
             self.set_protocol("sum")
-        p = self.pending or Pending()
-        p.items += items or 0.0
-        p.sum = p.sum or items is not None
+        p = self.pending if self.pending is not None else Pending()  # (no truth test of a tensor: it would sync)
+        if items is not None:
+            p.items, p.sum = p.items + items, True
         if samples is not None:
-            p.samples = (p.samples or 0) + samples
+            p.samples = samples if p.samples is None else p.samples + samples
         if tokens is not None:
-            p.tokens = (p.tokens or 0) + tokens
+            p.tokens = tokens if p.tokens is None else p.tokens + tokens
         self.pending = p
 
     def end_micro_step(self, samples: float | None, tokens: float | None,
                        default_samples: int) -> tuple[Pending, float]:
         """Close the micro-step: its counts join the window (``samples`` / ``tokens`` given to ``step`` override the
         reported ones; samples default to ``default_samples``). Returns its pending counts and its samples."""
-        pending = self.pending or Pending()
+        pending = self.pending if self.pending is not None else Pending()
         # a micro-step that reported no num_items was mean-reduced (plain loss.backward()); mixing is an error
         self.set_protocol("sum" if pending.sum else "mean")
-        n = samples if samples is not None else (pending.samples or default_samples)
-        self.samples += n
-        self.tokens += tokens if tokens is not None else (pending.tokens or 0)
-        self.items += pending.items
+        n = samples if samples is not None else (pending.samples if pending.samples is not None else default_samples)
+        self.samples = self.samples + n
+        if tokens is not None or pending.tokens is not None:
+            self.tokens = self.tokens + (tokens if tokens is not None else pending.tokens)
+        if pending.sum:
+            self.items = self.items + pending.items
         self.micro_steps += 1
         self.pending = None
         return pending, n
@@ -90,8 +92,8 @@ class Window:
         return [_sum_or_none(p.grad, r) for p, r in zip(params, restored)]
 
     def state_dict(self) -> dict:
-        return {"micro_steps": self.micro_steps, "samples": self.samples, "tokens": self.tokens,
-                "items": self.items, "protocol": self.protocol}
+        return {"micro_steps": self.micro_steps, "samples": float(self.samples), "tokens": float(self.tokens),
+                "items": float(self.items), "protocol": self.protocol}  # read: a checkpoint is not the hot path
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("micro_steps", "samples", "tokens", "items", "protocol"):
@@ -99,17 +101,28 @@ class Window:
                 setattr(self, key, state[key])
 
 
-def global_sums(values: list, world_size: int, process_group=None, device: torch.device | None = None) -> list[float]:
-    """``values`` (floats or 0-dim tensors) summed over the ranks of ``process_group`` in one all-reduce (float64);
-    with one rank, the values as floats."""
-    if world_size == 1:
-        return [float(v) for v in values]
-    device = device if device is not None else torch.device("cpu")
-    if dist.get_backend(process_group) == "nccl" and device.type != "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
-    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
-    dist.all_reduce(t, group=process_group)
-    return t.tolist()
+def read_sums(reduced: list, local: list, world_size: int, process_group=None,
+              device: torch.device | None = None) -> tuple[list[float], list[float]]:
+    """Host floats of ``reduced`` summed over the ranks of ``process_group`` (one all-reduce) and of ``local`` as they
+    are, read in one device-to-host transfer; entries may be numbers, 0-dim tensors or None (read as 0). With one
+    rank and no tensor there is nothing to transfer."""
+    values = [0.0 if v is None else v for v in [*reduced, *local]]
+    tensors = [i for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
+    if world_size == 1 and not tensors:
+        out = [float(v) for v in values]
+    elif world_size == 1:  # only the tensors travel, gathered on an accelerator if one holds any (no read there)
+        target = next((values[i].device for i in tensors if values[i].device.type != "cpu"), torch.device("cpu"))
+        read = iter(torch.stack([values[i].to(device=target, dtype=torch.float64) for i in tensors]).tolist())
+        out = [next(read) if isinstance(v, torch.Tensor) else float(v) for v in values]
+    else:
+        device = device if device is not None else torch.device("cpu")
+        if dist.get_backend(process_group) == "nccl" and device.type != "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+        as_t = [torch.as_tensor(v, dtype=torch.float64, device=device) for v in values]
+        t = torch.stack(as_t[:len(reduced)])
+        dist.all_reduce(t, group=process_group)
+        out = torch.cat([t, *(v.reshape(1) for v in as_t[len(reduced):])]).tolist()
+    return out[:len(reduced)], out[len(reduced):]
 
 
 def _sum_or_none(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
