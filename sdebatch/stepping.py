@@ -39,9 +39,13 @@ def rescaled_step(optimizer: torch.optim.Optimizer, family: str, kappa: float, *
                             weight_decay_form=wd_form)
         saved.append(ref)
         effective.append({key: new[key] for key in ref})
-    for group, ref, new in zip(optimizer.param_groups, saved, effective):
+    for index, (group, ref, new) in enumerate(zip(optimizer.param_groups, saved, effective)):
+        tensor_keys = _tensor_keys(group)
         for key in ref:
-            group[key] = _like(ref[key], new[key])
+            if key in tensor_keys:
+                group[key] = _persistent(optimizer, index, key, ref, new[key])
+            else:
+                group[key] = _like(ref[key], new[key])
         if fix_bias and "betas" in group:
             step_fixes += _fake_adam_steps(optimizer, group, kappa, kappa_sum, updates)
     try:
@@ -79,6 +83,45 @@ def _fake_adam_steps(optimizer: torch.optim.Optimizer, group: dict, k: float, ka
         st["step"].fill_(kappa_sum / k)
         fixes.append((st["step"], n + 1))
     return fixes
+
+
+def _tensor_keys(group: dict) -> tuple[str, ...]:
+    """The keys written as 0-dim tensors, updated in place (the same tensors every update), so that a change of kappa
+    neither recompiles a ``torch.compile``'d step nor is lost by a captured CUDA graph.
+
+    Fused and capturable steps take lr and betas as tensors; eps has no tensor path there and stays a float (the
+    fused kernel reads it per call, so the step stays correct; a CUDA graph captured around the step keeps the eps of
+    its capture: recapture per batch size, or keep the batch fixed while graphed). A reference lr given as a tensor
+    (torch's recipe for compiled optimizers) on the single-tensor or foreach path also gets eps as a tensor; with
+    floats, a compiled step specialised on floats (``torch._dynamo.config.specialize_float = True``) compiles once per
+    distinct kappa (torch's default does not specialise floats).
+    """
+    if group.get("fused") or group.get("capturable"):
+        return ("lr", "betas")
+    if isinstance(group.get("lr"), torch.Tensor):
+        return ("lr", "betas", "eps")
+    return ()
+
+
+def _persistent(optimizer: torch.optim.Optimizer, index: int, key: str, ref: dict, value: Any) -> Any:
+    """``value`` in 0-dim tensors kept on the optimizer and filled in place (the same tensors every update): on the
+    reference lr's device and dtype when it is a tensor, else on the group's device in its dtype (at least float32)."""
+    lr = ref.get("lr")
+    params = optimizer.param_groups[index]["params"]
+    if isinstance(lr, torch.Tensor):
+        device, dtype = lr.device, lr.dtype
+    elif params and params[0].is_floating_point():
+        device, dtype = params[0].device, torch.promote_types(params[0].dtype, torch.float32)
+    else:
+        device, dtype = torch.device("cpu"), torch.float32
+    cache = optimizer.__dict__.setdefault("_sdebatch_tensors", {})
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    held = cache.get((index, key))
+    if held is None or len(held) != len(values) or held[0].device != device or held[0].dtype != dtype:
+        held = cache[(index, key)] = tuple(torch.empty((), dtype=dtype, device=device) for _ in values)
+    for t, v in zip(held, values):
+        t.fill_(v)  # a kernel launch, no host sync
+    return held if isinstance(value, (tuple, list)) else held[0]
 
 
 def _as_floats(hp: dict) -> dict:
