@@ -311,3 +311,8 @@ def test_mdm_batch_ramp_config_and_its_three_ways(micro_data):
             assert cb.lr_schedule(t) == pytest.approx(expect, rel=1e-12)
     _, _, cb = build(load_config(None, second_moment_rescale=True, **base))
     assert cb.optimizer_kwargs["second_moment_rescale"] is True
+    from sdebatch.batch_schedules import seesaw
+
+    _, _, cb = build(load_config(None, **{**base, "batch_schedule": "seesaw", "max_batch_size": 16}))
+    assert cb.optimizer_kwargs["batch_schedule"].points == seesaw(cosine, 4, 16, 4000, unit="tokens").points
+    assert [b for _, b in cb.optimizer_kwargs["batch_schedule"].points] == [4, 8, 16]

@@ -36,8 +36,11 @@ class TrainConfig:
     tokens: int = 2_000_000
     """[tokens] training budget (real, non-padding)."""
     batch_schedule: str = ""
-    """[sequences per update over the tokens seen] a batch ramp, e.g. "0:16, 200K:32, 1M:64", reached by accumulation
-    of physical batches (needs rule = "accumulate"); empty: the fixed logical batch."""
+    """[sequences per update over the tokens seen] a batch ramp, e.g. "0:16, 200K:32, 1M:64", or "seesaw" (where the
+    cosine lr schedule halves, the batch doubles, up to max_batch_size), reached by accumulation of physical batches
+    (needs rule = "accumulate"); empty: the fixed logical batch."""
+    max_batch_size: int = 256
+    """[sequences] the cap of a "seesaw" batch_schedule."""
     ramp: str = "rules"
     """How a batch_schedule rescales: "rules" (every hyperparameter, the SDE rule), "lr_only" (lr x sqrt(kappa), the
     OLMo-core way) or "none" (the Megatron way)."""
@@ -121,7 +124,8 @@ class TrainConfig:
         if self.batch_schedule:
             from ..batch_schedules import batch_schedule
 
-            batch_schedule(self.batch_schedule, unit="tokens")  # names a bad entry
+            if self.batch_schedule != "seesaw":
+                batch_schedule(self.batch_schedule, unit="tokens")  # names a bad entry
             if self.rule != "accumulate":
                 raise ValueError(f"batch_schedule is reached by accumulation: it needs rule = 'accumulate', got "
                                  f"{self.rule!r} (the ramp's rescaling is set by ramp)")

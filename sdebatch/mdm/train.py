@@ -162,7 +162,14 @@ def build(config: dict) -> tuple[MDMModule, MDMDataModule, sl.LogicalBatch]:
     rule = presets.lightning_kwargs(config["rule"])
     lr_schedule = sdebatch.warmup_cosine(total=config["tokens"], warmup=config["warmup"] * config["tokens"],
                                          final=config["final_lr"])
-    ramp = sdebatch.batch_schedule(config["batch_schedule"], unit="tokens") if config["batch_schedule"] else None
+    ramp = None
+    if config["batch_schedule"] == "seesaw":  # the cosine's halvings become doublings of the batch (Seesaw)
+        from sdebatch.batch_schedules import seesaw
+
+        ramp = seesaw(lr_schedule, config["logical_batch_size"], config["max_batch_size"], config["tokens"],
+                      unit="tokens")
+    elif config["batch_schedule"]:
+        ramp = sdebatch.batch_schedule(config["batch_schedule"], unit="tokens")
     if ramp is not None and config["ramp"] != "rules":  # the baselines: nothing rescaled, or the lr alone
         rule["rule"] = "none"
         if config["ramp"] == "lr_only":
