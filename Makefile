@@ -38,8 +38,11 @@ lint: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
-bench: $(STAMP)
-	$(BIN)/python -m benchmarks.wrapper_overhead
+data/tiny/index.json: | $(STAMP)
+	$(BIN)/sdebatch data prepare --preset tiny --out data/tiny
+
+bench: $(STAMP) data/tiny/index.json
+	$(BIN)/python -m benchmarks.run
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -2,8 +2,10 @@
 data, objective and number of micro-batches, in one process; also peak memory (RSS on CPU, CUDA max allocated).
 
 The plain loop is what a user writes by hand: AdamW with the same per-group lrs, ``loss_sum / num_items`` per
-micro-batch, accumulate, step. Both read the same prepared data folder through the same DataLoader; the ratio is
-tokens/s(trainer) / tokens/s(plain) (target >= 0.95). Needs a data folder (`sdebatch data prepare`).
+micro-batch, accumulate, step. Both read the same prepared data folder through the same DataLoader. They alternate
+(plain, trainer, plain, trainer, ...; the order flips every repeat) and each repeat's ratio tokens/s(trainer) /
+tokens/s(plain) compares two runs back to back; the result is the median ratio over ``--repeats`` (default 5) with
+its min..max spread (target >= 0.98). Needs a data folder (`sdebatch data prepare`).
 
 ``python -m benchmarks.trainer_throughput --data data/tiny --tokens 300000``
 """
@@ -13,6 +15,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import time
 from pathlib import Path
 
@@ -24,9 +27,9 @@ from sdebatch.mdm import train as mdm_train
 from sdebatch.mdm.model import build_model, flops_per_token, get_config, param_groups
 from sdebatch.mdm.objective import mdm_loss
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(os.environ.get("SDEBATCH_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 # Dense bf16 peak TFLOP/s by CUDA device name (vendor datasheets, no sparsity), for MFU; --peak-tflops overrides.
-PEAK_TFLOPS = {"H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0, "V100": 125.0}
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0, "V100": 125.0}
 
 
 def peak_tflops(given: float | None) -> float | None:
@@ -40,16 +43,22 @@ def peak_tflops(given: float | None) -> float | None:
 
 
 def plain_loop(config: dict, tokens: int) -> dict:
-    """The same training without Lightning or sdebatch: returns tokens/s over ``tokens`` real tokens."""
+    """The same training without Lightning or sdebatch (on the GPU when there is one, with the config's bf16 and
+    compile): returns tokens/s over ``tokens`` real tokens."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = mdm_train.MDMDataModule(config)
-    model = build_model(get_config(config["model"], data.vocab.size, **config["model_overrides"]))
+    model = build_model(get_config(config["model"], data.vocab.size, **config["model_overrides"])).to(device)
     opt = torch.optim.AdamW(param_groups(model, config["lr"], config["weight_decay"]), lr=config["lr"],
                             betas=tuple(config["betas"]), eps=config["eps"])
+    forward = torch.compile(model) if config["compile"] else model
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config["precision"] == "bf16-mixed")
     accum = max(1, config["logical_batch_size"] // config["physical_batch_size"])
     seen, micro = 0, 0
     start = time.perf_counter()
     for batch in data.train_dataloader():
-        out = mdm_loss(model, batch, schedules=config["schedule"], cond_drop=config["cond_drop"])
+        batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        with autocast:
+            out = mdm_loss(forward, batch, schedules=config["schedule"], cond_drop=config["cond_drop"])
         (out["loss_sum"] / out["num_items"].clamp(min=1)).backward()  # mean-of-means: the usual hand-written loop
         micro += 1
         seen += int(batch["pad"].sum())
@@ -58,6 +67,8 @@ def plain_loop(config: dict, tokens: int) -> dict:
             opt.zero_grad(set_to_none=True)
         if seen >= tokens:
             break
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return {"tokens": seen, "seconds": time.perf_counter() - start}
 
 
@@ -72,26 +83,33 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tokens", type=int, default=300_000)
     ap.add_argument("--physical", type=int, default=8)
     ap.add_argument("--logical", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", default="tiny", help="a config of sdebatch.mdm.model.CONFIGS (default tiny)")
+    ap.add_argument("--precision", default="32-true", help='Lightning precision ("bf16-mixed" on a GPU)')
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model (both sides)")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="accelerator peak TFLOP/s for MFU (default: looked up from the CUDA device name)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     config = mdm_train.load_config(None, data=args.data, model=args.model, tokens=args.tokens,
                                    physical_batch_size=args.physical,
-                                   logical_batch_size=args.logical, noise_scale=False, threads=args.threads)
-    rows = []
-    for r in range(args.repeats):  # alternate, so drifting background load hits both
-        for name, fn in (("plain", lambda: plain_loop(config, args.tokens)), ("trainer", lambda: trainer_run(config))):
+                                   logical_batch_size=args.logical, noise_scale=False, threads=args.threads,
+                                   precision=args.precision, compile=args.compile)
+    rows, ratios = [], []
+    runs = (("plain", lambda: plain_loop(config, args.tokens)), ("trainer", lambda: trainer_run(config)))
+    for r in range(args.repeats):  # alternate, flipping the order, so drifting background load hits both alike
+        pair = {}
+        for name, fn in (runs if r % 2 == 0 else runs[::-1]):
             m = fn()
             m.update(name=name, repeat=r, tokens_per_s=m["tokens"] / m["seconds"])
             rows.append(m)
+            pair[name] = m["tokens_per_s"]
             print(f"{name:>8} repeat {r}: {m['tokens']:,} tokens in {m['seconds']:.1f}s = "
                   f"{m['tokens_per_s']:,.0f} tok/s", flush=True)
+        ratios.append(pair["trainer"] / pair["plain"])
     best = {n: max(x["tokens_per_s"] for x in rows if x["name"] == n) for n in ("plain", "trainer")}
-    ratio = best["trainer"] / best["plain"]
+    ratio = statistics.median(ratios)
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     cuda_peak = torch.cuda.max_memory_allocated() / 2 ** 20 if torch.cuda.is_available() else None
     # model FLOPs per token (PaLM's 6N + attention count; an upper bound, see flops_per_token) x tokens/s
@@ -100,12 +118,15 @@ def main(argv: list[str] | None = None) -> dict:
     tflops = flops_per_token(shape) * best["trainer"] / 1e12
     peak = peak_tflops(args.peak_tflops)
     mfu = tflops / peak if peak else None
-    print(f"throughput ratio trainer / plain loop (best of {args.repeats} each): {ratio:.3f} (target >= 0.95); "
+    print(f"throughput ratio trainer / plain loop, median of {args.repeats} alternating pairs: {ratio:.3f} "
+          f"(min {min(ratios):.3f}, max {max(ratios):.3f}; target >= 0.98); "
           f"peak RSS {peak_rss_mb:.0f} MB" + (f", CUDA peak {cuda_peak:.0f} MB" if cuda_peak else "")
           + f"; trainer {tflops * 1e3:.2f} GFLOP/s" + (f", MFU {100 * mfu:.1f}%" if mfu is not None else
                                                        " (MFU: CUDA or --peak-tflops only)"))
-    results = {"config": {k: config[k] for k in ("model", "physical_batch_size", "logical_batch_size", "tokens")},
+    results = {"config": {k: config[k] for k in ("model", "physical_batch_size", "logical_batch_size", "tokens",
+                                                 "precision", "compile")},
                "threads": args.threads, "rows": rows, "best_tokens_per_s": best, "ratio": ratio,
+               "ratios": ratios, "ratio_min": min(ratios), "ratio_max": max(ratios), "target": 0.98,
                "peak_rss_mb": peak_rss_mb, "cuda_peak_mb": cuda_peak, "loadavg_1min": os.getloadavg()[0],
                "model_tflops_per_s": tflops, "peak_tflops": peak, "mfu": mfu}
     RESULTS.mkdir(parents=True, exist_ok=True)

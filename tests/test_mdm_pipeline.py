@@ -316,3 +316,22 @@ def test_mdm_batch_ramp_config_and_its_three_ways(micro_data):
     _, _, cb = build(load_config(None, **{**base, "batch_schedule": "seesaw", "max_batch_size": 16}))
     assert cb.optimizer_kwargs["batch_schedule"].points == seesaw(cosine, 4, 16, 4000, unit="tokens").points
     assert [b for _, b in cb.optimizer_kwargs["batch_schedule"].points] == [4, 8, 16]
+
+
+def test_compile_and_strategy_config(micro_data):
+    """compile=True trains through a torch.compile'd denoiser that shares the model's parameters (state_dict keys
+    unchanged); strategy is named; the GPU paths are off by default."""
+    import torch
+
+    from sdebatch.mdm.train import MDMDataModule, MDMModule, load_config
+
+    base = dict(data=str(micro_data[0]), model="micro")
+    vocab = MDMDataModule(load_config(None, **base)).vocab.size
+    plain = load_config(None, **base)
+    assert plain["compile"] is False and plain["strategy"] == "auto" and plain["precision"] == "32-true"
+    module = MDMModule(load_config(None, compile=True, **base), vocab)
+    compiled = module._train_model[0]
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule) and compiled._orig_mod is module.model
+    assert list(module.state_dict()) == list(MDMModule(plain, vocab).state_dict())
+    with pytest.raises(ValueError, match="strategy must be 'auto', 'ddp' or 'fsdp'"):
+        load_config(None, strategy="deepspeed", **base)

@@ -82,7 +82,11 @@ class TrainConfig:
     devices: int = 1
     """Lightning devices."""
     precision: str = "32-true"
-    """Lightning precision."""
+    """Lightning precision ("bf16-mixed" on a GPU)."""
+    strategy: str = "auto"
+    """Lightning strategy: "auto", "ddp" or "fsdp"."""
+    compile: bool = False
+    """torch.compile the denoiser's training forward (a GPU path: compile time dominates tiny CPU runs)."""
     val_sequences: int = 256
     """Held-out sequences for the validation ELBO at the end (0: none); the same set and draws whatever the batch
     sizes, so runs of a sweep compare."""
@@ -114,6 +118,8 @@ class TrainConfig:
                 default = f.default if f.default_factory is MISSING else f.default_factory()
                 raise ValueError(f"{f.name} must be {_describe(kind)} (like the default {default!r}), got {value!r}")
         presets.check(self.rule)
+        if self.strategy not in ("auto", "ddp", "fsdp"):
+            raise ValueError(f"strategy must be 'auto', 'ddp' or 'fsdp', got {self.strategy!r}")
         if self.ramp not in ("rules", "lr_only", "none"):
             raise ValueError(f"ramp must be 'rules', 'lr_only' or 'none', got {self.ramp!r}")
         if self.second_moment_rescale and ((self.batch_schedule and self.ramp != "rules")

@@ -42,6 +42,8 @@ class MDMModule(pl.LightningModule):
         self.config = config
         self.model_config = get_config(config["model"], vocab_size, **config["model_overrides"])
         self.model = build_model(self.model_config)
+        # compiled in a list, so it is not a second registered copy of the model (state_dict keys stay the same)
+        self._train_model = [torch.compile(self.model)] if config.get("compile") else [self.model]
         self._last = None  # (time, tokens) at the previous update, for tokens/s
         self.micro_steps = 0  # training_step calls so far (checkpointed): keys the draws of batches without positions
         self._window_sums: dict[str, list] = {}  # per modality [nats, items] over the current window, for logging
@@ -65,8 +67,8 @@ class MDMModule(pl.LightningModule):
             gen.manual_seed((seed_of(self.config, "draw") * 1_000_003 + self.global_rank * 7919
                              + self.micro_steps * 104_729) % 2**63)
             draws = dict(generator=gen)
-        return mdm_loss(self.model, batch, schedules=self.config["schedule"], cond_drop=self.config["cond_drop"],
-                        **draws)
+        return mdm_loss(self._train_model[0], batch, schedules=self.config["schedule"],
+                        cond_drop=self.config["cond_drop"], **draws)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self.loss(batch)
@@ -213,6 +215,7 @@ def train(config: dict, *, progress: bool = True, ckpt_path: str | None = None,
         callbacks.append(sl.ProgressLines(every_s=30.0, metric="elbo_bits"))
     checkpointing = any(isinstance(cb, pl.callbacks.Checkpoint) for cb in callbacks)
     trainer = pl.Trainer(accelerator="auto", devices=config["devices"], precision=config["precision"],
+                         strategy=config["strategy"],
                          max_epochs=1000, callbacks=[callback] + callbacks, logger=False,
                          enable_checkpointing=checkpointing, enable_progress_bar=bar, enable_model_summary=False,
                          num_sanity_val_steps=0, use_distributed_sampler=False,
