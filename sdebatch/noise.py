@@ -1,12 +1,14 @@
 """The gradient noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018), estimated for free.
 
-A run with accumulation (or data parallelism) already has gradients at two batch sizes: each micro-batch's (b
-samples) and the window's (B samples). Since E|g_b|^2 = |G|^2 + tr(Sigma)/b, two sizes give unbiased estimates
+A run with accumulation (or data parallelism) already has gradients at several batch sizes: the window's
+accumulated gradient after each micro-step (the in-run monitor reads these prefixes, one foreach norm per
+micro-step) and the window's whole gradient. Since E|g_b|^2 = |G|^2 + tr(Sigma)/b, two sizes give unbiased estimates
 
     |G|^2    ~ (B |g_B|^2 - b |g_b|^2) / (B - b)
     tr Sigma ~ (|g_b|^2 - |g_B|^2) / (1/b - 1/B)
 
-which are noisy, so the ratio is taken of their exponential moving averages (bias-corrected), not averaged itself.
+and more sizes a least-squares line in 1/b (:class:`NoiseScaleMonitor`). The estimates are noisy, so the ratio is
+taken of their exponential moving averages (bias-corrected), not averaged itself.
 B_simple grows as the loss falls; the SDE scaling rules need the batch per update well below it. It is a proxy:
 the measured knee of a loss-vs-batch sweep is the ground truth (Merrill et al. 2025).
 """
@@ -50,7 +52,12 @@ class NoiseScaleEstimator:
         if not (0 < b < B) or not all(math.isfinite(v) for v in (small_sq_norm, big_sq_norm, b, B)):
             raise ValueError(f"need finite norms and 0 < small_batch < big_batch, got small_batch={small_batch}, "
                              f"big_batch={big_batch}, norms {small_sq_norm}, {big_sq_norm}")
-        g2, trace = two_size(small_sq_norm, b, big_sq_norm, B)
+        self.observe_estimates(*two_size(small_sq_norm, b, big_sq_norm, B))
+
+    def observe_estimates(self, g2: float, trace: float) -> None:
+        """Add one observation given as unbiased estimates of |G|^2 and tr(Sigma)."""
+        if not (math.isfinite(g2) and math.isfinite(trace)):
+            raise ValueError(f"need finite estimates, got |G|^2 = {g2}, tr(Sigma) = {trace}")
         self.last_g2, self.last_trace = g2, trace
         d = self.decay
         self._g2 = d * self._g2 + (1 - d) * g2
@@ -82,50 +89,22 @@ class NoiseScaleEstimator:
         self._g2, self._trace = float(state["g2"]), float(state["trace"])
 
 
-class MicroGradNorms:
-    """The squared norm of each micro-batch's own gradient, read by tensor hooks before it is added to ``.grad``.
-
-    No parameter-sized buffer: each hook adds one scalar. Under DDP the hooks see the rank's local gradient (before
-    the all-reduce), which is what the two-batch estimator needs. A micro-step with several backward calls adds the
-    squared norms of each call, not of their sum.
-    """
-
-    def __init__(self, params) -> None:
-        self._norms: list[torch.Tensor] = []
-        self.active = True  # off: the hooks return at once (windows the estimator skips cost nearly nothing)
-        self._handles = [p.register_hook(self._hook) for p in params if p.requires_grad]
-
-    def _hook(self, grad: torch.Tensor) -> None:
-        if not self.active:
-            return
-        # one fused reduction per parameter, no squared copy; half precision accumulates in float32
-        self._norms.append(torch.linalg.vector_norm(grad.detach(),
-                                                    dtype=torch.promote_types(grad.dtype, torch.float32)))
-
-    def take(self) -> "torch.Tensor | None":
-        """The micro-step's squared norm (summed over parameters), and reset."""
-        if not self._norms:
-            return None
-        norms, self._norms = self._norms, []
-        device = norms[0].device
-        return torch.stack([n.to(device) for n in norms]).square().sum()
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-
 class NoiseScaleMonitor:
     """The in-run B_simple of :class:`sdebatch.LogicalBatchOptimizer`, called at each micro-step and window end.
 
-    Each micro-batch's own squared gradient norm (:class:`MicroGradNorms`, kept as a device tensor: no sync per
-    micro-step) is summed over the window; at the window's end the sums (added to the window's one all-reduce) and
-    the window's gradient give one observation of :attr:`estimator`. Warns once when the samples per update exceed
-    ``warn`` x B_simple.
+    Within a window, the accumulated gradient after i micro-steps, normalised to a mean over its n_i samples, has
+    E|S_i|^2 = |G|^2 + tr(Sigma) / n_i. Each micro-step that does not end the window records that prefix's squared
+    norm (one foreach norm over ``.grad``: no hooks, no parameter-sized buffer, a device tensor read only at the
+    update); at the window's end the prefixes (means over ranks, whose prefixes are local under DDP) and the window's
+    gradient over all its samples are fit by least squares in 1 / n: the intercept estimates |G|^2, the slope
+    tr(Sigma), both unbiased (the fit is linear in the squared norms). With two points this is the two-batch-size
+    formula. Data parallel without accumulation (one micro-step per window on several ranks) has no prefix in
+    ``.grad``, which the backward all-reduces: there each rank's own micro-batch gradient norm is taken by tensor hooks
+    during the backward (one norm per parameter), armed only in that case. Warns once when the samples per update
+    exceed ``warn`` x B_simple.
 
     Args:
-        params: the parameters whose gradients are observed.
+        params: the parameters, for the hooks of the data-parallel case without accumulation.
         decay: the estimator's EMA decay per observation (default 0.95).
         warn: warn above this multiple of B_simple (default 1.0; None: never).
         every: observe one window in this many (default 1).
@@ -135,59 +114,66 @@ class NoiseScaleMonitor:
         self.estimator = NoiseScaleEstimator(decay)
         self.warn, self.every = warn, every
         self._warned = False
-        self._norms = MicroGradNorms(params)
+        self._hooks = MicroGradNorms(params)
+        self.local_micro_norms = False  # set by the wrapper: several ranks, one micro-step per window
         self.start_window(0)
 
     def start_window(self, updates: int) -> None:
-        """A new window begins after ``updates`` updates: clear its sums, arm the hooks if it is observed."""
-        self.sq: float | torch.Tensor = 0.0
-        self.sq_samples, self.sq_count = 0.0, 0.0
-        self._norms.active = updates % self.every == 0
+        """A new window begins after ``updates`` updates: clear its prefixes; is it observed?"""
+        self.prefix_sq: list = []  # |S_i|^2 of the normalised prefix, device tensors (or floats once restored)
+        self.prefix_n: list = []  # its samples
+        self.observing = updates % self.every == 0
+        self._hooks.active = self.observing and self.local_micro_norms
 
-    def micro_step(self, samples: float | torch.Tensor, items: float | torch.Tensor | None, grad_scaler=None) -> None:
-        """Record the micro-step just ended: ``items`` its sum-reduced loss's count (None: a mean loss);
-        ``grad_scaler`` the AMP scaler its loss was multiplied by, if any. Nothing is read from the device."""
-        sq = self._norms.take()
-        if sq is None:
+    def micro_step(self, grads: list[torch.Tensor], samples: float | torch.Tensor,
+                   normaliser: float | torch.Tensor, grad_scaler=None, *, ends_window: bool = False) -> None:
+        """Record the window's prefix after a micro-step: ``grads`` the accumulated gradients, ``samples`` the
+        window's samples so far, ``normaliser`` what makes them a mean (micro-steps so far, or the items of a
+        sum-reduced loss), ``grad_scaler`` the AMP scaler the losses were multiplied by. The micro-step that ends the
+        window is the window's own point (under DDP already all-reduced), recorded only from the hooks of the
+        data-parallel case without accumulation. Reads nothing."""
+        if not self.observing:
             return
-        scale = _scale_of(grad_scaler)
-        denom = scale * (items if items is not None else 1.0)
-        if isinstance(denom, torch.Tensor):  # a device count: an empty micro-step is masked out, not tested here
-            ok = denom > 0
-            self.sq = self.sq + torch.where(ok, sq / denom.clamp_min(torch.finfo(denom.dtype).tiny) ** 2, 0.0)
-            self.sq_samples = self.sq_samples + ok * samples
-            self.sq_count = self.sq_count + ok
+        if ends_window:
+            sq = self._hooks.take()
+            if sq is None:
+                return
+        elif grads:
+            norms = torch._foreach_norm(grads, 2, dtype=torch.float32) if grads[0].dtype in (
+                torch.float16, torch.bfloat16) else torch._foreach_norm(grads)
+            device = norms[0].device
+            sq = torch.stack([n.to(device) for n in norms]).double().square().sum()
+        else:
             return
-        if denom <= 0:
+        denom = _scale_of(grad_scaler) * normaliser
+        if isinstance(denom, torch.Tensor):  # a device count: an empty prefix is zeroed, not tested here
+            sq = torch.where(denom > 0, sq / denom.clamp_min(torch.finfo(denom.dtype).tiny) ** 2, 0.0)
+        elif denom > 0:
+            sq = sq / denom ** 2
+        else:
             return
-        self.sq = self.sq + sq / denom ** 2  # a tensor: no device sync per micro-step
-        self.sq_samples = self.sq_samples + samples
-        self.sq_count = self.sq_count + 1
+        self.prefix_sq.append(sq)
+        self.prefix_n.append(samples)
 
     def sums(self) -> list:
-        """What the window's all-reduce adds up: sum of micro squared norms, their samples, their count."""
-        return [self.sq, self.sq_samples, self.sq_count]
-
-    @property
-    def observing(self) -> bool:
-        """Whether this window is observed (its micro-steps' norms were taken)."""
-        return self._norms.active
+        """What the window's all-reduce adds up: the prefixes' squared norms, then their samples."""
+        return [*self.prefix_sq, *self.prefix_n]
 
     @staticmethod
     def window_sq_norm(grads: list[torch.Tensor]) -> torch.Tensor | None:
         """The squared norm of the window's gradient as a device tensor (read with the update's other values)."""
         return torch.stack(torch._foreach_norm(grads)).double().square().sum() if grads else None
 
-    def window_end(self, samples: float, sums: list[float], big_sq_norm: float) -> None:
-        """One observation from the window's normalised gradient's squared norm ``big_sq_norm`` over ``samples``
-        (all ranks) and the micro-batch ``sums`` (all ranks), all read to the host by the update."""
-        sq_sum, sq_samples, sq_count = sums
-        if sq_count == 0:
-            return
-        b = sq_samples / sq_count
-        if samples <= b:
+    def window_end(self, samples: float, sums: list[float], big_sq_norm: float, world_size: int = 1) -> None:
+        """One observation: the prefixes ``sums`` (summed over ``world_size`` ranks) and the window's normalised
+        gradient's squared norm ``big_sq_norm`` over ``samples`` (all ranks), all read to the host by the update."""
+        k = len(sums) // 2
+        points = [(world_size / n, y / world_size) for y, n in zip(sums[:k], sums[k:]) if 0 < n / world_size < samples]
+        if not points:
             return  # one micro-batch on one rank: only one batch size, nothing to compare
-        self.estimator.observe(sq_sum / sq_count, b, big_sq_norm, samples)
+        points.append((1.0 / samples, big_sq_norm))
+        g2, trace = fit_intercept_slope(points)
+        self.estimator.observe_estimates(g2, trace)
         value = self.estimator.value
         if (value is not None and self.warn is not None and not self._warned
                 and samples > self.warn * value and self.estimator.count >= 10):
@@ -197,14 +183,48 @@ class NoiseScaleMonitor:
                           "loss per sample gets worse); consider a smaller batch per update", stacklevel=4)
 
     def window_state(self) -> dict:
-        """The open window's sums, for a checkpoint taken mid-window."""
-        return {"micro_sq": float(self.sq), "micro_sq_samples": float(self.sq_samples),
-                "micro_sq_count": float(self.sq_count)}
+        """The open window's prefixes, for a checkpoint taken mid-window."""
+        return {"noise_prefix_sq": [float(v) for v in self.prefix_sq],
+                "noise_prefix_n": [float(v) for v in self.prefix_n]}
 
     def load_window_state(self, state: dict) -> None:
-        self.sq = state.get("micro_sq", 0.0)
-        self.sq_samples = state.get("micro_sq_samples", 0.0)
-        self.sq_count = state.get("micro_sq_count", 0.0)
+        self.prefix_sq = list(state.get("noise_prefix_sq", []))
+        self.prefix_n = list(state.get("noise_prefix_n", []))
+
+
+class MicroGradNorms:
+    """The squared norm of a micro-batch's own gradient, read by tensor hooks before DDP's all-reduce and before it is
+    added to ``.grad`` (one scalar per parameter; off unless ``active``)."""
+
+    def __init__(self, params) -> None:
+        self._norms: list[torch.Tensor] = []
+        self.active = False
+        self._handles = [p.register_hook(self._hook) for p in params if p.requires_grad]
+
+    def _hook(self, grad: torch.Tensor) -> None:
+        if self.active:  # half precision accumulates in float32
+            self._norms.append(torch.linalg.vector_norm(grad.detach(),
+                                                        dtype=torch.promote_types(grad.dtype, torch.float32)))
+
+    def take(self) -> "torch.Tensor | None":
+        """The micro-step's squared norm (summed over parameters), and reset."""
+        if not self._norms:
+            return None
+        norms, self._norms = self._norms, []
+        device = norms[0].device
+        return torch.stack([n.to(device) for n in norms]).double().square().sum()
+
+
+def fit_intercept_slope(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least squares y = a + b x through (x, y) points (at least two distinct x): (a, b)."""
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    if sxx <= 0:
+        raise ValueError("the fit needs at least two batch sizes")
+    b = sum((x - mx) * (y - my) for x, y in points) / sxx
+    return my - b * mx, b
 
 
 def _scale_of(grad_scaler) -> float | torch.Tensor:

@@ -65,8 +65,9 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         process_group: data-parallel group for counting samples across ranks. Default: the world, when
             ``torch.distributed`` is initialised.
         noise_scale: estimate the gradient noise scale B_simple (``opt.noise_scale``, in samples) from the
-            micro-batch and window gradients (see :mod:`sdebatch.noise`); needs accumulation or several ranks.
-            Default False. Costs one squared-norm reduction per parameter per micro-step.
+            window's prefixes and its gradient (see :mod:`sdebatch.noise`); needs accumulation or several ranks.
+            Default False. Costs one foreach norm over the gradients per micro-step (no hooks; with several ranks and
+            no accumulation, one norm per parameter in hooks).
         noise_scale_decay: EMA decay of the estimator, per update. Default 0.95.
         noise_scale_warn: warn once when samples per update exceed this fraction of the estimated B_simple, where
             the SDE rules stop holding (McCandlish et al.: B_crit ~ B_simple). Default 1.0; None: never warn.
@@ -278,11 +279,12 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
     # --- micro-steps ---
     def _reset_window(self) -> None:
         self.window = Window()
-        if self._noise is not None:
-            self._noise.start_window(self.clock.updates)
         if self.batch_schedule is not None:  # the next window's accumulation, from the clock
             self.accumulation_steps = self.batch_schedule.accumulation(self.clock, self.physical_batch_size,
                                                                        self.world_size)
+        if self._noise is not None:  # several ranks without accumulation: the micro-batch norms come from hooks
+            self._noise.local_micro_norms = self.world_size > 1 and self.accumulation_steps == 1
+            self._noise.start_window(self.clock.updates)
 
     def backward(self, loss: torch.Tensor, num_items: float | torch.Tensor | None = None, *,
                  num_samples: int | None = None, num_tokens: int | None = None, reduction: str = "sum",
@@ -354,9 +356,12 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         w = self.window
         if w.saved_grads is not None:
             w.add_saved_grads(self._params())
-        pending, samples = w.end_micro_step(num_samples, num_tokens, self.physical_batch_size)
-        if self._noise is not None:
-            self._noise.micro_step(samples, pending.items if pending.sum else None, self.grad_scaler)
+        w.end_micro_step(num_samples, num_tokens, self.physical_batch_size)
+        if self._noise is not None:  # a prefix of the window
+            ends = w.micro_steps >= self.accumulation_steps
+            self._noise.micro_step([] if ends else [p.grad for p in self._params_with_grad()], w.samples,
+                                   w.items if w.protocol == "sum" else w.micro_steps, self.grad_scaler,
+                                   ends_window=ends)
         self.did_update = False
         if w.micro_steps >= self.accumulation_steps:
             self._update()
@@ -458,7 +463,7 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         if grads and scale != 1.0:
             torch._foreach_mul_(grads, scale)
         if observe and grads:
-            self._noise.window_end(samples, micro, window_sq * scale ** 2)
+            self._noise.window_end(samples, micro, window_sq * scale ** 2, self.world_size)
         if self.max_grad_norm is not None and params:
             self._grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)  # read when asked
 
@@ -494,8 +499,8 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         """Inner optimizer state, the clock and, when stopped inside a window, its counts and gradients."""
         window_grads = self.window.grads_to_save(self._params()) if self.in_window else None
         window = self.window.state_dict()
-        window.update(self._noise.window_state() if self._noise is not None else
-                      {"micro_sq": 0.0, "micro_sq_samples": 0.0, "micro_sq_count": 0.0})
+        if self._noise is not None:
+            window.update(self._noise.window_state())
         return {
             "optimizer": self.optimizer.state_dict(),
             "sdebatch": {

@@ -9,7 +9,7 @@ import sdebatch
 from reference import OPTIMIZERS, make_data, make_model, sample_loss_mean, token_loss_sum
 
 
-def run(rank, world, init_file, opt_name, protocol, n, out):
+def run(rank, world, init_file, opt_name, protocol, n, out, per_device=4):
     torch.set_default_dtype(torch.float64)
     torch.set_num_threads(1)
     # a file rendezvous: no TCP port to race for with other processes on the machine
@@ -20,16 +20,16 @@ def run(rank, world, init_file, opt_name, protocol, n, out):
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         cls, kw = OPTIMIZERS[opt_name]
         # a ragged run compares with a short last big batch, so it checks normalisation with no rescaling
-        opt = sdebatch.LogicalBatchOptimizer(cls(ddp.parameters(), **kw), 16, 4, model=ddp,
+        opt = sdebatch.LogicalBatchOptimizer(cls(ddp.parameters(), **kw), 16, per_device, model=ddp,
                                              rule="auto" if n % 16 == 0 else "none", noise_scale=True)
-        assert opt.world_size == world and opt.accumulation_steps == 2, opt.describe()
+        assert opt.world_size == world and opt.accumulation_steps == 16 // (world * per_device), opt.describe()
         for _ in range(2):
             for w in range(0, n, 16):
                 for j in range(opt.accumulation_steps):
-                    start = w + 8 * j + 4 * rank
+                    start = w + world * per_device * j + per_device * rank
                     if start >= n:
                         break
-                    sl = slice(start, start + 4)
+                    sl = slice(start, start + per_device)
                     with opt.accumulate():
                         if protocol == "mean":
                             sample_loss_mean(ddp, x[sl], y[sl]).backward()

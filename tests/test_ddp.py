@@ -3,21 +3,21 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import sdebatch
 from reference import (OPTIMIZERS, big_batch_run, flat, make_data, make_model, sample_loss_mean,
                        token_loss_sum)
 import ddp_worker
 
 
-@pytest.mark.parametrize("opt_name,protocol,n", [
-    ("adamw", "sum", 96),
-    ("adamw", "sum", 88),     # ragged last window: 8 samples, one no_sync micro-step per rank, then flush
-    ("sgd_momentum", "mean", 96),
+@pytest.mark.parametrize("opt_name,protocol,n,per_device", [
+    ("adamw", "sum", 96, 4),
+    ("adamw", "sum", 88, 4),     # ragged last window: 8 samples, one no_sync micro-step per rank, then flush
+    ("sgd_momentum", "mean", 96, 4),
+    ("adamw", "sum", 96, 8),     # no accumulation: the noise scale's small batch comes from the hooks
 ])
-def test_two_process_ddp_equals_big_batch(tmp_path, opt_name, protocol, n):
+def test_two_process_ddp_equals_big_batch(tmp_path, opt_name, protocol, n, per_device):
     out = tmp_path / "rank0.pt"
-    mp.start_processes(ddp_worker.run, args=(2, str(tmp_path / "rendezvous"), opt_name, protocol, n, str(out)),
-                       nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(ddp_worker.run, args=(2, str(tmp_path / "rendezvous"), opt_name, protocol, n, str(out),
+                                             per_device), nprocs=2, join=True, start_method="spawn")
     got = torch.load(out)
     data = make_data(n=n)
     ref = big_batch_run(opt_name, data, 16, token_weighted=(protocol == "sum"))
@@ -25,24 +25,37 @@ def test_two_process_ddp_equals_big_batch(tmp_path, opt_name, protocol, n):
     assert got["clock"]["samples_seen"] == 2 * n
     if protocol == "sum":
         assert got["clock"]["tokens_seen"] == 2 * int(data[2].sum())
-    # the noise scale from (one rank's micro-batch, all-reduced window) equals one process with the same micro-batches
+    # the noise scale: each rank's first micro-batch is a local prefix of its window (per_device samples, averaged over
+    # the ranks), the all-reduced window the other point (16 samples, 8 in a ragged last window): the two-batch-size
+    # formula per window, in an EMA of decay 0.95, along the big-batch trajectory (computed here by hand)
     x, y, mask = data
     model = make_model()
     cls, kw = OPTIMIZERS[opt_name]
-    opt = sdebatch.LogicalBatchOptimizer(cls(model.parameters(), **kw), 16, 4, noise_scale=True,
-                                         rule="auto" if n % 16 == 0 else "none")
+    opt = cls(model.parameters(), **kw)
+
+    def grad(sl):  # the gradient of the loss normalised as the wrapper does (per sample, or per valid token)
+        model.zero_grad()
+        if protocol == "mean":
+            loss = sample_loss_mean(model, x[sl], y[sl])
+        else:
+            s, c = token_loss_sum(model, x[sl], y[sl], mask[sl])
+            loss = s / c
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    g2_ema = trace_ema = 0.0
+    count = 0
     for _ in range(2):
-        for i in range(0, n, 4):
-            if protocol == "mean":
-                sample_loss_mean(model, x[i:i + 4], y[i:i + 4]).backward()
-            else:
-                s, c = token_loss_sum(model, x[i:i + 4], y[i:i + 4], mask[i:i + 4])
-                opt.backward(s, num_items=c)
-            opt.step()
-            opt.zero_grad()
-        opt.flush()
-        opt.zero_grad()
-    ref_noise = opt.noise.state_dict()
-    assert got["noise"]["count"] == ref_noise["count"] > 0
-    assert got["noise"]["g2"] == pytest.approx(ref_noise["g2"], rel=1e-9)
-    assert got["noise"]["trace"] == pytest.approx(ref_noise["trace"], rel=1e-9)
+        for w in range(0, n, 16):
+            big = min(16, n - w)
+            p = per_device
+            small = (grad(slice(w, w + p)).square().sum() + grad(slice(w + p, w + 2 * p)).square().sum()) / 2
+            whole = grad(slice(w, w + big)).square().sum()
+            g2 = (big * whole - p * small) / (big - p)
+            trace = (small - whole) / (1 / p - 1 / big)
+            g2_ema, trace_ema = 0.95 * g2_ema + 0.05 * float(g2), 0.95 * trace_ema + 0.05 * float(trace)
+            count += 1
+            opt.step()  # the big-batch step, on the window's gradient just computed
+    assert got["noise"]["count"] == count
+    assert got["noise"]["g2"] == pytest.approx(g2_ema, rel=1e-9)
+    assert got["noise"]["trace"] == pytest.approx(trace_ema, rel=1e-9)
