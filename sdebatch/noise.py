@@ -139,10 +139,7 @@ class NoiseScaleMonitor:
             if sq is None:
                 return
         elif grads:
-            norms = torch._foreach_norm(grads, 2, dtype=torch.float32) if grads[0].dtype in (
-                torch.float16, torch.bfloat16) else torch._foreach_norm(grads)
-            device = norms[0].device
-            sq = torch.stack([n.to(device) for n in norms]).double().square().sum()
+            sq = _total_sq_norm(grads)
         else:
             return
         denom = _scale_of(grad_scaler) * normaliser
@@ -162,7 +159,7 @@ class NoiseScaleMonitor:
     @staticmethod
     def window_sq_norm(grads: list[torch.Tensor]) -> torch.Tensor | None:
         """The squared norm of the window's gradient as a device tensor (read with the update's other values)."""
-        return torch.stack(torch._foreach_norm(grads)).double().square().sum() if grads else None
+        return _total_sq_norm(grads) if grads else None
 
     def window_end(self, samples: float, sums: list[float], big_sq_norm: float, world_size: int = 1) -> None:
         """One observation: the prefixes ``sums`` (summed over ``world_size`` ranks) and the window's normalised
@@ -190,6 +187,17 @@ class NoiseScaleMonitor:
     def load_window_state(self, state: dict) -> None:
         self.prefix_sq = list(state.get("noise_prefix_sq", []))
         self.prefix_n = list(state.get("noise_prefix_n", []))
+
+
+def _total_sq_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """|g|^2 over all tensors: one foreach norm (float32 accumulation for half precision), then the norm of the norms
+    (gathered on the first tensor's device when they are spread over several)."""
+    half = grads[0].dtype in (torch.float16, torch.bfloat16)
+    norms = torch._foreach_norm(grads, 2, dtype=torch.float32) if half else torch._foreach_norm(grads)
+    device = norms[0].device
+    if any(n.device != device for n in norms):
+        norms = [n.to(device) for n in norms]
+    return torch.linalg.vector_norm(torch.stack(norms), dtype=torch.float64) ** 2
 
 
 class MicroGradNorms:
