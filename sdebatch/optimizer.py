@@ -216,6 +216,8 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
             raise RuntimeError(f"configure_batch{new} inside an unfinished window of "
                                f"{(self.physical_batch_size, self.accumulation_steps)}; change it between updates")
         self.physical_batch_size, self.accumulation_steps = new
+        if not self.in_window:
+            self._reset_window()  # the next window with the new arithmetic (and the noise monitor told of it)
         return flushed
 
     @property
