@@ -175,8 +175,7 @@ def _check_ramp(config: dict) -> None:
     if config.get("batch_schedule"):
         if config["batch_schedule"] not in NAMED_SCHEDULES:
             sdebatch.batch_schedule(config["batch_schedule"])  # names a bad entry
-        if config.get("ramp", "rules") not in ("rules", "lr_only", "none"):
-            raise ValueError(f"ramp must be 'rules', 'lr_only' or 'none', got {config.get('ramp')!r}")
+        presets.check_ramp(config.get("ramp", "rules"))
     if config.get("second_moment_rescale", False) not in (True, False):
         raise ValueError(f"second_moment_rescale must be true or false, got {config.get('second_moment_rescale')!r}")
 

@@ -202,15 +202,27 @@ def _total_sq_norm(grads: list[torch.Tensor]) -> torch.Tensor:
 
 class MicroGradNorms:
     """The squared norm of a micro-batch's own gradient, read by tensor hooks before DDP's all-reduce and before it is
-    added to ``.grad`` (one scalar per parameter; off unless ``active``)."""
+    added to ``.grad`` (one scalar per parameter). The hooks are registered the first time ``active`` is set: runs
+    that never need them (one rank, or accumulation) pay nothing per backward."""
 
     def __init__(self, params) -> None:
         self._norms: list[torch.Tensor] = []
-        self.active = False
-        self._handles = [p.register_hook(self._hook) for p in params if p.requires_grad]
+        self._params = [p for p in params if p.requires_grad]
+        self._handles: list = []
+        self._active = False
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    @active.setter
+    def active(self, on: bool) -> None:
+        if on and not self._handles:
+            self._handles = [p.register_hook(self._hook) for p in self._params]
+        self._active = on
 
     def _hook(self, grad: torch.Tensor) -> None:
-        if self.active:  # half precision accumulates in float32
+        if self._active:  # half precision accumulates in float32
             self._norms.append(torch.linalg.vector_norm(grad.detach(),
                                                         dtype=torch.promote_types(grad.dtype, torch.float32)))
 

@@ -359,7 +359,7 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         if w.saved_grads is not None:
             w.add_saved_grads(self._params())
         w.end_micro_step(num_samples, num_tokens, self.physical_batch_size)
-        if self._noise is not None:  # a prefix of the window
+        if self._noise is not None and self._noise.observing:  # a prefix of the window
             ends = w.micro_steps >= self.accumulation_steps
             self._noise.micro_step([] if ends else [p.grad for p in self._params_with_grad()], w.samples,
                                    w.items if w.protocol == "sum" else w.micro_steps, self.grad_scaler,

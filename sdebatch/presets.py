@@ -26,6 +26,16 @@ LABELS = {"accumulate": "accumulate (exact)", "sqrt_exact": r"square-root rule, 
           "sqrt_linear": r"square-root rule, linear $\beta$", "linear": "linear lr rule", "naive": "no rescaling"}
 
 
+RAMPS = ("rules", "lr_only", "none")  # how a batch ramp rescales: every hyperparameter, the lr alone, nothing
+
+
+def check_ramp(name: str) -> str:
+    """``name`` if it is a way of ramping (:data:`RAMPS`), else a ValueError listing them."""
+    if name not in RAMPS:
+        raise ValueError(f"ramp must be 'rules', 'lr_only' or 'none', got {name!r}")
+    return name
+
+
 def check(name: str) -> str:
     """``name`` if it is a preset, else a ValueError listing them."""
     if name not in PRESETS:

@@ -120,8 +120,7 @@ class TrainConfig:
         presets.check(self.rule)
         if self.strategy not in ("auto", "ddp", "fsdp"):
             raise ValueError(f"strategy must be 'auto', 'ddp' or 'fsdp', got {self.strategy!r}")
-        if self.ramp not in ("rules", "lr_only", "none"):
-            raise ValueError(f"ramp must be 'rules', 'lr_only' or 'none', got {self.ramp!r}")
+        presets.check_ramp(self.ramp)
         if self.second_moment_rescale and ((self.batch_schedule and self.ramp != "rules")
                                            or presets.wrapper_kwargs(self.rule)["rule"] not in ("auto", "adam")):
             raise ValueError(f"second_moment_rescale needs the square-root rule: ramp = 'rules' under a "
