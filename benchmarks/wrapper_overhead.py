@@ -118,7 +118,7 @@ class Wrapped:
 
 
 class WrappedNoise(Wrapped):
-    """The wrapper with the gradient-noise-scale estimator on (micro-batch norm hooks + one norm per update)."""
+    """The wrapper with the gradient-noise-scale estimator on (two foreach norms per window)."""
     noise_scale = True
 
 

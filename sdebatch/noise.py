@@ -1,14 +1,14 @@
 """The gradient noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018), estimated for free.
 
-A run with accumulation (or data parallelism) already has gradients at several batch sizes: the window's
-accumulated gradient after each micro-step (the in-run monitor reads these prefixes, one foreach norm per
-micro-step) and the window's whole gradient. Since E|g_b|^2 = |G|^2 + tr(Sigma)/b, two sizes give unbiased estimates
+A run with accumulation (or data parallelism) already has gradients at two batch sizes: the window's first
+micro-batch (the accumulated gradient after one micro-step: one foreach norm) and the window's whole gradient. Since
+E|g_b|^2 = |G|^2 + tr(Sigma)/b, the two sizes give unbiased estimates
 
     |G|^2    ~ (B |g_B|^2 - b |g_b|^2) / (B - b)
     tr Sigma ~ (|g_b|^2 - |g_B|^2) / (1/b - 1/B)
 
-and more sizes a least-squares line in 1/b (:class:`NoiseScaleMonitor`). The estimates are noisy, so the ratio is
-taken of their exponential moving averages (bias-corrected), not averaged itself.
+The estimates are noisy, so the ratio is taken of their exponential moving averages (bias-corrected), not averaged
+itself.
 B_simple grows as the loss falls; the SDE scaling rules need the batch per update well below it. It is a proxy:
 the measured knee of a loss-vs-batch sweep is the ground truth (Merrill et al. 2025).
 """
@@ -92,16 +92,17 @@ class NoiseScaleEstimator:
 class NoiseScaleMonitor:
     """The in-run B_simple of :class:`sdebatch.LogicalBatchOptimizer`, called at each micro-step and window end.
 
-    Within a window, the accumulated gradient after i micro-steps, normalised to a mean over its n_i samples, has
-    E|S_i|^2 = |G|^2 + tr(Sigma) / n_i. Each micro-step that does not end the window records that prefix's squared
-    norm (one foreach norm over ``.grad``: no hooks, no parameter-sized buffer, a device tensor read only at the
-    update); at the window's end the prefixes (means over ranks, whose prefixes are local under DDP) and the window's
-    gradient over all its samples are fit by least squares in 1 / n: the intercept estimates |G|^2, the slope
-    tr(Sigma), both unbiased (the fit is linear in the squared norms). With two points this is the two-batch-size
-    formula. Data parallel without accumulation (one micro-step per window on several ranks) has no prefix in
-    ``.grad``, which the backward all-reduces: there each rank's own micro-batch gradient norm is taken by tensor hooks
-    during the backward (one norm per parameter), armed only in that case. Warns once when the samples per update
-    exceed ``warn`` x B_simple.
+    The small batch is the window's first micro-batch: after the first micro-step, ``.grad`` holds its gradient, whose
+    squared norm is taken by one foreach norm (no hooks, no parameter-sized buffer; a device tensor read only at the
+    update). The big batch is the window's whole gradient (under DDP all-reduced, while each rank's first micro-batch
+    is local, so the small norm is the mean over ranks). Later micro-steps are not read: the accumulated gradients
+    after 2, 3, ... micro-steps are nested in the window, so fitting them as well (least squares in 1 / n) costs a
+    norm each and, measured on Gaussian gradients with 4 and 8 micro-steps, gives an estimate of |G|^2 with an 8-42%
+    larger standard deviation and of tr(Sigma) no better than the two-size pair (``benchmarks/noise_variance.py``).
+    Data parallel without accumulation (one micro-step per window on several ranks) has no small batch in ``.grad``,
+    which the backward all-reduces: there each rank's own micro-batch gradient norm is taken by tensor hooks during the
+    backward (one norm per parameter), armed only in that case. Warns once when the samples per update exceed
+    ``warn`` x B_simple.
 
     Args:
         params: the parameters, for the hooks of the data-parallel case without accumulation.
@@ -119,20 +120,25 @@ class NoiseScaleMonitor:
         self.start_window(0)
 
     def start_window(self, updates: int) -> None:
-        """A new window begins after ``updates`` updates: clear its prefixes; is it observed?"""
-        self.prefix_sq: list = []  # |S_i|^2 of the normalised prefix, device tensors (or floats once restored)
-        self.prefix_n: list = []  # its samples
+        """A new window begins after ``updates`` updates: clear its small batch; is it observed?"""
+        self.small_sq = None  # |g_b|^2 of the first micro-batch, normalised: a device tensor (or float once restored)
+        self.small_n = None  # its samples
         self.observing = updates % self.every == 0
         self._hooks.active = self.observing and self.local_micro_norms
 
+    @property
+    def wants_micro_step(self) -> bool:
+        """Whether the next micro-step is read: an observed window whose small batch is not yet recorded."""
+        return self.observing and self.small_sq is None
+
     def micro_step(self, grads: list[torch.Tensor], samples: float | torch.Tensor,
                    normaliser: float | torch.Tensor, grad_scaler=None, *, ends_window: bool = False) -> None:
-        """Record the window's prefix after a micro-step: ``grads`` the accumulated gradients, ``samples`` the
-        window's samples so far, ``normaliser`` what makes them a mean (micro-steps so far, or the items of a
-        sum-reduced loss), ``grad_scaler`` the AMP scaler the losses were multiplied by. The micro-step that ends the
-        window is the window's own point (under DDP already all-reduced), recorded only from the hooks of the
-        data-parallel case without accumulation. Reads nothing."""
-        if not self.observing:
+        """Record the window's small batch after its first micro-step: ``grads`` the accumulated gradients,
+        ``samples`` the window's samples so far, ``normaliser`` what makes them a mean (micro-steps so far, or the
+        items of a sum-reduced loss), ``grad_scaler`` the AMP scaler the losses were multiplied by. The micro-step
+        that ends the window is the window's own point (under DDP already all-reduced), recorded only from the hooks
+        of the data-parallel case without accumulation. Reads nothing."""
+        if not self.wants_micro_step:
             return
         if ends_window:
             sq = self._hooks.take()
@@ -143,18 +149,17 @@ class NoiseScaleMonitor:
         else:
             return
         denom = _scale_of(grad_scaler) * normaliser
-        if isinstance(denom, torch.Tensor):  # a device count: an empty prefix is zeroed, not tested here
+        if isinstance(denom, torch.Tensor):  # a device count: an empty micro-batch is zeroed, not tested here
             sq = torch.where(denom > 0, sq / denom.clamp_min(torch.finfo(denom.dtype).tiny) ** 2, 0.0)
         elif denom > 0:
             sq = sq / denom ** 2
         else:
             return
-        self.prefix_sq.append(sq)
-        self.prefix_n.append(samples)
+        self.small_sq, self.small_n = sq, samples
 
     def sums(self) -> list:
-        """What the window's all-reduce adds up: the prefixes' squared norms, then their samples."""
-        return [*self.prefix_sq, *self.prefix_n]
+        """What the window's all-reduce adds up: the small batch's squared norm and its samples (none if unseen)."""
+        return [] if self.small_sq is None else [self.small_sq, self.small_n]
 
     @staticmethod
     def window_sq_norm(grads: list[torch.Tensor]) -> torch.Tensor | None:
@@ -162,15 +167,15 @@ class NoiseScaleMonitor:
         return _total_sq_norm(grads) if grads else None
 
     def window_end(self, samples: float, sums: list[float], big_sq_norm: float, world_size: int = 1) -> None:
-        """One observation: the prefixes ``sums`` (summed over ``world_size`` ranks) and the window's normalised
-        gradient's squared norm ``big_sq_norm`` over ``samples`` (all ranks), all read to the host by the update."""
-        k = len(sums) // 2
-        points = [(world_size / n, y / world_size) for y, n in zip(sums[:k], sums[k:]) if 0 < n / world_size < samples]
-        if not points:
+        """One observation: ``sums`` as returned by :meth:`sums` (summed over ``world_size`` ranks) and the window's
+        normalised gradient's squared norm ``big_sq_norm`` over ``samples`` (all ranks), all read to the host by the
+        update."""
+        if not sums:
+            return
+        small_sq, small_n = sums[0] / world_size, sums[1] / world_size
+        if not 0 < small_n < samples:
             return  # one micro-batch on one rank: only one batch size, nothing to compare
-        points.append((1.0 / samples, big_sq_norm))
-        g2, trace = fit_intercept_slope(points)
-        self.estimator.observe_estimates(g2, trace)
+        self.estimator.observe(small_sq, small_n, big_sq_norm, samples)
         value = self.estimator.value
         if (value is not None and self.warn is not None and not self._warned
                 and samples > self.warn * value and self.estimator.count >= 10):
@@ -180,13 +185,14 @@ class NoiseScaleMonitor:
                           "loss per sample gets worse); consider a smaller batch per update", stacklevel=4)
 
     def window_state(self) -> dict:
-        """The open window's prefixes, for a checkpoint taken mid-window."""
-        return {"noise_prefix_sq": [float(v) for v in self.prefix_sq],
-                "noise_prefix_n": [float(v) for v in self.prefix_n]}
+        """The open window's small batch, for a checkpoint taken mid-window."""
+        seen = self.small_sq is not None
+        return {"noise_prefix_sq": [float(self.small_sq)] if seen else [],
+                "noise_prefix_n": [float(self.small_n)] if seen else []}
 
     def load_window_state(self, state: dict) -> None:
-        self.prefix_sq = list(state.get("noise_prefix_sq", []))
-        self.prefix_n = list(state.get("noise_prefix_n", []))
+        sq, n = state.get("noise_prefix_sq", []), state.get("noise_prefix_n", [])
+        self.small_sq, self.small_n = (sq[0], n[0]) if sq else (None, None)
 
 
 def _total_sq_norm(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -233,18 +239,6 @@ class MicroGradNorms:
         norms, self._norms = self._norms, []
         device = norms[0].device
         return torch.stack([n.to(device) for n in norms]).double().square().sum()
-
-
-def fit_intercept_slope(points: list[tuple[float, float]]) -> tuple[float, float]:
-    """Least squares y = a + b x through (x, y) points (at least two distinct x): (a, b)."""
-    n = len(points)
-    mx = sum(x for x, _ in points) / n
-    my = sum(y for _, y in points) / n
-    sxx = sum((x - mx) ** 2 for x, _ in points)
-    if sxx <= 0:
-        raise ValueError("the fit needs at least two batch sizes")
-    b = sum((x - mx) * (y - my) for x, y in points) / sxx
-    return my - b * mx, b
 
 
 def _scale_of(grad_scaler) -> float | torch.Tensor:

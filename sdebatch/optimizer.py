@@ -65,15 +65,15 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         process_group: data-parallel group for counting samples across ranks. Default: the world, when
             ``torch.distributed`` is initialised.
         noise_scale: estimate the gradient noise scale B_simple (``opt.noise_scale``, in samples) from the
-            window's prefixes and its gradient (see :mod:`sdebatch.noise`); needs accumulation or several ranks.
-            Default False. Costs one foreach norm over the gradients per micro-step (no hooks; with several ranks and
-            no accumulation, one norm per parameter in hooks).
+            window's first micro-batch and its whole gradient (see :mod:`sdebatch.noise`); needs accumulation or
+            several ranks. Default False. Costs two foreach norms over the gradients per observed window, whatever its
+            accumulation (no hooks; with several ranks and no accumulation, one norm per parameter in hooks).
         noise_scale_decay: EMA decay of the estimator, per update. Default 0.95.
         noise_scale_warn: warn once when samples per update exceed this fraction of the estimated B_simple, where
             the SDE rules stop holding (McCandlish et al.: B_crit ~ B_simple). Default 1.0; None: never warn.
-        noise_scale_every: observe one window in this many (default 1: every window). The micro-batch norms cost one
-            pass over the gradients per micro-step; on small models where that is a visible share of the step,
-            observing every 2-4 windows keeps the overhead down at the price of a noisier EMA.
+        noise_scale_every: observe one window in this many (default 1: every window). The two norms cost two passes
+            over the gradients per window; on small models where that is a visible share of the update, observing
+            every 2-4 windows keeps the overhead down at the price of a noisier EMA.
         batch_schedule: a :func:`sdebatch.batch_schedule` of the samples per update over the clock, reached by
             accumulation (each batch a multiple of physical x world size; set at the start of each window), with the
             rules applied at every update from the logical batch's reference values. Default None: the fixed
@@ -359,7 +359,7 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         if w.saved_grads is not None:
             w.add_saved_grads(self._params())
         w.end_micro_step(num_samples, num_tokens, self.physical_batch_size)
-        if self._noise is not None and self._noise.observing:  # a prefix of the window
+        if self._noise is not None and self._noise.wants_micro_step:  # the window's first micro-batch
             ends = w.micro_steps >= self.accumulation_steps
             self._noise.micro_step([] if ends else [p.grad for p in self._params_with_grad()], w.samples,
                                    w.items if w.protocol == "sum" else w.micro_steps, self.grad_scaler,

@@ -26,6 +26,21 @@ def test_bench_summary_marks_each_target():
     assert "| Lightning MDM trainer / plain loop (tokens/s) | 0.975 | 0.950..0.990 | 5 | >= 0.98 | no |" in text
 
 
+
+def test_noise_variance_estimators_invert_exact_expectations():
+    """The Monte Carlo's two estimators (pair, prefix least squares) return |G|^2 and tr(Sigma) exactly when fed
+    E|S_n|^2 = |G|^2 + tr(Sigma) / n, so any difference in its table is variance, not bias."""
+    import torch
+
+    from benchmarks.noise_variance import estimates
+
+    n = 4.0 * torch.arange(1, 9, dtype=torch.float64)
+    sq = torch.stack([3.0 + 120.0 / n, 0.5 + 7.0 / n])
+    for pair in (True, False):
+        g2, trace = estimates(sq, n, pair)
+        assert torch.allclose(g2, torch.tensor([3.0, 0.5], dtype=torch.float64), rtol=1e-12)
+        assert torch.allclose(trace, torch.tensor([120.0, 7.0], dtype=torch.float64), rtol=1e-12)
+
 @pytest.mark.parametrize("cpu", [True, False])
 def test_gpu_check_steps_name_what_exists(cpu, tmp_path):
     from benchmarks.gpu_check import steps

@@ -135,3 +135,52 @@ def test_probe_is_the_two_size_formula_per_group():
         probe_noise_scale([w], [lambda: vecs[0] @ w], micro_batch_size=2, group_size=1)
     with pytest.raises(ValueError, match="at least group_size"):
         probe_noise_scale([w], [lambda: vecs[0] @ w], micro_batch_size=2, group_size=3)
+
+
+@pytest.mark.parametrize("protocol", ["mean", "sum"])
+def test_in_run_estimate_is_the_first_micro_batch_against_the_window(protocol):
+    """Four micro-steps per window, weights moving (Adam): each window's observation is the two-size formula on the
+    window's first micro-batch (b = its samples) and the whole window (B = 4 b), computed here from gradients taken by
+    hand at the window's weights, and the EMA over windows matches. Under the sum protocol the micro-batches carry
+    unequal item counts, so the normalisation (per item of the micro-batch, per item of the window) is exercised."""
+    d, b, k, windows = 6, 3, 4, 5
+    g = torch.Generator().manual_seed(7)
+    model = torch.nn.Linear(d, 1, bias=False).double()
+    ref = torch.nn.Linear(d, 1, bias=False).double()
+    ref.load_state_dict(model.state_dict())
+    opt = sdebatch.LogicalBatchOptimizer(torch.optim.Adam(model.parameters(), lr=0.05), b * k, b,
+                                         noise_scale=True, noise_scale_decay=0.9, noise_scale_warn=None)
+    g2_ema = trace_ema = 0.0
+    for _ in range(windows):
+        xs = [torch.randn(b, d, generator=g, dtype=torch.float64) for _ in range(k)]
+        ys = [torch.randn(b, generator=g, dtype=torch.float64) for _ in range(k)]
+        items = [torch.tensor([1.0, 2.0, 3.0 + i], dtype=torch.float64) for i in range(k)]  # per-sample weights
+
+        def loss_sum(m, i):  # a per-sample loss weighted by its item count: sum over items
+            return (items[i] * (m(xs[i]).squeeze(1) - ys[i]).square()).sum()
+
+        def grad(idx):  # the gradient at the window's weights, normalised as the wrapper normalises it
+            ref.zero_grad()
+            if protocol == "mean":
+                (sum(loss_sum(ref, i) / items[i].sum() for i in idx) / len(idx)).backward()
+            else:
+                (sum(loss_sum(ref, i) for i in idx) / sum(items[i].sum() for i in idx)).backward()
+            return ref.weight.grad.square().sum().item()
+
+        small, big = grad([0]), grad(range(k))
+        g2 = (k * b * big - b * small) / (k * b - b)
+        trace = (small - big) / (1 / b - 1 / (k * b))
+        g2_ema, trace_ema = 0.9 * g2_ema + 0.1 * g2, 0.9 * trace_ema + 0.1 * trace
+        for i in range(k):
+            if protocol == "mean":
+                (loss_sum(model, i) / items[i].sum()).backward()
+            else:
+                opt.backward(loss_sum(model, i), num_items=items[i].sum())
+            opt.step()
+            opt.zero_grad()
+        assert opt.noise.last_g2 == pytest.approx(g2, rel=1e-10)
+        assert opt.noise.last_trace == pytest.approx(trace, rel=1e-10)
+        ref.load_state_dict(model.state_dict())  # the next window starts from the wrapper's updated weights
+    assert opt.noise.count == windows
+    assert opt.noise.gradient_sq_norm == pytest.approx(g2_ema / (1 - 0.9 ** windows), rel=1e-10)
+    assert opt.noise.trace_sigma == pytest.approx(trace_ema / (1 - 0.9 ** windows), rel=1e-10)
