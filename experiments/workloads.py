@@ -114,24 +114,18 @@ def mdm(config: dict, progress: bool = True, run_dir=None) -> dict:
     curve: list[dict] = []
 
     class Curve(pl.Callback):
-        def __init__(self) -> None:
-            self.window: list[float] = []
-
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            v = trainer.callback_metrics.get("elbo_bits")
-            if v is not None:
-                self.window.append(float(v))
             opt = find_optimizer(module)
-            if opt.did_update and self.window:
+            if opt.did_update and module.window_micro_elbo_bits:
+                window = module.window_micro_elbo_bits  # each micro-batch's training ELBO, read at the update
                 point = {"tokens": opt.tokens_seen, "samples": opt.samples_seen, "updates": opt.updates,
-                         "loss": sum(self.window) / len(self.window), "kappa": opt.last_kappa}
+                         "loss": sum(window) / len(window), "kappa": opt.last_kappa}
                 for m in ("text", "image", "audio"):  # the window's training ELBO per modality (for diagnosis)
                     point[m] = module.window_elbo_bits.get(m, float("nan"))
                 noise = getattr(opt, "noise", None)
                 if noise is not None and noise.count:  # the estimator's EMAs of |G|^2 and tr(Sigma)
                     point.update(noise_g2=noise.gradient_sq_norm, noise_trace=noise.trace_sigma)
                 curve.append(point)
-                self.window = []
 
     known = {k: v for k, v in config.items() if k in mdm_train.DEFAULTS}
     if run_dir is not None:  # each run its own weights (the default out would be shared by every run of a sweep)

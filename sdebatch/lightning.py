@@ -39,7 +39,7 @@ from . import checks
 from .progress import fmt_seconds, interactive
 from .schedules import ClockSchedule
 
-__all__ = ["LogicalBatch", "ProgressLines", "count", "find_optimizer"]
+__all__ = ["LogCadence", "LogicalBatch", "ProgressLines", "count", "find_optimizer"]
 
 
 def find_optimizer(module: pl.LightningModule) -> LogicalBatchOptimizer:
@@ -56,6 +56,30 @@ def count(module: pl.LightningModule, num_items: float | torch.Tensor | None = N
     the window is then divided by its total over micro-batches and ranks. ``num_tokens`` feeds the token clock.
     Tensors stay on their device until the update reads the window's counts (one transfer per update)."""
     find_optimizer(module).count(num_items, num_tokens=num_tokens)
+
+
+class LogCadence:
+    """When to log values computed once per update: Lightning's ``self.log`` costs about a millisecond a call, a few
+    percent of a small model's update when a dozen values are logged at every one.
+
+    Due at an update when a progress bar is shown (it displays every update), when the Trainer's logging step
+    (``Trainer(log_every_n_steps)``, in batches; 0 logs nothing) has been passed since the last time it was due (so a
+    logger, which Lightning writes at that cadence from the last logged values, gets current ones), at the first
+    update, and when ``final`` (the update that ends training).
+    """
+
+    def __init__(self) -> None:
+        self._last_step: int | None = None
+
+    def due(self, trainer: pl.Trainer, *, final: bool = False) -> bool:
+        every, step = trainer.log_every_n_steps, trainer.global_step
+        if every == 0:
+            return False
+        due = (final or trainer.progress_bar_callback is not None or self._last_step is None
+               or step // every > self._last_step // every)
+        if due:
+            self._last_step = step
+        return due
 
 
 class LogicalBatch(pl.Callback):
@@ -93,6 +117,10 @@ class LogicalBatch(pl.Callback):
         batch_size_fn: batch -> number of samples. Default: Lightning's ``extract_batch_size``.
         noise_scale: estimate the gradient noise scale B_simple and log it as ``noise_scale`` (needs accumulation or
             several devices); warns once if the batch per update exceeds it. Default False.
+
+    Logged (``on_step``, at the updates a :class:`LogCadence` says are due: every update with a progress bar, else at
+    the Trainer's ``log_every_n_steps`` and the last update): ``samples_seen``, ``tokens_seen``, ``updates``,
+    ``kappa``, ``lr``, ``beta1``/``beta2``, ``batch_per_update``, ``noise_scale``; ``samples``/``tokens`` on the bar.
         batch_schedule: a :func:`sdebatch.batch_schedule` of the samples per update over the clock, reached by
             accumulation per update (Lightning's own accumulation scheduler is epoch-keyed); with it, drive the lr
             with ``lr_schedule`` (on the clock, untouched by a change of batch), not a torch scheduler stepped per
@@ -150,6 +178,7 @@ class LogicalBatch(pl.Callback):
         self._ema_state: dict | None = None
         self._flush_on_resume = False
         self._trainer: pl.Trainer | None = None
+        self._log_cadence = LogCadence()
 
     # --- before training: validate, then wrap the optimizer where Lightning makes it ---
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -321,6 +350,26 @@ class LogicalBatch(pl.Callback):
 
     def _after_update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, in_batch: bool = True) -> None:
         opt = self.optimizer
+        stop = (self.max_samples is not None and opt.samples_seen >= self.max_samples) or \
+            (self.max_tokens is not None and opt.tokens_seen >= self.max_tokens)
+        if not in_batch:  # self.log(on_step) is not allowed at epoch end: straight to the logger
+            if trainer.logger is not None and trainer.is_global_zero:
+                trainer.logger.log_metrics(self._metrics(), step=trainer.global_step)
+        elif self._log_cadence.due(trainer, final=stop):
+            metrics = self._metrics()
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False, logger=trainer.logger is not None,
+                               batch_size=opt.physical_batch_size, rank_zero_only=True)
+            pl_module.log("samples", metrics["samples_seen"], on_step=True, on_epoch=False, prog_bar=True,
+                          logger=False, batch_size=opt.physical_batch_size, rank_zero_only=True)
+            if opt.tokens_seen:  # the run counts tokens: show its clock too
+                pl_module.log("tokens", metrics["tokens_seen"], on_step=True, on_epoch=False, prog_bar=True,
+                              logger=False, batch_size=opt.physical_batch_size, rank_zero_only=True)
+        if stop:
+            trainer.should_stop = True
+
+    def _metrics(self) -> dict[str, float]:
+        """The clock and the effective hyperparameters of the last update."""
+        opt = self.optimizer
         eff = opt.effective_hyperparameters()[0]
         metrics = {"samples_seen": float(opt.samples_seen), "tokens_seen": float(opt.tokens_seen),
                    "updates": float(opt.updates), "kappa": float(opt.last_kappa), "lr": float(eff["lr"]),
@@ -329,19 +378,7 @@ class LogicalBatch(pl.Callback):
             metrics["beta1"], metrics["beta2"] = (float(b) for b in eff["betas"])
         if opt.noise_scale is not None:
             metrics["noise_scale"] = float(opt.noise_scale)
-        if in_batch:
-            pl_module.log_dict(metrics, on_step=True, on_epoch=False, logger=trainer.logger is not None,
-                               batch_size=opt.physical_batch_size, rank_zero_only=True)
-            pl_module.log("samples", metrics["samples_seen"], on_step=True, on_epoch=False, prog_bar=True,
-                          logger=False, batch_size=opt.physical_batch_size, rank_zero_only=True)
-            if opt.tokens_seen:  # the run counts tokens: show its clock too
-                pl_module.log("tokens", metrics["tokens_seen"], on_step=True, on_epoch=False, prog_bar=True,
-                              logger=False, batch_size=opt.physical_batch_size, rank_zero_only=True)
-        elif trainer.logger is not None and trainer.is_global_zero:  # self.log(on_step) is not allowed at epoch end
-            trainer.logger.log_metrics(metrics, step=trainer.global_step)
-        if (self.max_samples is not None and opt.samples_seen >= self.max_samples) or \
-                (self.max_tokens is not None and opt.tokens_seen >= self.max_tokens):
-            trainer.should_stop = True
+        return metrics
 
     # --- checkpoints ---
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:

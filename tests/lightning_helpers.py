@@ -52,9 +52,10 @@ def trainer(callback, *, devices=1, epochs=2, ckpt_dir=None, every=None, strateg
         callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=every, save_top_k=-1,
                                                       filename="{step}"))
     return pl.Trainer(devices=devices, strategy=strategy or ("ddp" if devices > 1 else "auto"),
-                      max_epochs=epochs, logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, enable_checkpointing=bool(every), callbacks=callbacks,
-                      use_distributed_sampler=False, **{"precision": "64-true", "accelerator": "cpu", **kw})
+                      max_epochs=epochs, enable_model_summary=False, enable_checkpointing=bool(every),
+                      callbacks=callbacks, use_distributed_sampler=False,
+                      **{"precision": "64-true", "accelerator": "cpu", "logger": False, "enable_progress_bar": False,
+                         **kw})
 
 
 def flat_params(module):

@@ -189,3 +189,56 @@ def test_resume_at_every_position_equals_uninterrupted(tmp_path, logical, every)
                                   ckpt_path=str(tmp_path / f"step={step}.ckpt"))
         assert cb.optimizer.clock == cb_full.optimizer.clock, step
         assert torch.allclose(flat_params(resumed.net), flat_params(full.net), atol=1e-10, rtol=0), step
+
+
+def test_log_cadence_by_hand():
+    """Due at the first update, whenever a multiple of log_every_n_steps was passed since, always with a progress bar
+    and at the final update; never with log_every_n_steps=0."""
+    from types import SimpleNamespace
+
+    def dues(every, steps, bar=None, final_at=None):
+        cadence, out = sl.LogCadence(), []
+        for s in steps:
+            t = SimpleNamespace(log_every_n_steps=every, global_step=s, progress_bar_callback=bar)
+            out.append(cadence.due(t, final=(s == final_at)))
+        return out
+
+    steps = [3, 6, 9, 12, 15, 18, 21]  # updates every 3 batches
+    assert dues(8, steps) == [True, False, True, False, False, True, False]  # first; past 8 at 9, past 16 at 18
+    assert dues(8, steps, final_at=12) == [True, False, True, True, False, True, False]
+    assert dues(8, steps, bar=object()) == [True] * 7
+    assert dues(0, steps, final_at=21) == [False] * 7
+
+
+class _Recorder(__import__("lightning.pytorch.loggers.logger", fromlist=["Logger"]).Logger):
+    name, version = "recorder", 0
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def log_metrics(self, metrics, step=None):
+        self.records.append((step, {k: v for k, v in metrics.items() if k != "epoch"}))
+
+    def log_hyperparams(self, *args, **kwargs):
+        pass
+
+
+@pytest.mark.parametrize("bar", [False, True])
+def test_logger_gets_the_clock_at_the_trainers_cadence(bar, monkeypatch):
+    """Accumulation 4, Trainer(log_every_n_steps=8), stop at 11 updates: Lightning writes to the logger at batches
+    8, 16, ..., 40 and at the stop; each write carries the clock of that batch's update (samples = 16 x updates) and
+    the last the final one. The callback logs only at the updates due (first, batches 8, 16, 24, 32, 40, the stop:
+    7 of 11) without a bar, at all 11 with one, and the logger's records are the same."""
+    import lightning.pytorch as pl
+
+    calls = []
+    original = pl.LightningModule.log_dict
+    monkeypatch.setattr(pl.LightningModule, "log_dict", lambda self, *a, **k: (calls.append(1), original(self, *a, **k)))
+    module, cb, logger = Regression(), sl.LogicalBatch(16, verbose=False, max_samples=176), _Recorder()
+    trainer(cb, logger=logger, log_every_n_steps=8, enable_progress_bar=bar).fit(
+        module, train_dataloaders=loader(N, 4))
+    got = [(step, m["samples_seen"], m["updates"], m["kappa"]) for step, m in logger.records]
+    assert got == [(7, 32.0, 2.0, 1.0), (15, 64.0, 4.0, 1.0), (23, 96.0, 6.0, 1.0), (31, 128.0, 8.0, 1.0),
+                   (39, 160.0, 10.0, 1.0), (43, 176.0, 11.0, 1.0)]
+    assert len(calls) == (11 if bar else 7)

@@ -335,3 +335,48 @@ def test_compile_and_strategy_config(micro_data):
     assert list(module.state_dict()) == list(MDMModule(plain, vocab).state_dict())
     with pytest.raises(ValueError, match="strategy must be 'auto', 'ddp' or 'fsdp'"):
         load_config(None, strategy="deepspeed", **base)
+
+
+def test_trainer_reads_the_window_elbo_once_per_update(micro_data, monkeypatch):
+    """The MDM module keeps each micro-batch's ELBO and per-modality sums on the device and reads them in one
+    transfer at the update: the window's values (each micro-batch's ELBO, the ELBO per modality over the window) and
+    the run's last training ELBO equal those of the objective's outputs recorded here, and the module reads the
+    device at most once per update (and once at the end, for the last micro-batch's ELBO)."""
+    import math
+
+    import lightning.pytorch as pl
+
+    from sdebatch.lightning import find_optimizer
+    from sdebatch.mdm import train as mdm_train
+    from test_syncs import counted_reads
+
+    out, _ = micro_data
+    records, windows = [], []
+    real = mdm_train.mdm_loss
+    monkeypatch.setattr(mdm_train, "mdm_loss", lambda *a, **k: records.append(real(*a, **k)) or records[-1])
+
+    class Grab(pl.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if find_optimizer(module).did_update:
+                windows.append((list(module.window_micro_elbo_bits), dict(module.window_elbo_bits)))
+
+    config = mdm_train.load_config(None, data=str(out), model="tiny", logical_batch_size=8, physical_batch_size=2,
+                                   model_overrides={"d_model": 32, "n_layers": 1, "n_heads": 2, "base_width": 32,
+                                                    "base_depth": 1},
+                                   tokens=3000, val_sequences=0, noise_scale=False, noise_probe=0, out="")
+    with counted_reads() as calls:
+        result = mdm_train.train(config, progress=False, callbacks=[Grab()])
+    assert result["updates"] == len(windows) >= 3 and len(records) == 4 * len(windows)
+    for i, (micro, per_modality) in enumerate(windows):
+        outs = records[4 * i:4 * i + 4]
+        assert micro == [float(o["elbo_bits"]) for o in outs]
+        for m in ("text", "image", "audio"):
+            c = sum(int(o[f"count/{m}"]) for o in outs)
+            if c:
+                total = sum(float(o[f"sum/{m}"]) for o in outs)
+                assert per_modality[m] == pytest.approx(total / c / math.log(2), rel=1e-12)
+            else:
+                assert m not in per_modality
+    assert result["train_elbo_bits"] == float(records[-1]["elbo_bits"])
+    module_reads = [c for c in calls if "train.py" in c]
+    assert len(module_reads) <= result["updates"] + 1, module_reads

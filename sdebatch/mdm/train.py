@@ -34,6 +34,9 @@ from .data.mixture import MixtureSampler
 from .model import build_model, describe, get_config, param_groups
 from .objective import MODALITY_NAMES, elbo, elbo_standard_error, mdm_loss, sample_draws
 
+MODALITIES = ("text", "image", "audio")  # the per-modality sums of mdm_loss
+
+
 class MDMModule(pl.LightningModule):
     """The denoiser, its ELBO objective and AdamW with CompleteP per-group learning rates."""
 
@@ -46,8 +49,11 @@ class MDMModule(pl.LightningModule):
         self._train_model = [torch.compile(self.model)] if config.get("compile") else [self.model]
         self._last = None  # (time, tokens) at the previous update, for tokens/s
         self.micro_steps = 0  # training_step calls so far (checkpointed): keys the draws of batches without positions
-        self._window_sums: dict[str, list] = {}  # per modality [nats, items] over the current window, for logging
+        self._window: list[torch.Tensor] = []  # per micro-batch: its ELBO and per-modality sums, on the device
+        self._last_elbo: torch.Tensor | None = None  # the last micro-batch's ELBO (bits per item), on the device
+        self._log_cadence = sl.LogCadence()
         self.window_elbo_bits: dict[str, float] = {}  # the last complete window's training ELBO per modality
+        self.window_micro_elbo_bits: list[float] = []  # and each of its micro-batches' ELBO, in order
         self.val_results: list[dict] = []
         self.record: dict | None = None  # config + data vocabulary, saved in checkpoints (set by build)
 
@@ -74,26 +80,39 @@ class MDMModule(pl.LightningModule):
         out = self.loss(batch)
         self.micro_steps += 1
         sl.count(self, num_items=out["num_items"], num_tokens=batch["pad"].sum())
-        n = max(int(out["num_items"]), 1)
-        self.log("elbo_bits", float(out["elbo_bits"]), prog_bar=True, batch_size=n)
-        # per-modality ELBO and tokens/s once per update, over the whole window (logging every micro-batch costs
-        # Lightning ~1 ms a call, a visible share of a small model's step)
-        for m in ("text", "image", "audio"):
-            acc = self._window_sums.setdefault(m, [0.0, 0])
-            acc[0] += float(out[f"sum/{m}"])
-            acc[1] += int(out[f"count/{m}"])
+        # The window's ELBO sums stay on the device, read in one transfer at the update (float64: exact for the
+        # float32 sums and the integer counts); logged at the updates the cadence says are due.
+        self._last_elbo = out["elbo_bits"].detach()
+        self._window.append(torch.stack([self._last_elbo.double(), *(out[f"{k}/{m}"].double() for m in MODALITIES
+                                                                      for k in ("sum", "count"))]))
         opt = sl.find_optimizer(self)
         if opt.next_step_updates:
-            self.window_elbo_bits = {m: total / c / math.log(2) for m, (total, c) in self._window_sums.items() if c}
-            for m, v in self.window_elbo_bits.items():
-                self.log(f"elbo_bits/{m}", v, batch_size=self._window_sums[m][1])
-            self._window_sums = {}
-            now = time.time()
-            if self._last is not None and opt.tokens_seen > self._last[1]:
-                self.log("tok/s", (opt.tokens_seen - self._last[1]) / max(now - self._last[0], 1e-9),
-                         prog_bar=True, batch_size=n)
-            self._last = (now, opt.tokens_seen)
+            rows = torch.stack(self._window).tolist()
+            self._window = []
+            self.window_micro_elbo_bits = [r[0] for r in rows]
+            self.window_elbo_bits, counts = {}, {}
+            for i, m in enumerate(MODALITIES):
+                total, c = 0.0, 0
+                for r in rows:
+                    total += r[1 + 2 * i]
+                    c += int(r[2 + 2 * i])
+                if c:
+                    self.window_elbo_bits[m], counts[m] = total / c / math.log(2), c
+            if self._log_cadence.due(self.trainer):
+                self.log("elbo_bits", rows[-1][0], prog_bar=True, batch_size=max(sum(counts.values()), 1))
+                for m, v in self.window_elbo_bits.items():
+                    self.log(f"elbo_bits/{m}", v, batch_size=counts[m])
+                now = time.time()
+                if self._last is not None and opt.tokens_seen > self._last[1]:
+                    self.log("tok/s", (opt.tokens_seen - self._last[1]) / max(now - self._last[0], 1e-9),
+                             prog_bar=True, batch_size=1)
+                self._last = (now, opt.tokens_seen)
         return out["loss_sum"]
+
+    @property
+    def last_elbo_bits(self) -> float:
+        """The last training micro-batch's ELBO in bits per item (reading it waits for the device); nan before any."""
+        return float("nan") if self._last_elbo is None else float(self._last_elbo)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["mdm_micro_steps"] = self.micro_steps
@@ -228,7 +247,7 @@ def train(config: dict, *, progress: bool = True, ckpt_path: str | None = None,
     result = {"tokens_seen": opt.tokens_seen, "samples_seen": opt.samples_seen, "updates": opt.updates,
               "wall_clock_s": wall, "tokens_per_s": opt.tokens_seen / max(wall, 1e-9),
               "noise_scale": opt.noise_scale,
-              "train_elbo_bits": float(trainer.callback_metrics.get("elbo_bits", "nan"))}
+              "train_elbo_bits": module.last_elbo_bits}
     if config["noise_probe"] and trainer.world_size == 1:  # a diagnostic of single-device runs (not of sharded ones)
         result["noise_probe"] = noise_probe(module, data, start=opt.samples_seen, sequences=config["noise_probe"])
     if config["val_sequences"]:
