@@ -234,7 +234,8 @@ def test_logger_gets_the_clock_at_the_trainers_cadence(bar, monkeypatch):
 
     calls = []
     original = pl.LightningModule.log_dict
-    monkeypatch.setattr(pl.LightningModule, "log_dict", lambda self, *a, **k: (calls.append(1), original(self, *a, **k)))
+    monkeypatch.setattr(pl.LightningModule, "log_dict",
+                        lambda self, *a, **k: (calls.append(1), original(self, *a, **k)))
     module, cb, logger = Regression(), sl.LogicalBatch(16, verbose=False, max_samples=176), _Recorder()
     trainer(cb, logger=logger, log_every_n_steps=8, enable_progress_bar=bar).fit(
         module, train_dataloaders=loader(N, 4))
