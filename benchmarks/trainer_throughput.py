@@ -5,7 +5,9 @@ The plain loop is what a user writes by hand: AdamW with the same per-group lrs,
 micro-batch, accumulate, step. Both read the same prepared data folder through the same DataLoader. They alternate
 (plain, trainer, plain, trainer, ...; the order flips every repeat) and each repeat's ratio tokens/s(trainer) /
 tokens/s(plain) compares two runs back to back; the result is the median ratio over ``--repeats`` (default 5) with
-its min..max spread (target >= 0.98). Needs a data folder (`sdebatch data prepare`).
+its min..max spread (target >= 0.98). Each side's clock starts after its first update (compilation, the allocator's
+and the optimizer state's first touch, Lightning's set-up: one-off costs, not throughput) and stops after its last.
+Needs a data folder (`sdebatch data prepare`).
 
 ``python -m benchmarks.trainer_throughput --data data/tiny --tokens 300000``
 """
@@ -22,6 +24,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
+from sdebatch.lightning import find_optimizer
 from sdebatch.utils import atomic_write
 
 from sdebatch.mdm import train as mdm_train
@@ -55,7 +58,7 @@ def plain_loop(config: dict, tokens: int) -> dict:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config["precision"] == "bf16-mixed")
     accum = max(1, config["logical_batch_size"] // config["physical_batch_size"])
     seen, micro = 0, 0
-    start = time.perf_counter()
+    start, seen0 = None, 0
     for batch in data.train_dataloader():
         batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         with autocast:
@@ -66,24 +69,37 @@ def plain_loop(config: dict, tokens: int) -> dict:
         if micro % accum == 0:
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if start is None:  # the clock starts after the first update
+                _sync()
+                start, seen0 = time.perf_counter(), seen
         if seen >= tokens:
             break
     _sync()
-    return {"tokens": seen, "seconds": time.perf_counter() - start}
+    if start is None:
+        raise SystemExit(f"--tokens {tokens} ends before the first update: nothing timed")
+    return {"tokens": seen - seen0, "seconds": time.perf_counter() - start}
 
 
 class FitClock(pl.Callback):
-    """Times the fit loop only, from ``on_train_start`` (before the first batch is fetched, as the plain loop's clock
-    starts before its first batch) to ``on_train_end``: Lightning's one-off set-up (strategy, data module, optimizer
-    configuration) is the trainer's fixed cost per run, not its throughput, and would otherwise weigh by run length."""
+    """Times the fit loop from its first update to its end, and the tokens in between, as the plain loop is timed:
+    Lightning's one-off set-up and the first update's compilation and first-touch costs are not throughput."""
 
-    def on_train_start(self, trainer, module) -> None:
-        _sync()
-        self.start = time.perf_counter()
+    def __init__(self) -> None:
+        self.start: float | None = None
+        self.tokens0 = 0
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        opt = find_optimizer(module)
+        if self.start is None and opt.did_update:
+            _sync()
+            self.start, self.tokens0 = time.perf_counter(), opt.tokens_seen
 
     def on_train_end(self, trainer, module) -> None:
         _sync()
+        if self.start is None:
+            raise SystemExit("the trainer ended before its first update: nothing timed")
         self.seconds = time.perf_counter() - self.start
+        self.tokens = find_optimizer(module).tokens_seen - self.tokens0
 
 
 def _sync() -> None:
@@ -94,7 +110,7 @@ def _sync() -> None:
 def trainer_run(config: dict) -> dict:
     clock = FitClock()
     result = mdm_train.train({**config, "val_sequences": 0, "out": ""}, progress=False, callbacks=[clock])
-    return {"tokens": result["tokens_seen"], "seconds": clock.seconds, "seconds_with_setup": result["wall_clock_s"]}
+    return {"tokens": clock.tokens, "seconds": clock.seconds, "seconds_with_setup": result["wall_clock_s"]}
 
 
 def main(argv: list[str] | None = None) -> dict:
