@@ -3,11 +3,14 @@ data, objective and number of micro-batches, in one process; also peak memory (R
 
 The plain loop is what a user writes by hand: AdamW with the same per-group lrs, ``loss_sum / num_items`` per
 micro-batch, accumulate, step. Both read the same prepared data folder through the same DataLoader. They alternate
-(plain, trainer, plain, trainer, ...; the order flips every repeat) and each repeat's ratio tokens/s(trainer) /
-tokens/s(plain) compares two runs back to back; the result is the median ratio over ``--repeats`` (default 5) with
-its min..max spread (target >= 0.98). Each side's clock starts after its first update (compilation, the allocator's
-and the optimizer state's first touch, Lightning's set-up: one-off costs, not throughput) and stops after its last.
-Needs a data folder (`sdebatch data prepare`).
+(plain, trainer, plain, trainer, ...; the order flips every repeat). Both train on the same micro-batches in the same
+order, so their i-th updates do the same work: each side records when each update ends, and a pair's ratio is the
+median over updates of time(plain update i) / time(trainer update i), the trainer's relative throughput, robust to
+the odd update another process slowed (whole-run throughputs, whose ratio moved by +-5% between pairs on a shared
+2-core machine, are reported too). The result is the median over ``--repeats`` pairs (default 5) with its min..max
+(target >= 0.98). Each side's clock starts after its first update (compilation, the allocator's and the optimizer
+state's first touch, Lightning's set-up: one-off costs, not throughput). Needs a data folder (`sdebatch data
+prepare`).
 
 ``python -m benchmarks.trainer_throughput --data data/tiny --tokens 300000``
 """
@@ -57,8 +60,8 @@ def plain_loop(config: dict, tokens: int) -> dict:
     forward = torch.compile(model) if config["compile"] else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config["precision"] == "bf16-mixed")
     accum = max(1, config["logical_batch_size"] // config["physical_batch_size"])
-    seen, micro = 0, 0
-    start, seen0 = None, 0
+    seen, micro, seen0 = 0, 0, 0
+    marks: list[float] = []  # when each update ended
     for batch in data.train_dataloader():
         batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         with autocast:
@@ -69,15 +72,15 @@ def plain_loop(config: dict, tokens: int) -> dict:
         if micro % accum == 0:
             opt.step()
             opt.zero_grad(set_to_none=True)
-            if start is None:  # the clock starts after the first update
-                _sync()
-                start, seen0 = time.perf_counter(), seen
-        if seen >= tokens:
-            break
-    _sync()
-    if start is None:
-        raise SystemExit(f"--tokens {tokens} ends before the first update: nothing timed")
-    return {"tokens": seen - seen0, "seconds": time.perf_counter() - start}
+            _sync()
+            marks.append(time.perf_counter())
+            if len(marks) == 1:  # the clock starts after the first update
+                seen0 = seen
+            if seen >= tokens:  # at an update, as the trainer stops: both sides time the same micro-batches
+                break
+    if len(marks) < 2:
+        raise SystemExit(f"--tokens {tokens} ends before the second update: nothing timed")
+    return timing(marks, seen - seen0)
 
 
 class FitClock(pl.Callback):
@@ -85,21 +88,27 @@ class FitClock(pl.Callback):
     Lightning's one-off set-up and the first update's compilation and first-touch costs are not throughput."""
 
     def __init__(self) -> None:
-        self.start: float | None = None
+        self.marks: list[float] = []  # when each update ended
         self.tokens0 = 0
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         opt = find_optimizer(module)
-        if self.start is None and opt.did_update:
+        if opt.did_update:
             _sync()
-            self.start, self.tokens0 = time.perf_counter(), opt.tokens_seen
+            self.marks.append(time.perf_counter())
+            if len(self.marks) == 1:
+                self.tokens0 = opt.tokens_seen
 
     def on_train_end(self, trainer, module) -> None:
-        _sync()
-        if self.start is None:
-            raise SystemExit("the trainer ended before its first update: nothing timed")
-        self.seconds = time.perf_counter() - self.start
-        self.tokens = find_optimizer(module).tokens_seen - self.tokens0
+        if len(self.marks) < 2:
+            raise SystemExit("the trainer ended before its second update: nothing timed")
+        self.result = timing(self.marks, find_optimizer(module).tokens_seen - self.tokens0)
+
+
+def timing(marks: list[float], tokens: int) -> dict:
+    """Tokens and seconds from the first update's end to the last's, and each later update's seconds."""
+    return {"tokens": tokens, "seconds": marks[-1] - marks[0],
+            "update_seconds": [b - a for a, b in zip(marks, marks[1:])]}
 
 
 def _sync() -> None:
@@ -110,7 +119,7 @@ def _sync() -> None:
 def trainer_run(config: dict) -> dict:
     clock = FitClock()
     result = mdm_train.train({**config, "val_sequences": 0, "out": ""}, progress=False, callbacks=[clock])
-    return {"tokens": clock.tokens, "seconds": clock.seconds, "seconds_with_setup": result["wall_clock_s"]}
+    return {**clock.result, "seconds_with_setup": result["wall_clock_s"]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -131,19 +140,24 @@ def main(argv: list[str] | None = None) -> dict:
     config = mdm_train.load_config(None, data=args.data, model=args.model, tokens=args.tokens,
                                    physical_batch_size=args.physical,
                                    logical_batch_size=args.logical, noise_scale=False, threads=args.threads,
-                                   precision=args.precision, compile=args.compile)
-    rows, ratios = [], []
+                                   precision=args.precision, compile=args.compile, noise_probe=0)
+    rows, ratios, throughput_ratios = [], [], []
     runs = (("plain", lambda: plain_loop(config, args.tokens)), ("trainer", lambda: trainer_run(config)))
     for r in range(args.repeats):  # alternate, flipping the order, so drifting background load hits both alike
-        pair = {}
+        pair: dict[str, dict] = {}
         for name, fn in (runs if r % 2 == 0 else runs[::-1]):
             m = fn()
             m.update(name=name, repeat=r, tokens_per_s=m["tokens"] / m["seconds"])
             rows.append(m)
-            pair[name] = m["tokens_per_s"]
+            pair[name] = m
             print(f"{name:>8} repeat {r}: {m['tokens']:,} tokens in {m['seconds']:.1f}s = "
                   f"{m['tokens_per_s']:,.0f} tok/s", flush=True)
-        ratios.append(pair["trainer"] / pair["plain"])
+        plain, trainer = pair["plain"], pair["trainer"]
+        if plain["tokens"] != trainer["tokens"]:  # the update-by-update pairing needs the same micro-batches
+            raise SystemExit(f"plain loop and trainer timed different work: {plain['tokens']:,} vs "
+                             f"{trainer['tokens']:,} tokens")
+        ratios.append(statistics.median(p / t for p, t in zip(plain["update_seconds"], trainer["update_seconds"])))
+        throughput_ratios.append(trainer["tokens_per_s"] / plain["tokens_per_s"])
     best = {n: max(x["tokens_per_s"] for x in rows if x["name"] == n) for n in ("plain", "trainer")}
     ratio = statistics.median(ratios)
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -154,8 +168,9 @@ def main(argv: list[str] | None = None) -> dict:
     tflops = flops_per_token(shape) * best["trainer"] / 1e12
     peak = peak_tflops(args.peak_tflops)
     mfu = tflops / peak if peak else None
-    print(f"throughput ratio trainer / plain loop, median of {args.repeats} alternating pairs: {ratio:.3f} "
-          f"(min {min(ratios):.3f}, max {max(ratios):.3f}; target >= 0.98); "
+    print(f"trainer / plain loop, update by update, median of {args.repeats} alternating pairs: {ratio:.3f} "
+          f"(min {min(ratios):.3f}, max {max(ratios):.3f}; target >= 0.98); whole-run throughput ratio "
+          f"{statistics.median(throughput_ratios):.3f} ({min(throughput_ratios):.3f}..{max(throughput_ratios):.3f}); "
           f"peak RSS {peak_rss_mb:.0f} MB" + (f", CUDA peak {cuda_peak:.0f} MB" if cuda_peak else "")
           + f"; trainer {tflops * 1e3:.2f} GFLOP/s" + (f", MFU {100 * mfu:.1f}%" if mfu is not None else
                                                        " (MFU: CUDA or --peak-tflops only)"))
@@ -163,6 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                  "precision", "compile")},
                "threads": args.threads, "rows": rows, "best_tokens_per_s": best, "ratio": ratio,
                "ratios": ratios, "ratio_min": min(ratios), "ratio_max": max(ratios), "target": 0.98,
+               "throughput_ratios": throughput_ratios,
                "peak_rss_mb": peak_rss_mb, "cuda_peak_mb": cuda_peak, "loadavg_1min": os.getloadavg()[0],
                "model_tflops_per_s": tflops, "peak_tflops": peak, "mfu": mfu}
     RESULTS.mkdir(parents=True, exist_ok=True)
