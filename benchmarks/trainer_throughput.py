@@ -32,7 +32,8 @@ from sdebatch.utils import atomic_write
 
 from sdebatch.mdm import train as mdm_train
 from sdebatch.mdm.model import build_model, flops_per_token, get_config, param_groups
-from sdebatch.mdm.objective import mdm_loss
+from sdebatch.mdm.config import seed_of
+from sdebatch.mdm.objective import mdm_loss, sample_draws
 
 RESULTS = Path(os.environ.get("SDEBATCH_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 # Dense bf16 peak TFLOP/s by CUDA device name (vendor datasheets, no sparsity), for MFU; --peak-tflops overrides.
@@ -65,7 +66,10 @@ def plain_loop(config: dict, tokens: int) -> dict:
     for batch in data.train_dataloader():
         batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         with autocast:
-            out = mdm_loss(forward, batch, schedules=config["schedule"], cond_drop=config["cond_drop"])
+            # the trainer's draws (keyed by stream position): the same objective, the same work
+            t, u, drop_u = sample_draws(batch["position"], batch["tokens"].shape[1], seed=seed_of(config, "draw"))
+            out = mdm_loss(forward, batch, schedules=config["schedule"], cond_drop=config["cond_drop"], t=t, u=u,
+                           drop_u=drop_u)
         (out["loss_sum"] / out["num_items"].clamp(min=1)).backward()  # mean-of-means: the usual hand-written loop
         micro += 1
         seen += int(batch["pad"].sum())

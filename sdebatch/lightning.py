@@ -117,10 +117,6 @@ class LogicalBatch(pl.Callback):
         batch_size_fn: batch -> number of samples. Default: Lightning's ``extract_batch_size``.
         noise_scale: estimate the gradient noise scale B_simple and log it as ``noise_scale`` (needs accumulation or
             several devices); warns once if the batch per update exceeds it. Default False.
-
-    Logged (``on_step``, at the updates a :class:`LogCadence` says are due: every update with a progress bar, else at
-    the Trainer's ``log_every_n_steps`` and the last update): ``samples_seen``, ``tokens_seen``, ``updates``,
-    ``kappa``, ``lr``, ``beta1``/``beta2``, ``batch_per_update``, ``noise_scale``; ``samples``/``tokens`` on the bar.
         batch_schedule: a :func:`sdebatch.batch_schedule` of the samples per update over the clock, reached by
             accumulation per update (Lightning's own accumulation scheduler is epoch-keyed); with it, drive the lr
             with ``lr_schedule`` (on the clock, untouched by a change of batch), not a torch scheduler stepped per
@@ -128,6 +124,10 @@ class LogicalBatch(pl.Callback):
         second_moment_rescale: as in :class:`LogicalBatchOptimizer` (Adam's v <- v B_old / B_new at a change of
             batch). Default False.
         verbose: print the batch arithmetic at the start of training (default True).
+
+    Logged (``on_step``, at the updates a :class:`LogCadence` says are due: every update with a progress bar, else at
+    the Trainer's ``log_every_n_steps`` and the last update): ``samples_seen``, ``tokens_seen``, ``updates``,
+    ``kappa``, ``lr``, ``beta1``/``beta2``, ``batch_per_update``, ``noise_scale``; ``samples``/``tokens`` on the bar.
     """
 
     def __init__(self, logical_batch_size: int, *, physical_batch_size: int | str | None = None,

@@ -114,6 +114,9 @@ class MDMModule(pl.LightningModule):
         """The last training micro-batch's ELBO in bits per item (reading it waits for the device); nan before any."""
         return float("nan") if self._last_elbo is None else float(self._last_elbo)
 
+    def on_train_start(self) -> None:
+        self._window = []  # training starts a window: not rows of passes before it (physical_batch_size="auto")
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["mdm_micro_steps"] = self.micro_steps
         if self.record is not None:  # the checkpoint knows its config and data: `sdebatch eval/sample` need no --config
