@@ -7,12 +7,14 @@ micro-batch, accumulate, step. Both read the same prepared data folder through t
 order, so their i-th updates do the same work: each side records when each update ends, and a pair's ratio is the
 median over updates of time(plain update i) / time(trainer update i), the trainer's relative throughput, robust to
 the odd update another process slowed (whole-run throughputs, whose ratio moved by +-5% between pairs on a shared
-2-core machine, are reported too). The result is the median over ``--repeats`` pairs (default 5) with its min..max
-(target >= 0.98). Each side's clock starts after its first update (compilation, the allocator's and the optimizer
+2-core machine, are reported too). The result is the median over ``--repeats`` pairs (default 9) with its min..max
+(target >= 0.98). Nine pairs of 150k tokens rather than five of 300k (the same time): an outside load that slows a
+whole run (seen: 2 of 5 trainer runs at 40-50 s against 28 s) moves a median of five, not one of nine, and with a
+pair-to-pair spread of 2-3% the median's standard error is about 1%. Each side's clock starts after its first update (compilation, the allocator's and the optimizer
 state's first touch, Lightning's set-up: one-off costs, not throughput). Needs a data folder (`sdebatch data
 prepare`).
 
-``python -m benchmarks.trainer_throughput --data data/tiny --tokens 300000``
+``python -m benchmarks.trainer_throughput --data data/tiny [--tokens 150000] [--repeats 9]``
 """
 from __future__ import annotations
 
@@ -129,10 +131,10 @@ def trainer_run(config: dict) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="data/tiny")
-    ap.add_argument("--tokens", type=int, default=300_000)
+    ap.add_argument("--tokens", type=int, default=150_000, help="tokens per run (default 150000)")
     ap.add_argument("--physical", type=int, default=8)
     ap.add_argument("--logical", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=9, help="alternating pairs (default 9)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", default="tiny", help="a config of sdebatch.mdm.model.CONFIGS (default tiny)")
     ap.add_argument("--precision", default="32-true", help='Lightning precision ("bf16-mixed" on a GPU)')
