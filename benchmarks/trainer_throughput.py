@@ -9,7 +9,7 @@ median over updates of time(plain update i) / time(trainer update i), the traine
 the odd update another process slowed (whole-run throughputs, whose ratio moved by +-5% between pairs on a shared
 2-core machine, are reported too). The result is the median over ``--repeats`` pairs (default 9) with its min..max
 (target >= 0.98). Nine pairs of 150k tokens rather than five of 300k (the same time): an outside load that slows a
-whole run (seen: 2 of 5 trainer runs at 40-50 s against 28 s) moves a median of five, not one of nine, and with a
+whole run (seen: 2 of 5 trainer runs at 40-50 s against 28 s) moves a median of nine less than one of five; with a
 pair-to-pair spread of 2-3% the median's standard error is about 1%. Each side's clock starts after its first update
 (compilation, the allocator's and the optimizer state's first touch, Lightning's set-up: one-off costs, not
 throughput). Needs a data folder (`sdebatch data prepare`).
