@@ -37,6 +37,8 @@ from sdebatch.mdm.model import build_model, flops_per_token, get_config, param_g
 from sdebatch.mdm.config import seed_of
 from sdebatch.mdm.objective import mdm_loss, sample_draws
 
+from .wrapper_overhead import _sync
+
 RESULTS = Path(os.environ.get("SDEBATCH_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 # Dense bf16 peak TFLOP/s by CUDA device name (vendor datasheets, no sparsity), for MFU; --peak-tflops overrides.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0, "V100": 125.0}
@@ -115,11 +117,6 @@ def timing(marks: list[float], tokens: int) -> dict:
     """Tokens and seconds from the first update's end to the last's, and each later update's seconds."""
     return {"tokens": tokens, "seconds": marks[-1] - marks[0],
             "update_seconds": [b - a for a, b in zip(marks, marks[1:])]}
-
-
-def _sync() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
 
 
 def trainer_run(config: dict) -> dict:

@@ -185,7 +185,8 @@ class NoiseScaleMonitor:
                           "loss per sample gets worse); consider a smaller batch per update", stacklevel=4)
 
     def window_state(self) -> dict:
-        """The open window's small batch, for a checkpoint taken mid-window."""
+        """The open window's small batch, for a checkpoint taken mid-window (under the keys of the earlier list of
+        prefixes, so checkpoints load either way: only its first entry is the small batch)."""
         seen = self.small_sq is not None
         return {"noise_prefix_sq": [float(self.small_sq)] if seen else [],
                 "noise_prefix_n": [float(self.small_n)] if seen else []}
