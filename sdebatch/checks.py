@@ -3,9 +3,26 @@ the argument and the accepted values, before any state changes."""
 from __future__ import annotations
 
 import math
-from typing import Any
+import numbers
+import sys
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+# The vocabulary of the scaling rules (sdebatch.rules re-exports it): here, so that checking a rule's name needs no
+# import of the rules.
+FAMILIES = ("sgd", "adam", "none")
+BETA_FORMS = ("exact", "linear")
+MOMENTUM_MODES = ("fixed", "timescale")
+WEIGHT_DECAY_FORMS = ("l2", "lr_coupled", "independent")
+
+
+def _integer(value: Any) -> int | None:
+    """``value`` as an int when it is an integer (int, numpy.int64, any numbers.Integral) and not a bool."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return None
+    return int(value)
 
 
 def positive_finite(name: str, value: Any) -> float:
@@ -21,17 +38,23 @@ def positive_finite(name: str, value: Any) -> float:
 
 def non_negative(name: str, value: Any) -> float:
     """``value`` as a float >= 0 and finite."""
-    v = float(value)
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a non-negative finite number, got {value!r}") from None
     if not math.isfinite(v) or v < 0:
-        raise ValueError(f"{name} must be a non-negative finite number, got {v!r}")
+        raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
     return v
 
 
 def fraction(name: str, value: Any) -> float:
     """``value`` as a float in [0, 1]."""
-    v = float(value)
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}") from None
     if not 0.0 <= v <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {v!r}")
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
     return v
 
 
@@ -43,17 +66,19 @@ def choice(name: str, value: Any, accepted: tuple[str, ...]) -> str:
 
 
 def int_at_least(name: str, value: Any, minimum: int = 1) -> int:
-    """``value`` if it is an int (not a bool) >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """``value`` as an int if it is an integer (int, numpy.int64, ...; not a bool) >= ``minimum``."""
+    v = _integer(value)
+    if v is None or v < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
+    return v
 
 
 def count(name: str, value: Any, *, allow_zero: bool = False) -> float | torch.Tensor:
     """A count of samples / tokens / items as a float, > 0 (or >= 0). A one-element real tensor is returned as a
     0-dim tensor on its device, unread (reading it would wait for the device): its value is checked where the update
     reads the window's counts, see :func:`check_read_counts`."""
-    if isinstance(value, torch.Tensor):
+    torch = sys.modules.get("torch")  # not imported here: without torch loaded no value can be a tensor
+    if torch is not None and isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
             raise ValueError(f"{name} must be a number or a one-element real tensor, got a {value.dtype} tensor of "
                              f"shape {tuple(value.shape)}")
@@ -76,25 +101,50 @@ def check_read_counts(**counts: float) -> None:
                              "and finite")
 
 
-def batch_sizes(logical_batch_size: Any, **optional: Any) -> None:
+def batch_sizes(logical_batch_size: Any, **optional: Any) -> dict[str, int | None]:
     """``logical_batch_size`` a positive int; each of ``optional`` (physical_batch_size, accumulation_steps, budgets)
-    a positive int or None."""
+    a positive int or None. Integers of other types (numpy.int64, ...) are accepted; returns every value by name as
+    an int (or None)."""
+    out: dict[str, int | None] = {}
     for name, v in (("logical_batch_size", logical_batch_size), *optional.items()):
-        if (v is not None or name == "logical_batch_size") and (isinstance(v, bool) or not isinstance(v, int)
-                                                                or v < 1):
+        if v is None and name != "logical_batch_size":
+            out[name] = None
+            continue
+        out[name] = _integer(v)
+        if out[name] is None or out[name] < 1:
             raise ValueError(f"{name} must be a positive int{' or None' if name != 'logical_batch_size' else ''}, "
                              f"got {v!r}")
+    return out
 
 
 def candidates(name: str, values: Any) -> list[int]:
-    """A non-empty collection of positive ints (batch sizes), sorted, duplicates removed."""
+    """A non-empty collection of positive ints (batch sizes; numpy integers too), as ints, sorted, duplicates
+    removed."""
     try:
-        out = sorted(set(values))
+        given = list(values)
     except TypeError:
-        out = []
-    if not out or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in out):
+        given = []
+    ints = [_integer(b) for b in given]
+    if not ints or any(b is None or b < 1 for b in ints):
         raise ValueError(f"{name} must be positive ints (samples), got {values!r}")
-    return out
+    return sorted(set(ints))
+
+
+def horizon_term(horizon: Any, reference_horizon: Any, gamma: Any) -> tuple[float, float | None, float | None]:
+    """``gamma`` as a finite float, and with ``gamma != 0`` both horizons as positive finite floats (else None: the
+    horizon term is off and the horizons are not used)."""
+    try:
+        g = float(gamma)
+    except (TypeError, ValueError):
+        g = math.nan
+    if not math.isfinite(g):
+        raise ValueError(f"gamma must be a finite number, got {gamma!r}")
+    if g == 0.0:
+        return g, None, None
+    if horizon is None or reference_horizon is None:
+        raise ValueError("gamma != 0 needs both horizon and reference_horizon (positive numbers); "
+                         f"got horizon={horizon!r}, reference_horizon={reference_horizon!r}")
+    return g, positive_finite("horizon", horizon), positive_finite("reference_horizon", reference_horizon)
 
 
 def wrapper_options(*, rule: Any = "auto", beta_form: Any = "exact", momentum_mode: Any = "fixed",
@@ -104,19 +154,21 @@ def wrapper_options(*, rule: Any = "auto", beta_form: Any = "exact", momentum_mo
                     second_moment_rescale: Any = False) -> None:
     """The options of :class:`sdebatch.LogicalBatchOptimizer` that do not depend on the inner optimizer (shared with
     :class:`sdebatch.lightning.LogicalBatch`, which checks them before the optimizer exists)."""
-    from . import rules
-
-    choice("rule", rule, ("auto",) + rules.FAMILIES)
-    choice("beta_form", beta_form, rules.BETA_FORMS)
-    choice("momentum_mode", momentum_mode, rules.MOMENTUM_MODES)
+    choice("rule", rule, ("auto",) + FAMILIES)
+    choice("beta_form", beta_form, BETA_FORMS)
+    choice("momentum_mode", momentum_mode, MOMENTUM_MODES)
     if weight_decay_form is not None:
-        choice("weight_decay_form", weight_decay_form, rules.WEIGHT_DECAY_FORMS)
+        choice("weight_decay_form", weight_decay_form, WEIGHT_DECAY_FORMS)
     if max_grad_norm is not None:
         positive_finite("max_grad_norm", max_grad_norm)
-    rules.kappa(1, 1, horizon=horizon, reference_horizon=reference_horizon, gamma=gamma)  # validates the horizon
+    horizon_term(horizon, reference_horizon, gamma)
     if ema_rescale is not None and not isinstance(ema_rescale, bool):
         raise ValueError(f"ema_rescale must be True, False or None (follow rule), got {ema_rescale!r}")
-    if not 0.0 <= float(noise_scale_decay) < 1.0:
+    try:
+        decay_ok = 0.0 <= float(noise_scale_decay) < 1.0
+    except (TypeError, ValueError):
+        decay_ok = False
+    if not decay_ok:
         raise ValueError(f"noise_scale_decay must be in [0, 1), got {noise_scale_decay!r}")
     if noise_scale_warn is not None:
         positive_finite("noise_scale_warn", noise_scale_warn)

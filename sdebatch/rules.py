@@ -26,12 +26,8 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from .checks import choice, positive_finite
-
-FAMILIES = ("sgd", "adam", "none")
-BETA_FORMS = ("exact", "linear")
-MOMENTUM_MODES = ("fixed", "timescale")
-WEIGHT_DECAY_FORMS = ("l2", "lr_coupled", "independent")
+# the vocabulary lives with the argument checks (which must not import this module); named here as part of the rules
+from .checks import BETA_FORMS, FAMILIES, MOMENTUM_MODES, WEIGHT_DECAY_FORMS, choice, horizon_term, positive_finite
 
 __all__ = ["kappa", "rescale", "ema_decay", "lr_factor", "FAMILIES", "BETA_FORMS", "MOMENTUM_MODES",
            "WEIGHT_DECAY_FORMS"]
@@ -56,16 +52,9 @@ def kappa(batch_per_update: float, logical_batch_size: float, *, horizon: float 
     """
     b = positive_finite("batch_per_update", batch_per_update)
     bl = positive_finite("logical_batch_size", logical_batch_size)
-    g = float(gamma)
-    if not math.isfinite(g):
-        raise ValueError(f"gamma must be a finite number, got {gamma!r}")
+    g, d, dref = horizon_term(horizon, reference_horizon, gamma)
     k = b / bl
     if g != 0.0:
-        if horizon is None or reference_horizon is None:
-            raise ValueError("gamma != 0 needs both horizon and reference_horizon (positive numbers); "
-                             f"got horizon={horizon!r}, reference_horizon={reference_horizon!r}")
-        d = positive_finite("horizon", horizon)
-        dref = positive_finite("reference_horizon", reference_horizon)
         k *= (dref / d) ** g
     return k
 
