@@ -141,15 +141,14 @@ def model_state(obj: Any, model: torch.nn.Module) -> tuple[dict, str]:
         raise ValueError(f"the checkpoint lacks {len(missing)} weights of the model, e.g. {missing[:3]} "
                          "(was it trained with another model config or data folder?)")
     # EMA weights saved by sdebatch.lightning.LogicalBatch: a list in MDMModule.parameters() order = model order.
+    # An EMA that does not fit is an error: evaluating the raw weights instead would report other numbers silently.
     for state in (obj.get("callbacks", {}) or {}).values() if source == "checkpoint" else ():
         ema = state.get("ema") if isinstance(state, dict) else None
         if isinstance(ema, dict) and isinstance(ema.get("params"), list):
-            names = [n for n, _ in model.named_parameters()]
-            if len(ema["params"]) == len(names) and all(
-                    tuple(p.shape) == tuple(own[n].shape) for p, n in zip(ema["params"], names)):
-                out.update(dict(zip(names, ema["params"])))
-                source = "checkpoint (EMA weights)"
-                break
+            _check_ema(ema["params"], model)
+            out.update(dict(zip((n for n, _ in model.named_parameters()), ema["params"])))
+            source = "checkpoint (EMA weights)"
+            break
     wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in out.items() if tuple(v.shape) != tuple(own[k].shape)]
     if wrong:
         k, theirs, ours = wrong[0]
@@ -159,23 +158,41 @@ def model_state(obj: Any, model: torch.nn.Module) -> tuple[dict, str]:
     return out, source
 
 
+def _check_ema(params: list, model: torch.nn.Module) -> None:
+    """ValueError when the EMA weights of a checkpoint are not one tensor per parameter of ``model``, in its order
+    and of its shapes."""
+    named = list(model.named_parameters())
+    fix = ("the checkpoint's EMA belongs to another model than its weights: evaluate a checkpoint written by "
+           "`sdebatch train` for this model, or its raw weights alone (torch.save(ckpt['state_dict'], "
+           "'weights.pt') and pass weights.pt)")
+    if len(params) != len(named):
+        raise ValueError(f"the checkpoint's EMA weights do not fit the model: {len(params)} EMA tensors for the "
+                         f"model's {len(named)} parameters; {fix}")
+    for p, (name, own) in zip(params, named):
+        shape = tuple(p.shape) if isinstance(p, torch.Tensor) else None
+        if shape != tuple(own.shape):
+            raise ValueError(f"the checkpoint's EMA weights do not fit the model: {name} is "
+                             f"{shape if shape is not None else type(p).__name__} in the EMA and {tuple(own.shape)} "
+                             f"in the model; {fix}")
+
+
 def load_model(obj: Any, config: dict, vocab: Vocab, device: str | torch.device = "cpu", *,
                guessed: bool = False):
-    """``MDMModule(config, vocab.size).model`` with the checkpoint's weights, in eval mode on ``device``; returns
-    (model, where the weights came from). ``guessed``: the config is the defaults (the checkpoint has no record),
-    which a failure says."""
-    from .train import MDMModule
+    """The denoiser ``config`` builds for ``vocab`` (as ``sdebatch train`` does, without Lightning) with the
+    checkpoint's weights, in eval mode on ``device``; returns (model, where the weights came from). ``guessed``: the
+    config is the defaults (the checkpoint has no record), which a failure says."""
+    from .model import build_model, train_model_config
 
-    module = MDMModule(config, vocab.size)
+    model = build_model(train_model_config(config, vocab.size))
     try:
-        state, source = model_state(obj, module.model)
+        state, source = model_state(obj, model)
     except ValueError as e:
         if not guessed:
             raise
         raise ValueError(f"{e}; the checkpoint carries no config, so the defaults (model={config['model']!r}) were "
                          "tried: pass --config, the one it was trained with") from None
-    module.model.load_state_dict(state)
-    return module.model.to(device).eval(), source
+    model.load_state_dict(state)
+    return model.to(device).eval(), source
 
 
 @dataclass

@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -150,6 +151,12 @@ def get_config(name: str, vocab_size: int | None = None, **overrides) -> MDMConf
     if vocab_size is not None:
         overrides["vocab_size"] = vocab_size
     return replace(CONFIGS[name], **overrides)
+
+
+def train_model_config(config: Mapping[str, Any], vocab_size: int) -> MDMConfig:
+    """The model of a training config (:class:`sdebatch.mdm.config.TrainConfig`: its ``model`` and
+    ``model_overrides``) for a vocabulary of ``vocab_size``: what ``sdebatch train`` builds and a checkpoint holds."""
+    return get_config(config["model"], vocab_size, **config.get("model_overrides", {}))
 
 
 class RMSNorm(nn.Module):

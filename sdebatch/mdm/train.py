@@ -31,7 +31,7 @@ from .checkpoint import RECORD_FILE, RECORD_KEY, training_record
 from .config import DEFAULTS, TrainConfig, load_config, seed_of  # noqa: F401 (public here as before)
 from .data.dataset import TriModalDataset
 from .data.mixture import MixtureSampler
-from .model import build_model, describe, get_config, param_groups
+from .model import build_model, describe, param_groups, train_model_config
 from .objective import MODALITY_NAMES, elbo, elbo_standard_error, mdm_loss, sample_draws
 
 MODALITIES = ("text", "image", "audio")  # the per-modality sums of mdm_loss
@@ -43,7 +43,7 @@ class MDMModule(pl.LightningModule):
     def __init__(self, config: dict, vocab_size: int) -> None:
         super().__init__()
         self.config = config
-        self.model_config = get_config(config["model"], vocab_size, **config["model_overrides"])
+        self.model_config = train_model_config(config, vocab_size)
         self.model = build_model(self.model_config)
         # compiled in a list, so it is not a second registered copy of the model (state_dict keys stay the same)
         self._train_model = [torch.compile(self.model)] if config.get("compile") else [self.model]
