@@ -184,6 +184,47 @@ def test_sampler_overrides_apply_and_bad_ones_fail_first(folder, tmp_path):
     assert not (tmp_path / "b").exists()  # failed before any work
 
 
+@pytest.mark.parametrize("sampler, needle", [
+    ({"image": {"temperature": -1}}, "sampler['image']: temperature must be >= 0, got -1"),
+    ({"audio": {"top_p": 1.5}}, "sampler['audio']: top_p must be in (0, 1] or None, got 1.5"),
+    ({"image": {"strategy": "best"}}, "sampler['image']: strategy must be one of"),
+    ({"audio": {"steps": 0}}, "sampler['audio']: steps must be a positive int, got 0"),
+    ({"image": {"block_size": 2.5}}, "sampler['image']: block_size must be a positive int or None, got 2.5"),
+    ({"text": {"steps": 2}}, "sampler takes options for 'image', 'audio', got ['text']"),
+])
+def test_eval_checks_sampler_options_as_sample_does_before_any_work(folder, tmp_path, capsys, monkeypatch, sampler,
+                                                                     needle):
+    """The checks of `sdebatch sample`'s --sampler, here before the checkpoint is read or a file written: through
+    evaluate, evaluate_checkpoint and the command line."""
+    import sdebatch.mdm.checkpoint as checkpoint
+    from sdebatch.cli import main
+
+    vocab = Vocab(**json.loads((folder / "index.json").read_text())["vocab"])
+    with pytest.raises(ValueError) as e:
+        evaluate(UniformModel(vocab.size), folder, tmp_path / "a", n_images=1, n_speech=1, steps=2, progress=False,
+                 sampler=sampler)
+    assert needle in str(e.value)
+
+    def no_work(*a, **k):
+        raise AssertionError("the checkpoint was read before the sampler options were checked")
+
+    monkeypatch.setattr(checkpoint, "read_checkpoint", no_work)
+    with pytest.raises(ValueError) as e:
+        evaluate_checkpoint(None, tmp_path / "model.pt", tmp_path / "b", progress=False, sampler=sampler)
+    assert needle in str(e.value)
+    ((modality, options),) = sampler.items()
+    args = ["eval", "--checkpoint", str(tmp_path / "model.pt"), "--data", str(folder), "--out", str(tmp_path / "c"),
+            "--sampler"] + [f"{modality}.{k}={json.dumps(v)}" for k, v in options.items()]
+    try:
+        code = main(args)
+    except SystemExit as exit:
+        code = exit.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert (needle if modality != "text" else "--sampler takes image.KEY=VALUE or audio.KEY=VALUE") in err
+    assert not [p for p in tmp_path.iterdir()]  # nothing written
+
+
 # ---------------------------------------------------------------- checkpoints
 
 def test_evaluate_checkpoint_state_dict_and_lightning(folder, tmp_path):

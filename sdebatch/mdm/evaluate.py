@@ -33,7 +33,8 @@ import torch
 
 from .data.dataset import TriModalDataset
 from .objective import elbo
-from .sample import SAMPLING_DEFAULTS, generate
+from .sample import generate
+from .sample import sampler_options as _sampler_options
 from .vocab import AUDIO, IMAGE, SPECIAL, Vocab
 from ..utils import atomic_write
 
@@ -145,16 +146,19 @@ def _vs_chance(scores: list[dict], chance: dict, attrs: list[dict]) -> dict:
 
 # ---------------------------------------------------------------- generation helpers
 
-def _sampler(modality: str, steps: int | None, overrides: dict | None = None) -> dict:
-    o = dict(SAMPLING_DEFAULTS[modality])
-    if steps is not None:
-        o["steps"] = int(steps)
-    extra = (overrides or {}).get(modality, {})
-    unknown = sorted(set(extra) - set(o))
-    if unknown:
-        raise ValueError(f"sampler[{modality!r}] has unknown options {unknown}; known: {sorted(o)}")
-    o.update(extra)
-    return o
+GENERATED = ("image", "audio")  # the modalities evaluate samples, each with its own sampler options
+
+
+def sampler_options(sampler: dict | None = None, steps: int | None = None) -> dict[str, dict]:
+    """The sampler options of each generated modality: SAMPLING_DEFAULTS, ``steps`` when given, then ``sampler``'s
+    options for that modality (e.g. ``{"image": {"guidance": 3.0}}``), checked as ``sdebatch sample`` checks them:
+    an unknown modality, an unknown key or a bad value is a ValueError naming it."""
+    sampler = sampler or {}
+    if not isinstance(sampler, dict) or set(sampler) - set(GENERATED):
+        raise ValueError(f"sampler takes options for {', '.join(map(repr, GENERATED))}, got "
+                         f"{sorted(sampler) if isinstance(sampler, dict) else sampler!r}")
+    base = {} if steps is None else {"steps": steps}
+    return {m: _sampler_options(m, {**base, **sampler.get(m, {})}, what=f"sampler[{m!r}]") for m in GENERATED}
 
 
 def _generate_codes(model, rows: list[dict], modality_id: int, offset: int, n_codes: int, sampler: dict,
@@ -238,8 +242,7 @@ def evaluate(model, data_folder, out_dir, *, n_images: int = 32, n_speech: int =
             (default None: the defaults).
         extra: more entries for the report (e.g. the checkpoint evaluated); default None.
     """
-    for modality in ("image", "audio"):
-        _sampler(modality, steps, sampler)  # bad options fail here, before any work
+    samplers = sampler_options(sampler, steps)  # bad options fail here, before any work
     from .data.scenes import chance_scores, score_batch
     from .tokenizers.audio import AudioTokenizer, mel_cepstral_distortion, write_wav
     from .tokenizers.image import ImageTokenizer
@@ -282,7 +285,7 @@ def evaluate(model, data_folder, out_dir, *, n_images: int = 32, n_speech: int =
             t = time.time()
             itok = ImageTokenizer.load(folder / "tokenizers" / "image")
             meta = _read_jsonl(folder / "image_val_meta.jsonl")
-            sampler_opts = _sampler("image", steps, sampler)
+            sampler_opts = samplers["image"]
             gen = torch.Generator(device=_device_of(model)).manual_seed(seed)
             g = _generate_codes(model, [data.pair("image", i, "t2i") for i in range(n_img)], IMAGE,
                                 vocab.image_offset, vocab.image_codes, sampler_opts, gen)
@@ -334,7 +337,7 @@ def evaluate(model, data_folder, out_dir, *, n_images: int = 32, n_speech: int =
             if len(meta) < n_sp:
                 raise ValueError(f"{folder / 'audio_val_meta.jsonl'} has {len(meta)} rows, need {n_sp}")
             texts = [meta[i]["text"] for i in range(n_sp)]
-            sampler_opts = _sampler("audio", steps, sampler)
+            sampler_opts = samplers["audio"]
             gen = torch.Generator(device=_device_of(model)).manual_seed(seed + 1)
             g = _generate_codes(model, [data.pair("audio", i, "t2s") for i in range(n_sp)], AUDIO,
                                 vocab.audio_offset, vocab.audio_codes, sampler_opts, gen)
@@ -390,8 +393,9 @@ def evaluate(model, data_folder, out_dir, *, n_images: int = 32, n_speech: int =
 def evaluate_checkpoint(config: dict | None, checkpoint, out_dir, *, config_path=None, data: str | None = None,
                         **kwargs) -> dict:
     """Load a checkpoint written by ``sdebatch train`` (a Lightning checkpoint, or a plain state dict of the denoiser
-    or of MDMModule) into ``MDMModule(config, vocab_size).model`` and run :func:`evaluate` on ``config["data"]``
-    with the config's masking schedule; extra keyword arguments go to :func:`evaluate`.
+    or of MDMModule) into the denoiser its config builds and run :func:`evaluate` on ``config["data"]`` with the
+    config's masking schedule; extra keyword arguments go to :func:`evaluate` (its sampler options are checked
+    first, before the checkpoint is read).
 
     ``config`` None: ``config_path`` (a TOML file), else the config the checkpoint carries
     (:mod:`sdebatch.mdm.checkpoint`), with ``data`` overriding its data folder. A config's data folder must have
@@ -399,6 +403,7 @@ def evaluate_checkpoint(config: dict | None, checkpoint, out_dir, *, config_path
     """
     from .checkpoint import load_model, open_checkpoint
 
+    sampler_options(kwargs.get("sampler"), kwargs.get("steps"))
     obj, record, config, vocab = open_checkpoint(checkpoint, config=config, config_path=config_path, data=data)
     if config.get("threads"):
         torch.set_num_threads(int(config["threads"]))

@@ -124,6 +124,22 @@ def check_options(options: Mapping) -> None:
         resolve_schedules(o["schedule"])
 
 
+def sampler_options(modality: str, overrides: Mapping | None = None, *, what: str = "sampler") -> dict:
+    """SAMPLING_DEFAULTS of ``modality`` updated by ``overrides``, checked: an unknown key or a bad value is a
+    ValueError naming it, prefixed by ``what`` (where the options came from). The one check of ``sdebatch sample``
+    and ``sdebatch eval``."""
+    options = dict(SAMPLING_DEFAULTS[modality])
+    unknown = sorted(set(overrides or {}) - set(options))
+    if unknown:
+        raise ValueError(f"{what}: unknown options {unknown}; known: {sorted(options)}")
+    options.update(overrides or {})
+    try:
+        check_options(options)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
+    return options
+
+
 def step_plan(n_targets: int, steps: int, block_size: int | None) -> tuple[int, int]:
     """(blocks, steps per block) for rows of at most ``n_targets`` target positions: the sampler's model calls are
     at most blocks x steps per block (steps with nothing to commit are skipped)."""

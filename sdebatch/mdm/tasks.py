@@ -31,7 +31,8 @@ import torch
 from ..progress import Progress
 from ..utils import atomic_write
 from .checkpoint import TrainedModel, load_trained  # noqa: F401 (sdebatch sample's entry point, public here)
-from .sample import SAMPLING_DEFAULTS, check_options, generate, step_plan
+from .sample import generate, step_plan
+from .sample import sampler_options as _sampler_options
 from .tokenizers.image import png_bytes, to_pil
 from .vocab import AUDIO, IMAGE, SPECIAL, SPECIALS, TASKS, TEXT, layout_pair
 
@@ -211,14 +212,8 @@ def build_request(tm: TrainedModel, task: str, *, prompt: str | None = None, inp
 
 def sampler_options(task: str, overrides: dict | None = None) -> dict:
     """SAMPLING_DEFAULTS of the modality ``task`` generates, updated by ``overrides``; unknown keys and bad values
-    are a ValueError naming them."""
-    options = dict(SAMPLING_DEFAULTS[GENERATES[task]])
-    unknown = sorted(set(overrides or {}) - set(options))
-    if unknown:
-        raise ValueError(f"--sampler: unknown options {unknown}; known: {sorted(options)}")
-    options.update(overrides or {})
-    check_options(options)
-    return options
+    are a ValueError naming them (:func:`sdebatch.mdm.sample.sampler_options`)."""
+    return _sampler_options(GENERATES[task], overrides, what="--sampler")
 
 
 def render_text(tm: TrainedModel, ids, *, stop_at_eot: bool = False) -> str:
