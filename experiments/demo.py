@@ -23,7 +23,6 @@ import csv
 import io
 import json
 import math
-import statistics
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import torch
 
 import sdebatch
 from sdebatch import utils
+from sdebatch.stats import mean_se, paired
 
 DIM, HIDDEN, NOISE = 16, 64, 0.5
 LOGICAL = 32
@@ -113,8 +113,8 @@ def main() -> None:
         t0 = time.perf_counter()
         runs = [train(opt_name, b, rule, acc, s, streams[s], (x_test, y_test)) for s in SEEDS]
         losses, opt = [r[0] for r in runs], runs[-1][1]
-        mean = statistics.fmean(losses)
-        se = statistics.stdev(losses) / math.sqrt(len(losses)) if math.isfinite(mean) else float("nan")
+        mean, se, _ = mean_se(losses)
+        se = float("nan") if se is None else se
         arith = (f"b={b}{f' x {opt.accumulation_steps} accumulation' if opt.accumulation_steps > 1 else ''}: "
                  f"{opt.batch_per_update} per update, kappa={opt.kappa:g}, {opt.updates} updates")
         seconds = time.perf_counter() - t0
@@ -126,9 +126,8 @@ def main() -> None:
     # relative deviation from the logical run, paired by seed (same init and data): mean +- s.e. over seeds
     logical = {r["optimizer"]: r["losses"] for r in rows if r["setting"] == "logical"}
     for r in rows:
-        devs = [a / b - 1.0 for a, b in zip(r["losses"], logical[r["optimizer"]])]
-        r["rel_dev"] = statistics.fmean(devs)
-        r["rel_dev_se"] = statistics.stdev(devs) / math.sqrt(len(devs)) if math.isfinite(r["rel_dev"]) else math.nan
+        r["rel_dev"], se, _ = paired(r["losses"], logical[r["optimizer"]])
+        r["rel_dev_se"] = math.nan if se is None else se
 
     # results table: rows = physical batch, columns = optimizer x {rescaled, naive}
     def cell(opt_name, b, col):

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 from pathlib import Path
 
 import numpy as np
 
 from sdebatch.figures.batch_ablation import save_figure
 from sdebatch.figures.lr_transfer import fit_optimum
+from sdebatch.stats import mean_se
 from sdebatch.sweep import collect
 
 
@@ -47,10 +47,8 @@ def fit_gamma(rows: list[dict], horizon_key: str = "samples") -> dict:
         if len(by_lr) < 3:
             continue
         lrs = sorted(by_lr)
-        means = [statistics.fmean(by_lr[lr]) if all(map(math.isfinite, by_lr[lr])) else math.inf for lr in lrs]
-        ses = [statistics.stdev(by_lr[lr]) / math.sqrt(len(by_lr[lr])) if len(by_lr[lr]) > 1
-               and all(map(math.isfinite, by_lr[lr])) else None for lr in lrs]
-        f = fit_optimum(lrs, means, ses)
+        ms = [mean_se(by_lr[lr]) for lr in lrs]  # a diverged seed: an infinite mean, no error
+        f = fit_optimum(lrs, [m for m, _, _ in ms], [se for _, se, _ in ms])
         (dropped.append(h) if f["at_edge"] else fits.__setitem__(h, f))
     horizons = sorted(fits)
     if len(horizons) < 2:

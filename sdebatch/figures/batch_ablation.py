@@ -20,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from sdebatch.presets import LABELS  # noqa: E402
+from sdebatch.stats import mean_se, paired  # noqa: E402
 from sdebatch.sweep import collect  # noqa: E402
 from sdebatch.utils import atomic_write  # noqa: E402
 
@@ -58,22 +59,21 @@ def summarise(rows: list[dict], tolerance: float = 0.01, folder: str | os.PathLi
     spread = statistics.stdev(ref_runs) / reference if len(ref_runs) > 1 else None
     deviation = {k: (v - reference) / reference for k, v in means.items()}
     # standard error of (cell mean - reference) / reference, from the seeds of the cell and of the logical run
-    ref_var = statistics.variance(ref_runs) / len(ref_runs) if len(ref_runs) > 1 else None
+    ref_se = mean_se(ref_runs)[1] if ref_runs else None
     deviation_se = {}
     for k, v in cells.items():
-        finite = all(math.isfinite(x) for x in v)
-        cell_var = statistics.variance(v) / len(v) if len(v) > 1 and finite else None
-        both = None if cell_var is None or ref_var is None else cell_var + ref_var
+        cell_se = mean_se(v)[1]
+        both = None if cell_se is None or ref_se is None else math.hypot(cell_se, ref_se)
         # the logical run's own cell deviates by construction (0 for a single cell): no error to give
-        deviation_se[k] = math.sqrt(both) / reference if both is not None and k not in ref_cells else None
-    paired, contrast = _paired(rows, ref_cells, base)
+        deviation_se[k] = both / reference if both is not None and k not in ref_cells else None
+    by_seed_deviation, contrast = _paired(rows, ref_cells, base)
     knees = {}
     for rule in {k[0] for k in means}:
         above = []
         for (r, b), d in deviation.items():
             if r != rule or b <= lb:
                 continue
-            m, se, n = paired.get((r, b), (d, None, 1))
+            m, se, n = by_seed_deviation.get((r, b), (d, None, 1))
             if abs(m) > tolerance and (se is None or abs(m) > 2 * se):
                 above.append(b)
         knees[rule] = min(above) if above else None
@@ -86,8 +86,10 @@ def summarise(rows: list[dict], tolerance: float = 0.01, folder: str | os.PathLi
         if noise:
             break
     out = {"means": means, "reference": reference, "logical_batch_size": lb, "deviation": deviation,
-           "deviation_se": deviation_se, "paired": paired, "contrast": contrast,
-           "reference_runs": len(ref_runs), "reference_spread": spread, "seeds": {k: len(v) for k, v in cells.items()},
+           "deviation_se": deviation_se, "paired": by_seed_deviation, "contrast": contrast,
+           "reference_runs": len(ref_runs), "reference_spread": spread,
+           "reference_se": ref_se / reference if ref_se is not None else None,
+           "seeds": {k: len(v) for k, v in cells.items()},
            "knee": knees, "noise_scale": statistics.median(noise) if noise else None, "noise_scales": noise,
            "tolerance": tolerance,
            "estimator_se": _median_se(rows)}
@@ -106,10 +108,10 @@ def final_loss(row: dict) -> float:
     return float("inf") if row.get("diverged") in (True, "True") else float(row["final_loss"])
 
 
-def _mean_se(v: list[float]) -> tuple[float, float | None, int]:
-    if not all(math.isfinite(x) for x in v):
-        return float("inf"), None, len(v)
-    return statistics.fmean(v), (statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else None), len(v)
+def _diverged_as_inf(summary: tuple[float, float | None, int]) -> tuple[float, float | None, int]:
+    """A mean over seeds of which one diverged is infinitely bad (inf, whatever the other seeds gave)."""
+    m, se, n = summary
+    return (m if math.isfinite(m) else math.inf), se, n
 
 
 def _median_se(rows: list[dict]) -> float | None:
@@ -138,16 +140,19 @@ def _paired(rows: list[dict], ref_cells: list[tuple], base: dict) -> tuple[dict,
     differences can be less noisy than differences of means. ``base``: each seed's logical loss (the mean of its
     logical runs)."""
     runs = _by_seed(rows, ref_cells)
-    paired = {k: _mean_se([(final_loss(r) - base[s]) / base[s] for s, r in by.items() if s in base])
-              for k, by in runs.items() if any(s in base for s in by)}
+    deviation = {}
+    for k, by in runs.items():
+        seeds = [s for s in by if s in base]
+        if seeds:
+            deviation[k] = _diverged_as_inf(paired([final_loss(by[s]) for s in seeds], [base[s] for s in seeds]))
     contrast = {}
     for (rule, b), by in runs.items():
         other = runs.get((CONTRAST_BASE, b), {})
         if rule != CONTRAST_BASE:
             d = [(final_loss(r) - final_loss(other[s])) / base[s] for s, r in by.items() if s in other and s in base]
             if d:
-                contrast[(rule, b)] = _mean_se(d)
-    return paired, contrast
+                contrast[(rule, b)] = _diverged_as_inf(mean_se(d))
+    return deviation, contrast
 
 
 def _val_rows(folder: Path, row: dict) -> dict | None:
@@ -225,7 +230,7 @@ def loss_vs_batch(summary: dict, out: Path, name: str, ylabel: str) -> list[Path
     rules = sorted({r for r, _ in summary["means"]} - {"accumulate"}, key=list(COLORS).index)
     ref = summary["reference"]
     # error bars: standard errors over seeds (of the logical run's mean, and of each cell's deviation from it)
-    ref_se = summary["reference_spread"] / math.sqrt(summary["reference_runs"]) if summary["reference_spread"] else None
+    ref_se = summary.get("reference_se")
     ax.errorbar([lb], [ref], yerr=ref * ref_se if ref_se else None, fmt="s", color="black", ms=4, capsize=2, zorder=3)
     for rule in rules:
         # every rule passes through the logical run at kappa = 1 (update batch = logical batch)

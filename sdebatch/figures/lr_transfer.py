@@ -4,8 +4,8 @@ Under the square-root rule the runs at every physical batch are one SDE, so thei
 optimum; without it the lr that a run actually uses is the reference lr, and the optimum of the reference lr moves by
 about sqrt(kappa) (half an octave per doubling of the batch). The optimum of each curve is the vertex of a parabola in
 log2 lr fitted by weighted least squares to the seed means around the best grid point (a smooth curve, not the best
-noisy point), with its standard error by the delta method. Also the lr sensitivity that section 2 of issue 12 asks of
-a regime: each lr's paired difference from the best lr (same seed), mean +- se over seeds.
+noisy point), with its standard error by the delta method. Also the lr sensitivity of a regime: each lr's paired
+difference from the best lr (same seed), mean +- se over seeds.
 
 Reads a sweep folder (``sdebatch sweep run`` output); trains nothing.
 ``python -m paper_figures.lr_transfer runs/mdm_lr_transfer --out paper_figures/out``
@@ -22,11 +22,8 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ..stats import mean_se, relative  # noqa: E402
 from .batch_ablation import COLORS, LABELS, cell_of, final_loss, read_sweep, save_figure  # noqa: E402
-
-
-def mean_se(values: list[float]) -> tuple[float, float | None]:
-    return statistics.fmean(values), (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None)
 
 
 def fit_optimum(lrs: list[float], means: list[float], ses: list[float | None], width: int = 2) -> dict:
@@ -86,12 +83,11 @@ def sensitivity(by_lr: dict[float, dict[int, float]]) -> dict:
     best = min(means, key=lambda lr: means[lr] if math.isfinite(means[lr]) else math.inf)
     out = {"best": best, "rows": {}}
     for lr, by_seed in sorted(by_lr.items()):
-        d = [(v - by_lr[best][s]) / by_lr[best][s] for s, v in by_seed.items() if s in by_lr[best]]
+        d = [relative(v, by_lr[best][s]) for s, v in by_seed.items() if s in by_lr[best]]
         if lr == best or not d:
             continue
-        m, se = mean_se(d)
-        out["rows"][lr] = {"mean": m, "se": se, "seeds": len(d),
-                           "spread": statistics.stdev(d) if len(d) > 1 and all(map(math.isfinite, d)) else None}
+        m, se, n = mean_se(d)
+        out["rows"][lr] = {"mean": m, "se": se, "seeds": n, "spread": statistics.stdev(d) if se is not None else None}
     return out
 
 
@@ -103,9 +99,9 @@ def summarise(rows: list[dict]) -> dict:
     out: dict = {"logical_batch_size": lb, "cells": {}}
     for cell, by_lr in curves(rows).items():
         lrs = sorted(by_lr)
-        ms = [mean_se(list(by_lr[lr].values())) for lr in lrs]
-        fit = fit_optimum(lrs, [m for m, _ in ms], [se for _, se in ms])
-        out["cells"][cell] = {"lrs": lrs, "means": [m for m, _ in ms], "ses": [se for _, se in ms],
+        ms = [mean_se(by_lr[lr].values()) for lr in lrs]
+        fit = fit_optimum(lrs, [m for m, _, _ in ms], [se for _, se, _ in ms])
+        out["cells"][cell] = {"lrs": lrs, "means": [m for m, _, _ in ms], "ses": [se for _, se, _ in ms],
                               "seeds": [len(by_lr[lr]) for lr in lrs], "fit": fit, "sensitivity": sensitivity(by_lr)}
     ref = next((c for c in out["cells"] if c[0] == "accumulate"), None) or next(
         (c for c in sorted(out["cells"], key=lambda c: c[1]) if c[1] == lb), None)

@@ -21,6 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
 
+from ..stats import mean_se, paired  # noqa: E402
 from .batch_ablation import final_loss, read_sweep, save_figure  # noqa: E402
 
 RAMPS = ("rules", "rules+v", "lr_only", "none")
@@ -69,10 +70,6 @@ def _curve(folder: Path, row: dict) -> list[dict]:
         return [{k: float(v) for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(f)]
 
 
-def _mean_se(v: list[float]) -> tuple[float, float | None]:
-    return statistics.fmean(v), (statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else None)
-
-
 def summarise(rows: list[dict], folder: Path | None = None) -> dict:
     """Per arm: seeds, mean final loss, updates; per ramp arm: its final loss minus the fixed run's of the same seed,
     relative to the fixed run's (mean, se, seeds), and, from the curves (with ``folder``), the updates it took to
@@ -89,20 +86,21 @@ def summarise(rows: list[dict], folder: Path | None = None) -> dict:
     out: dict = {"arms": {}, "curve_is_final_loss": comparable}
     for arm, runs in sorted(by_arm.items(), key=lambda kv: _order(kv[0])):
         losses = [final_loss(r) for r in runs.values()]
-        entry = {"seeds": len(runs), "final_loss": _mean_se(losses),
+        entry = {"seeds": len(runs), "final_loss": mean_se(losses)[:2],
                  "updates": statistics.fmean(float(r["updates"]) for r in runs.values())}
         if arm != "fixed" and fixed:
-            d = [(final_loss(r) - final_loss(fixed[s])) / final_loss(fixed[s]) for s, r in runs.items() if s in fixed]
-            entry["vs_fixed"] = (*_mean_se(d), len(d)) if d else None
+            seeds = [s for s in runs if s in fixed]
+            entry["vs_fixed"] = paired([final_loss(runs[s]) for s in seeds],
+                                       [final_loss(fixed[s]) for s in seeds]) if seeds else None
             kind, _ = _split(arm)
             rules_arm = f"{kind} rules".strip()
             rules = by_arm.get(rules_arm, {})
             if arm != rules_arm and rules:  # paired against the same schedule's rescaled ramp, relative to fixed
                 c = [(final_loss(r) - final_loss(rules[s])) / final_loss(fixed[s]) for s, r in runs.items()
                      if s in rules and s in fixed]
-                entry["vs_rules"] = (*_mean_se(c), len(c)) if c else None
+                entry["vs_rules"] = mean_se(c) if c else None
             if comparable:
-                fractions, reached = [], 0
+                fractions = []
                 for s, r in runs.items():
                     if s not in fixed:
                         continue
@@ -110,9 +108,8 @@ def summarise(rows: list[dict], folder: Path | None = None) -> dict:
                     hit = next((p["updates"] for p in _curve(folder, r) if "updates" in p and p["loss"] <= target),
                                None)
                     if hit is not None:
-                        reached += 1
                         fractions.append(hit / float(fixed[s]["updates"]))
-                entry["updates_to_fixed_loss"] = ((*_mean_se(fractions), reached) if fractions else (None, None, 0))
+                entry["updates_to_fixed_loss"] = mean_se(fractions) if fractions else (None, None, 0)
         out["arms"][arm] = entry
     return out
 
