@@ -36,7 +36,8 @@ def report(title: str, summary: dict) -> None:
               f"(seed-to-seed std {100 * summary['reference_spread']:.1f}%)"
               + (f"; one run's estimator se {100 * summary['estimator_se']:.2f}%" if summary["estimator_se"] else ""))
     knee, noise = summary["knee"].get("sqrt_exact"), summary["noise_scale"]
-    print(f"  knee of the square-root rule (paired deviation beyond 2 se and {100 * summary['tolerance']:.0f}%): "
+    print(f"  knee of the square-root rule (paired deviation worse by more than 2 se and "
+          f"{100 * summary['tolerance']:.0f}%): "
           + (f"batch {knee}" if knee else "none in the sweep")
           + (f"; B_simple ~ {noise:.0f} (median over the logical runs)" if noise else ""))
 

@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("folder", metavar="RUNS_DIR", help="a sweep's folder, e.g. runs/demo")
     rp.add_argument("--out", help="where to write (default RUNS_DIR/report)")
     rp.add_argument("--tolerance", type=float, default=0.01,
-                    help="knee: the relative deviation that, with 2 paired standard errors, counts (default 0.01)")
+                    help="knee: the relative deviation to the worse that, with 2 paired standard errors, counts "
+                         "(default 0.01)")
     args = parser.parse_args(argv)
     try:
         if hasattr(args, "run"):  # a command added by a workload

@@ -36,16 +36,50 @@ def test_noise_scale_prefers_the_logical_runs_probe():
 
 
 def test_deviation_standard_error_over_seeds():
-    """se of (mean of cell - mean of reference) / reference, the two sets of seeds independent."""
+    """se of cell mean / reference - 1, the two sets of seeds independent: the delta method for a ratio of means,
+    (a / b) sqrt((se_a / a)^2 + (se_b / b)^2), worked out by hand."""
     rows = [row("accumulate", 8, 4.0, 0), row("accumulate", 8, 4.2, 1), row("accumulate", 8, 4.1, 2),
             row("naive", 64, 4.4, 0), row("naive", 64, 4.8, 1)]
     s = summarise(rows)
-    ref = 4.1
-    var_ref = statistics.variance([4.0, 4.2, 4.1]) / 3
-    var_cell = statistics.variance([4.4, 4.8]) / 2
-    assert s["deviation"][("naive", 64)] == pytest.approx(0.5 / ref)
-    assert s["deviation_se"][("naive", 64)] == pytest.approx((var_ref + var_cell) ** 0.5 / ref)
+    a, b = 4.6, 4.1
+    se_b = 0.1 / 3 ** 0.5  # 4.0, 4.1, 4.2: sample std 0.1
+    se_a = 0.2 * 2 ** 0.5 / 2 ** 0.5  # 4.4, 4.8: sample std 0.2 sqrt(2), over sqrt(2)
+    assert s["deviation"][("naive", 64)] == pytest.approx(0.5 / b)
+    assert s["deviation_se"][("naive", 64)] == pytest.approx((a / b) * ((se_a / a) ** 2 + (se_b / b) ** 2) ** 0.5)
     assert s["deviation_se"][("accumulate", 8)] is None  # the reference itself: 0 by construction
+
+
+def test_deviation_far_from_the_reference_carries_the_references_error():
+    """A naive arm at +562%: the reference's error, magnified by a / b = 6.62, dominates. Sum of the variances over
+    b (the reference taken as exact in the ratio) gives 7.0%; the delta method gives 10.3%."""
+    rows = [row("accumulate", 8, v, s) for s, v in enumerate((0.98, 1.0, 1.02))]
+    rows += [row("naive", 256, v, s) for s, v in enumerate((6.50, 6.62, 6.74))]
+    s = summarise(rows)
+    se_b, se_a = 0.02 / 3 ** 0.5, 0.12 / 3 ** 0.5  # sample stds 0.02 and 0.12 (evenly spaced), over sqrt(3)
+    assert s["deviation"][("naive", 256)] == pytest.approx(5.62)
+    delta = 6.62 * ((se_a / 6.62) ** 2 + (se_b / 1.0) ** 2) ** 0.5
+    assert delta == pytest.approx(0.10317, abs=1e-5) and ((se_a ** 2 + se_b ** 2) ** 0.5) == pytest.approx(0.07024,
+                                                                                                          abs=1e-5)
+    assert s["deviation_se"][("naive", 256)] == pytest.approx(delta, rel=1e-9)
+
+
+def test_a_knee_is_a_worse_loss_not_a_better_one():
+    """The square-root rule is 10% better at 16 (paired, beyond 2 se and the tolerance) and 5% worse at 32: the knee
+    is 32. A single unpaired run 7% better at 64 is no knee either; 7% worse at 128 is."""
+    rows = [row("accumulate", 8, v, s, lb=8) for s, v in enumerate((4.0, 4.1, 4.2))]
+    rows += [row("sqrt_exact", 16, v * f, s, lb=8) for s, (v, f) in enumerate(((4.0, 0.90), (4.1, 0.89), (4.2, 0.91)))]
+    rows += [row("sqrt_exact", 32, v * f, s, lb=8) for s, (v, f) in enumerate(((4.0, 1.05), (4.1, 1.04), (4.2, 1.06)))]
+    rows += [row("naive", 64, 4.1 * 0.93, lb=8), row("naive", 128, 4.1 * 1.07, lb=8)]
+    for r in rows[-2:]:
+        del r["seed"]
+    s = summarise(rows)
+    m, se, n = s["paired"][("sqrt_exact", 16)]  # -10%, -11%, -9%: mean -10%, se 0.01 / sqrt(3)
+    assert n == 3 and m == pytest.approx(-0.10) and se == pytest.approx(0.01 / 3 ** 0.5)
+    assert abs(m) > 2 * se and abs(m) > s["tolerance"]  # a difference beyond the bar, but an improvement
+    m, se, n = s["paired"][("sqrt_exact", 32)]
+    assert m == pytest.approx(0.05) and se == pytest.approx(0.01 / 3 ** 0.5)
+    assert s["knee"]["sqrt_exact"] == 32
+    assert s["deviation"][("naive", 64)] == pytest.approx(-0.07) and s["knee"]["naive"] == 128
 
 
 def test_a_seeds_logical_runs_count_once():
@@ -130,3 +164,21 @@ def test_estimator_error_of_paired_numbers_from_val_rows(tmp_path):
     var = diff.var(0, unbiased=True) / 2  # per sequence: 0 and 2 / 2
     expect = math.sqrt(float(var.sum())) / 10 / math.log(2) / 4.0
     assert s["paired_estimator_se"][("sqrt_exact", 64)] == pytest.approx(expect)
+
+
+def test_paired_figure_has_a_symmetric_log_axis_linear_within_the_tolerance():
+    """A naive arm at +500% next to a rescaled arm within 2%: a linear axis would flatten the rescaled one."""
+    import matplotlib.pyplot as plt
+
+    from sdebatch.figures.batch_ablation import _paired_panel
+
+    rows = [row("accumulate", 8, 4.0 + 0.1 * s, s) for s in range(3)]
+    rows += [row("sqrt_exact", 64, (4.0 + 0.1 * s) * (1.01 + 0.005 * s), s) for s in range(3)]
+    rows += [row("naive", 64, (4.0 + 0.1 * s) * (6.0 + 0.1 * s), s) for s in range(3)]
+    s = summarise(rows, tolerance=0.02)
+    fig, ax = plt.subplots()
+    _paired_panel(ax, s)
+    assert ax.get_yscale() == "symlog" and ax.yaxis.get_transform().linthresh == pytest.approx(2.0)  # percent
+    lo, hi = ax.get_ylim()
+    assert hi > 500  # the naive arm is on the axis
+    plt.close(fig)

@@ -128,6 +128,35 @@ def test_report_is_self_contained_and_its_numbers_are_the_paired_statistics(swee
     assert numbers["runs"] == len(rows) and "lr_transfer" not in numbers
 
 
+def test_run_table_scrolls_in_its_own_box_and_every_rule_has_one_label(sweep, tmp_path):
+    """The run table (15 columns) sits in a container that scrolls sideways, not the page; a rule is shown by its
+    label everywhere (tables, headers, text), never by its preset name: run ids are the only place those appear."""
+    import re
+
+    from sdebatch.figures.batch_ablation import label
+
+    folder, rows = sweep
+    assert main(["report", str(folder), "--out", str(tmp_path / "rep")]) == 0
+    text = (tmp_path / "rep" / "report.html").read_text()
+    style = re.search(r"<style>(.*?)</style>", text, re.S).group(1)
+    assert re.search(r"\.wide\{[^}]*overflow-x:\s*auto", style)
+    page = _parse(tmp_path / "rep" / "report.html")
+    opened = [(t, a) for t, a in page.tags if t in ("div", "table")]
+    assert opened[-2:] == [("div", {"class": "wide"}), ("table", {})]  # the run table's own box
+    labels = {"accumulate": "accumulate (exact)", "sqrt_exact": "square-root rule, \u03b2^\u03ba",
+              "naive": "no rescaling"}
+    assert {r: label(r, plain=True) for r in labels} == labels
+    runs = page.tables[-1]
+    col = runs[0].index("rule")
+    assert sorted({r[col] for r in runs[1:]}) == sorted(labels.values())
+    assert page.tables[0][0][-1] == "minus square-root rule, \u03b2^\u03ba (paired)"
+    # the visible text without the run ids: no preset name, only labels
+    visible = re.sub(r"<style>.*?</style>|<[^>]+>|data:image/png;base64,[A-Za-z0-9+/=]+", " ", text, flags=re.S)
+    for rid in (r["run_id"] for r in rows):
+        visible = visible.replace(rid, " ")
+    assert not re.findall(r"sqrt_exact|sqrt_linear|\bnaive\b|accumulate(?! \(exact\))", visible)
+
+
 def test_report_of_an_lr_sweep_has_the_transfer_section(tmp_path):
     folder = tmp_path / "lrs"
     for lr in (1e-3, 2e-3, 4e-3):

@@ -18,9 +18,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from sdebatch.presets import LABELS  # noqa: E402
-from sdebatch.stats import mean_se, paired  # noqa: E402
+from sdebatch.stats import mean_se, paired, ratio_se, relative  # noqa: E402
 from sdebatch.sweep import collect  # noqa: E402
 from sdebatch.utils import atomic_write  # noqa: E402
 
@@ -30,12 +31,22 @@ COLORS = {"accumulate": "#000000", "sqrt_exact": "#0072B2", "sqrt_linear": "#56B
 plt.rcParams.update({"font.size": 8, "axes.titlesize": 8, "legend.fontsize": 7, "figure.dpi": 150})
 
 
+def label(rule: str, *, plain: bool = False) -> str:
+    """The one label of a rule (a preset name) in every figure and page: :data:`sdebatch.presets.LABELS` as
+    matplotlib mathtext, or with ``plain`` as text (the Greek letters spelled out as characters); a name that is not
+    a preset is its own label."""
+    text = LABELS.get(rule, rule)
+    return text.replace(r"$\beta^\kappa$", "\u03b2^\u03ba").replace(r"$\beta$", "\u03b2") if plain else text
+
+
 def summarise(rows: list[dict], tolerance: float = 0.01, folder: str | os.PathLike | None = None) -> dict:
     """Mean final loss per (rule, physical batch); the logical run's loss; each cell's relative deviation from it,
-    with the standard error of that deviation over seeds (``deviation_se``, None for a cell of one run); deviations
-    and contrasts paired by seed (``paired``, ``contrast``, see :func:`_paired`); the knee of each rule: the smallest
-    batch above the logical one whose paired deviation exceeds both 2 standard errors and ``tolerance`` (relative,
-    default 1%), or, for a cell without paired seeds, ``tolerance`` alone. With ``folder`` (the sweep folder), the
+    with the standard error of that deviation over seeds (``deviation_se``: the delta method for the ratio of two
+    independent means, None for a cell of one run); deviations and contrasts paired by seed (``paired``,
+    ``contrast``, see :func:`_paired`); the knee of each rule: the smallest batch above the logical one whose paired
+    deviation is worse (a higher loss) by more than both 2 standard errors and ``tolerance`` (relative, default 1%),
+    or, for a cell without paired seeds, by more than ``tolerance`` alone; a better loss is no knee. With ``folder``
+    (the sweep folder), the
     paired numbers also carry the held-out estimator's own standard error from each run's val_rows.json
     (``paired_estimator_se``, ``contrast_estimator_se``)."""
     cells: dict[tuple, list[float]] = {}
@@ -57,15 +68,14 @@ def summarise(rows: list[dict], tolerance: float = 0.01, folder: str | os.PathLi
     reference = statistics.fmean(ref_runs) if ref_runs else float("nan")
     # run-to-run spread of the logical run over seeds: deviations smaller than this are noise
     spread = statistics.stdev(ref_runs) / reference if len(ref_runs) > 1 else None
-    deviation = {k: (v - reference) / reference for k, v in means.items()}
-    # standard error of (cell mean - reference) / reference, from the seeds of the cell and of the logical run
+    deviation = {k: relative(v, reference) for k, v in means.items()}
+    # standard error of cell mean / reference - 1, the cell's seeds and the logical run's independent: the reference
+    # is a mean with an error too, which a deviation far from 0 magnifies by cell mean / reference
     ref_se = mean_se(ref_runs)[1] if ref_runs else None
     deviation_se = {}
     for k, v in cells.items():
-        cell_se = mean_se(v)[1]
-        both = None if cell_se is None or ref_se is None else math.hypot(cell_se, ref_se)
         # the logical run's own cell deviates by construction (0 for a single cell): no error to give
-        deviation_se[k] = both / reference if both is not None and k not in ref_cells else None
+        deviation_se[k] = None if k in ref_cells else ratio_se(means[k], mean_se(v)[1], reference, ref_se)
     by_seed_deviation, contrast = _paired(rows, ref_cells, base)
     knees = {}
     for rule in {k[0] for k in means}:
@@ -74,7 +84,7 @@ def summarise(rows: list[dict], tolerance: float = 0.01, folder: str | os.PathLi
             if r != rule or b <= lb:
                 continue
             m, se, n = by_seed_deviation.get((r, b), (d, None, 1))
-            if abs(m) > tolerance and (se is None or abs(m) > 2 * se):
+            if m > tolerance and (se is None or m > 2 * se):  # worse only: a lower loss is not a breakdown
                 above.append(b)
         knees[rule] = min(above) if above else None
     # B_simple of the logical runs: the end-of-run probe when the workload made one (two batch sizes 16x apart),
@@ -240,14 +250,15 @@ def loss_vs_batch(summary: dict, out: Path, name: str, ylabel: str) -> list[Path
         if pts:
             se = [(summary["deviation_se"].get((rule, b)) or 0.0) * ref for b, _ in pts]
             ax.errorbar(*zip(*pts), yerr=se if any(se) else None, fmt="o-", color=COLORS.get(rule, "grey"),
-                        label=LABELS.get(rule, rule), ms=3, lw=1.2, capsize=2)
+                        label=label(rule), ms=3, lw=1.2, capsize=2)
     ax.axhline(summary["reference"], color="grey", lw=0.8, ls=":", label=f"logical run (B={lb})")
     ax.axvline(lb, color="grey", lw=0.5)
     if summary["noise_scale"]:
         ax.axvline(summary["noise_scale"], color="#CC79A7", lw=1, ls="--", label="noise-scale estimate")
     knee = summary["knee"].get("sqrt_exact")
     if knee:
-        ax.axvline(knee, color=COLORS["sqrt_exact"], lw=0.8, ls="-.", label=f"knee ({summary['tolerance']:.0%})")
+        ax.axvline(knee, color=COLORS["sqrt_exact"], lw=0.8, ls="-.",
+                   label=f"knee of the {label('sqrt_exact')} ({summary['tolerance']:.0%})")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("physical batch per update (samples)")
     ax.set_ylabel(ylabel)
@@ -267,22 +278,27 @@ def _paired_panel(ax, summary: dict, title: str | None = None) -> None:
             b, m, se = zip(*pts)
             n = min(v[2] for (r, _), v in paired.items() if r == rule)
             ax.errorbar(b, [100 * x for x in m], yerr=[100 * (x or 0) for x in se], fmt="o-", ms=3, lw=1.2,
-                        capsize=2, color=COLORS.get(rule, "grey"), label=f"{LABELS.get(rule, rule)} ({n}+ seeds)")
+                        capsize=2, color=COLORS.get(rule, "grey"), label=f"{label(rule)} ({n}+ seeds)")
     knee = summary["knee"].get("sqrt_exact")
     if knee:
-        ax.axvline(knee, color=COLORS["sqrt_exact"], lw=0.8, ls="-.", label="knee (square-root rule)")
+        ax.axvline(knee, color=COLORS["sqrt_exact"], lw=0.8, ls="-.", label=f"knee ({label('sqrt_exact')})")
     if summary["noise_scale"]:
         ax.axvline(summary["noise_scale"], color="#CC79A7", lw=1, ls="--", label="B_simple (probe)")
     ax.axvline(lb, color="grey", lw=0.5)
     ax.set_xscale("log", base=2)
+    # linear within the tolerance, logarithmic beyond: a rescaled arm within a few % stays readable next to a naive
+    # arm at +500%
+    ax.set_yscale("symlog", linthresh=100 * tol, linscale=1.0)
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:+g}" if v else "0"))
     ax.set_xlabel("physical batch per update (samples)")
     if title:
         ax.set_title(title)
 
 
 def paired_vs_batch(summary: dict | list[tuple[str, dict]], out: Path, name: str) -> list[Path]:
-    """Each rule's deviation from the logical run of its own seed vs physical batch (mean +- se over seeds), the
-    band of the knee's tolerance: the figure that answers the question. ``summary`` may be a list of (title,
+    """Each rule's deviation from the logical run of its own seed vs physical batch (mean +- se over seeds; a
+    symmetric log axis, linear within the knee's tolerance), the band of that tolerance: the figure that answers the
+    question. ``summary`` may be a list of (title,
     summary) pairs, drawn side by side (e.g. a clean regression next to the MDM)."""
     panels = summary if isinstance(summary, list) else [(None, summary)]
     panels = [(t, s) for t, s in panels if any(v[2] > 1 for v in s["paired"].values())]
@@ -292,7 +308,7 @@ def paired_vs_batch(summary: dict | list[tuple[str, dict]], out: Path, name: str
     for ax, (title, s) in zip(axes[0], panels):
         _paired_panel(ax, s, title)
         ax.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=6)
-    axes[0][0].set_ylabel("vs the logical run of the same seed (%)")
+    axes[0][0].set_ylabel("vs the logical run of the same seed (%, symmetric log)")
     return save_figure(fig, out, f"{name}_paired_vs_batch")
 
 
@@ -341,7 +357,7 @@ def loss_vs_tokens(folder: Path, out: Path, name: str, x: str, bins: int = 20) -
             elif r == rule:
                 ax.plot(*seed_mean(curves, x, bins, hi), "-", color=shades[batches.index(b)], lw=1,
                         label=f"B={b}{seeds}")
-        ax.set_title(LABELS.get(rule, rule))
+        ax.set_title(label(rule))
         ax.set_xlabel(f"{x} seen")
     axes[0][0].set_ylabel(f"training loss (mean per {100 // bins}% of the run)")
     axes[0][-1].legend(frameon=False, fontsize=6)
@@ -370,7 +386,7 @@ def table(summary: dict) -> str:
                      f"{100 * summary['reference_spread']:.1f}% of its loss")
     if summary.get("estimator_se") is not None:
         lines.append(f"one run's held-out estimator se: {100 * summary['estimator_se']:.2f}% (median over runs)")
-    lines.append("knee (paired deviation beyond 2 se and {:.0%}): ".format(summary["tolerance"]) + ", ".join(
+    lines.append(f"knee (paired deviation worse by more than 2 se and {summary['tolerance']:.0%}): " + ", ".join(
         f"{rule} {b if b else 'none'}" for rule, b in sorted(summary["knee"].items()) if rule != "accumulate"))
     return "\n".join(lines)
 
@@ -380,7 +396,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("folder", help="a sweep folder, e.g. runs/demo")
     parser.add_argument("--out", default="paper_figures/out")
     parser.add_argument("--ylabel", default="held-out loss")
-    parser.add_argument("--tolerance", type=float, default=0.01, help="knee: relative deviation (with 2 paired se)")
+    parser.add_argument("--tolerance", type=float, default=0.01,
+                        help="knee: relative deviation to the worse (with 2 paired se)")
     args = parser.parse_args(argv)
     folder = Path(args.folder)
     rows = collect(folder, folder / "results.csv")

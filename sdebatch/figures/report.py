@@ -7,7 +7,7 @@ so it opens offline and can be mailed. Sections, each where the sweep has what i
 
 1. final loss vs physical batch per rule, paired by seed against the logical run (mean +- se over seeds, the
    held-out estimator's own se in brackets), each rule against the square-root rule run for run, and the knee: the
-   first batch whose paired deviation exceeds 2 se and the tolerance;
+   first batch whose paired deviation is worse (a higher loss) by more than 2 se and the tolerance;
 2. B_simple from the end-of-run probe (or the in-run estimator) next to the knee;
 3. loss vs tokens (or samples) per batch: do the curves collapse?
 4. loss vs lr per batch and rule (sweeps over several lrs): the fitted optimum and how far it moves;
@@ -40,10 +40,8 @@ code{background:#f4f4f4;padding:0 .2em}"""
 
 
 def _label(rule: str) -> str:
-    """The figure label of a rule as plain HTML text (matplotlib's mathtext spelled out)."""
-    text = ba.LABELS.get(rule, rule).replace(r"$\beta^\kappa$", "\u03b2^\u03ba").replace(r"linear $\beta$",
-                                                                                     "linear \u03b2")
-    return html.escape(text)
+    """The label of a rule (:func:`sdebatch.figures.batch_ablation.label`, the figures' own) as HTML text."""
+    return html.escape(ba.label(rule, plain=True))
 
 
 def _num(v: Any) -> float | None:
@@ -114,11 +112,12 @@ def _batch_section(rows: list[dict], folder: Path, out: Path, name: str, toleran
         "<h2>1. Final loss vs physical batch</h2>",
         f'<p class="note">Logical batch {lb}; loss of the logical run {_fmt(s["reference"])}. Deviations are relative '
         f"to the logical run; <i>paired</i> compares each run with the logical run of its own seed (mean &plusmn; se "
-        f"over seeds, [the held-out estimator's own se]); the last column is each rule minus the square-root rule, run "
-        f"for run. A difference is called real beyond 2 se. {spread}{est_line}.</p>",
+        f"over seeds, [the held-out estimator's own se]); the last column is each rule minus the "
+        f"{_label(ba.CONTRAST_BASE)}, run for run. A difference is called real beyond 2 se. {spread}{est_line}.</p>",
         _table(["rule", "physical batch", "runs", "final loss", "vs logical (means)", "paired vs logical",
-                "minus sqrt_exact (paired)"], table_rows),
-        f"<p>Knee (first batch whose paired deviation exceeds 2 se and {tolerance:.0%}): {knees}.</p>",
+                f"minus {ba.label(ba.CONTRAST_BASE, plain=True)} (paired)"], table_rows),
+        f"<p>Knee (first batch whose paired deviation is worse, a higher loss, by more than 2 se and {tolerance:.0%}):"
+        f" {knees}.</p>",
     ]
     parts += [_img(p, p.stem) for p in figs if p.suffix == ".png"]
     noise = s["noise_scales"]  # the logical runs' estimates behind the median
@@ -126,8 +125,8 @@ def _batch_section(rows: list[dict], folder: Path, out: Path, name: str, toleran
     parts.append("<h2>2. Noise scale and knee</h2>")
     if s["noise_scale"]:
         rng = f", range {min(noise):.0f}&ndash;{max(noise):.0f} over {len(noise)} runs" if len(noise) > 1 else ""
-        relation = ("" if not knee else f"; the square-root rule's knee is at {knee} ({knee / s['noise_scale']:.2g} "
-                    "x B_simple)")
+        relation = ("" if not knee else f"; the knee of the {_label('sqrt_exact')} is at {knee} "
+                    f"({knee / s['noise_scale']:.2g} x B_simple)")
         parts.append(f"<p>B_simple of the logical runs (median): <b>{s['noise_scale']:.0f}</b> samples{rng}"
                      f"{relation}. The SDE rules are expected to hold up to a batch of the order of B_simple.</p>")
     else:
@@ -196,7 +195,7 @@ def report(folder: str | Path, out: str | Path | None = None, *, tolerance: floa
     cols = [c for c in RUN_COLUMNS if any(c in r for r in rows)]
     run_rows = []
     for r in sorted(rows, key=lambda r: str(r.get("run_id"))):
-        cells = [html.escape(_fmt(r.get(c))) for c in cols]
+        cells = [_label(str(r[c])) if c == "rule" and c in r else html.escape(_fmt(r.get(c))) for c in cols]
         if r.get("diverged") in (True, "True"):
             cells = [f'<span class="bad">{c}</span>' for c in cells]
         run_rows.append(cells)
