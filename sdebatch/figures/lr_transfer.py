@@ -23,7 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..stats import mean_se, relative  # noqa: E402
-from .batch_ablation import COLORS, LABELS, cell_of, final_loss, read_sweep, save_figure  # noqa: E402
+from .batch_ablation import COLORS, cell_of, final_loss, label, read_sweep, save_figure  # noqa: E402
 
 
 def fit_optimum(lrs: list[float], means: list[float], ses: list[float | None], width: int = 2) -> dict:
@@ -156,7 +156,7 @@ def figure(s: dict, out: Path, name: str) -> list[Path]:
             if not v["fit"]["at_edge"]:
                 ax.axvline(v["fit"]["lr"], lw=0.6, **{**style, "ls": "--"})
         ax.set_xscale("log", base=2)
-        ax.set_title(LABELS.get(rule, rule))
+        ax.set_title(label(rule))
         ax.set_xlabel("reference lr (at the logical batch)")
         ax.legend(frameon=False, fontsize=6)
     axes[0][0].set_ylabel("held-out loss (mean over seeds +- se)")
