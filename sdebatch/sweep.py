@@ -351,17 +351,58 @@ def _run_parallel(spec: dict, todo: list[dict], folder: Path, jobs: int) -> list
     return results
 
 
-def _run_submitit(spec: dict, configs: list[dict], folder: Path, progress: bool) -> list[dict]:
+def _submitit_executor(spec: dict, folder: Path):
+    """The executor of the sweep file's ``[submitit]`` table: ``cluster`` picks submitit's executor ("slurm", "local",
+    "debug"; default: SLURM where it is installed, else local processes), every other key goes to
+    ``executor.update_parameters`` (e.g. ``timeout_min``, ``cpus_per_task``, ``slurm_partition``). A table submitit
+    refuses is a ValueError naming the sweep file, before any job is submitted."""
     try:
         import submitit
     except ImportError:
         raise ValueError("backend='submitit' needs the submitit package (pip install submitit)") from None
-    executor = submitit.AutoExecutor(folder=folder / "_submitit")
-    executor.update_parameters(**spec.get("submitit", {}))
-    todo = [c for c in configs if not (folder / run_id(c) / "metrics.json").exists()]
-    jobs = [executor.submit(run_one, spec, c, folder, progress=False) for c in todo]
-    print(f"submitted {len(jobs)} jobs via {executor.cluster}")
-    return [j.result() for j in jobs]
+    where = spec.get("path", spec["name"])
+    table = spec.get("submitit", {})
+    if not isinstance(table, dict):
+        raise ValueError(f"{where}: submitit must be a table ([submitit] with keys of executor.update_parameters), "
+                         f"got {table!r}")
+    options = dict(table)
+    cluster = options.pop("cluster", None)
+    try:
+        executor = submitit.AutoExecutor(folder=folder / "_submitit", cluster=cluster)
+        executor.update_parameters(**options)
+    except (ValueError, TypeError, NameError, AssertionError, RuntimeError) as e:
+        raise ValueError(f"{where}: submitit does not accept the [submitit] table {table!r}: {e}") from None
+    return executor
+
+
+def _run_submitit(spec: dict, configs: list[dict], folder: Path, progress: bool) -> list[dict]:
+    """Each unfinished run as one job of a submitit job array (see :func:`_submitit_executor`), then wait for them.
+    Finished runs are not submitted again; a failed job is reported and recorded in ``<run id>.error.txt`` (the run's
+    traceback, or submitit's error when the job died outside the run, e.g. a timeout), and the sweep goes on, as the
+    local backend does. Returns the metrics of every finished run."""
+    executor = _submitit_executor(spec, folder)
+    done = [c for c in configs if (folder / run_id(c) / "metrics.json").exists()]
+    todo = [c for c in configs if c not in done]
+    results = [json.loads((folder / run_id(c) / "metrics.json").read_text()) for c in done]
+    if not todo:
+        return results
+    submitted = time.time()
+    with executor.batch():
+        jobs = [executor.submit(run_one, spec, c, folder, progress=False) for c in todo]
+    print(f"submitted {len(jobs)} jobs via {executor.cluster} (logs in {folder / '_submitit'})", flush=True)
+    for i, (c, job) in enumerate(zip(todo, jobs)):
+        rid = run_id(c)
+        try:
+            m = job.result()
+        except Exception as e:  # the job failed: recorded, the sweep goes on
+            error = folder / f"{rid}.error.txt"
+            if not error.exists() or error.stat().st_mtime < submitted:  # died before run_one could record it
+                atomic_write(error, f"{type(e).__name__}: {e}".encode())
+            print(f"[{i + 1}/{len(todo)}] {rid} failed (job {job.job_id}; traceback in {error.name})", flush=True)
+            continue
+        print(f"[{i + 1}/{len(todo)}] {rid}  {describe_run(c)}: {_status(m)}", flush=True)
+        results.append(m)
+    return results
 
 
 def collect(folder: str | os.PathLike, out_csv: str | os.PathLike | None = None) -> list[dict]:
