@@ -537,15 +537,22 @@ def test_lightning_elastic_resume_mid_ramp_equals_the_continuous_run(tmp_path, b
     torch.testing.assert_close(flat_params(resumed.net), flat_params(full.net), rtol=0, atol=1e-10)
 
 
-def test_lightning_auto_physical_batch_picks_the_fastest_measured_and_keeps_the_logical_batch(tmp_path):
-    """physical_batch_size="auto": training_step is made slow (a sleep per sample) at every micro-batch but 4, so 4
-    is the fastest per sample of the measured table; the loader is rebuilt at 4 through the module's batch_size, the
-    accumulation follows (logical 16 = 4 x 4), and the run equals a run given physical 4 from the start (the
-    measuring passes leave no gradient, window or log behind)."""
-    import time
+def test_lightning_auto_physical_batch_picks_the_fastest_measured_and_keeps_the_logical_batch(tmp_path, monkeypatch):
+    """physical_batch_size="auto": the measurement reads a fake clock that each training_step advances by a set cost
+    per micro-batch size, so the measured throughputs are known exactly, whatever the machine's load, and 4 is the
+    fastest per sample; the loader is rebuilt at 4 through the module's batch_size, the accumulation follows
+    (logical 16 = 4 x 4), and the run equals a run given physical 4 from the start (the measuring passes leave no
+    gradient, window or log behind)."""
+    import functools
 
     import sdebatch.lightning as sl
+    import sdebatch.physical_batch as physical_batch
     from lightning_helpers import Regression, flat_params, loader, trainer
+
+    clock = [0.0]
+    cost = {1: 1.0, 2: 1.5, 4: 1.0, 8: 4.0, 16: 16.0}  # seconds of fake clock per micro-step of each size
+    monkeypatch.setattr(physical_batch, "choose_physical_batch",
+                        functools.partial(physical_batch.choose_physical_batch, timer=lambda: clock[0]))
 
     class Sized(Regression):
         def __init__(self, slow=True):
@@ -557,8 +564,8 @@ def test_lightning_auto_physical_batch_picks_the_fastest_measured_and_keeps_the_
 
         def training_step(self, batch, batch_idx):
             self.seen.append(len(batch[0]))
-            if self.slow and len(batch[0]) != 4:
-                time.sleep(0.05 * len(batch[0]))  # at most 20 samples/s, whatever the machine's load
+            if self.slow:
+                clock[0] += cost[len(batch[0])]
             self.log("loss_logged", 1.0)  # would fail outside the fit loop if the measuring passes logged
             return super().training_step(batch, batch_idx)
 
@@ -567,7 +574,9 @@ def test_lightning_auto_physical_batch_picks_the_fastest_measured_and_keeps_the_
     trainer(cb, epochs=1).fit(module)
     choice = cb.physical_batch_choice
     assert [r["batch"] for r in choice.rows] == [1, 2, 4, 8, 16] and choice.physical_batch_size == 4
-    assert max(choice.rows, key=lambda r: r["throughput"])["batch"] == 4 and choice.unit == "samples"
+    # samples per second of fake clock: b / cost(b), every timed step alike
+    assert [r["throughput"] for r in choice.rows] == pytest.approx([1.0, 2 / 1.5, 4.0, 2.0, 1.0], rel=1e-12)
+    assert choice.unit == "samples"
     opt = cb.optimizer
     assert (opt.logical_batch_size, opt.physical_batch_size, opt.accumulation_steps) == (16, 4, 4)
     assert opt.samples_seen == 64 and opt.updates == 4 and module.batch_size == 4
