@@ -33,10 +33,48 @@ def test_accumulation_equals_big_batch(protocol):
 
 
 def test_noise_scale_is_tracked_and_logged():
-    module, cb = fit(4, 16, noise_scale=True)
-    # one observation per update; this tiny regression is noise-dominated, so B_simple may still be unknown (|G|^2
-    # estimate <= 0): the estimator's accuracy is tested in test_noise.py, this checks the wiring
-    assert cb.optimizer.noise.count == 12 and cb.optimizer.noise.trace_sigma > 0
+    """The logger receives opt.noise_scale after each update (the estimator's accuracy is tested in test_noise.py;
+    this checks the wiring): a logger that records every call, against the value the module reads after each
+    update. Updates whose estimate is still unknown (|G|^2 estimate <= 0 in this noise-dominated regression) log
+    no noise_scale."""
+    from lightning.pytorch.loggers.logger import Logger
+
+    class Recording(Logger):
+        name, version = "recording", 0
+
+        def __init__(self):
+            super().__init__()
+            self.rows = []
+
+        def log_hyperparams(self, *args, **kwargs):
+            pass
+
+        def log_metrics(self, metrics, step=None):
+            self.rows.append((step, dict(metrics)))
+
+    class Reading(Regression):
+        def __init__(self):
+            super().__init__("adamw")
+            self.noise_scales = []  # opt.noise_scale after each update
+
+        def on_train_batch_end(self, outputs, batch, batch_idx):
+            opt = sl.find_optimizer(self)
+            if opt.did_update:
+                self.noise_scales.append(opt.noise_scale)
+
+    module, logger = Reading(), Recording()
+    cb = sl.LogicalBatch(16, verbose=False, noise_scale=True)
+    trainer(cb, epochs=2, logger=logger, log_every_n_steps=1).fit(
+        module, train_dataloaders=loader(N, 2, shuffle=False, seed=3))
+    opt = cb.optimizer
+    assert opt.noise.count == 12 and opt.noise.trace_sigma > 0 and len(module.noise_scales) == 12
+    known = [v for v in module.noise_scales if v is not None]
+    assert len(known) >= 4 and module.noise_scales[-1] == opt.noise_scale is not None
+    # each update's value is logged once it is known, and is re-sent unchanged until the next update
+    logged = [m["noise_scale"] for _, m in logger.rows if "noise_scale" in m]
+    changes = [v for i, v in enumerate(logged) if i == 0 or v != logged[i - 1]]
+    assert changes == known
+    assert logged[-1] == opt.noise_scale
 
 
 def test_ragged_epoch_end_is_flushed():
