@@ -117,10 +117,58 @@ def test_unigram_baseline_beats_uniform_on_real_text():
 
 # ---------------------------------------------------------------- report with a uniform stub
 
-def test_report_of_uniform_model(folder, tmp_path):
+def _plain_mcd(a, b, sample_rate: int) -> float:
+    """Mel cepstral distortion written out: MFCCs 1..13 of the library's log-mel frames, then dynamic time warping in
+    plain loops (steps diagonal, down, right; the path traced back preferring the diagonal), the accumulated frame
+    distance (10 / ln 10) sqrt(2 sum (ca - cb)^2) over the path length."""
+    from scipy.fft import dct
+
+    from sdebatch.mdm.tokenizers.audio import log_mel, mel_filterbank
+
+    n_fft = 2 ** round(math.log2(0.064 * sample_rate))
+    fb = mel_filterbank(sample_rate, n_fft, 80)
+    ca, cb = (dct(log_mel(x, fb, n_fft, n_fft // 4).double().numpy(), type=2, norm="ortho", axis=1)[:, 1:14]
+              for x in (a, b))
+    n, m = len(ca), len(cb)
+    acc = [[math.inf] * m for _ in range(n)]
+    for i in range(n):
+        for j in range(m):
+            cost = 10 / math.log(10) * math.sqrt(2 * float(((ca[i] - cb[j]) ** 2).sum()))
+            before = [acc[p][q] for p, q in ((i - 1, j - 1), (i - 1, j), (i, j - 1)) if p >= 0 and q >= 0]
+            acc[i][j] = cost + (min(before) if before else 0.0)
+    i, j, steps = n - 1, m - 1, 1
+    while i > 0 or j > 0:
+        i, j = min(((i - 1, j - 1), (i - 1, j), (i, j - 1)), key=lambda p: acc[p[0]][p[1]] if min(p) >= 0 else math.inf)
+        steps += 1
+    return acc[-1][-1] / steps
+
+
+def test_report_of_uniform_model(folder, tmp_path, monkeypatch):
+    import sdebatch.mdm.evaluate as evaluate_module
+    from sdebatch.mdm.vocab import AUDIO, IMAGE
+
     vocab = Vocab(**json.loads((folder / "index.json").read_text())["vocab"])
     out = tmp_path / "eval"
+    generated = []  # (batch, tokens) of each sampler call: the inputs the report's numbers are recomputed from
+    sampler = evaluate_module.generate
+
+    def recording(model, batch, **kw):
+        tokens = sampler(model, batch, **kw)
+        generated.append(({k: v.cpu() for k, v in batch.items()}, tokens.cpu()))
+        return tokens
+
+    monkeypatch.setattr(evaluate_module, "generate", recording)
     r = evaluate(UniformModel(vocab.size), folder, out, n_images=3, n_speech=2, steps=3, progress=False)
+    assert len(generated) == 2  # one batch of images, one of speech
+
+    def codes(call, modality, offset, size):
+        """Per row: the generated ids at the modality's target positions, offset removed; and the true codes."""
+        batch, tokens = generated[call]
+        rows = []
+        for i in range(tokens.shape[0]):
+            pos = batch["target"][i] & (batch["modality"][i] == modality)
+            rows.append(((tokens[i][pos] - offset).tolist(), (batch["tokens"][i][pos] - offset).tolist()))
+        return rows
     # a uniform model's -ELBO is log2(V - 2) bits per token in expectation over t (64 rows x 4 draws here: the
     # 1/t weight makes the estimate noisy, about 2% relative standard deviation)
     assert abs(r["text"]["elbo_bits_per_token"] / math.log2(vocab.size - 2) - 1) < 0.06
@@ -130,7 +178,13 @@ def test_report_of_uniform_model(folder, tmp_path):
     t2i = r["t2i"]
     assert t2i["n"] == 3 and t2i["codes_per_image"] == 16 and len(t2i["items"]) == 3
     assert t2i["sampler"]["steps"] == 3 and t2i["sampler"]["guidance"] == 3.0  # defaults except steps
-    assert 0 <= t2i["out_of_range"] <= 3 * 16
+    # ids outside the image codes, and codes equal to the true ones (an outside id clamped into the range), counted
+    image = codes(0, IMAGE, vocab.image_offset, vocab.image_codes)
+    outside = [sum(not 0 <= c < vocab.image_codes for c in gen) for gen, _ in image]
+    assert [it["out_of_range"] for it in t2i["items"]] == outside and t2i["out_of_range"] == sum(outside)
+    assert t2i["out_of_range_fraction"] == pytest.approx(sum(outside) / 48)
+    match = sum(min(max(c, 0), vocab.image_codes - 1) == t for gen, true in image for c, t in zip(gen, true))
+    assert t2i["code_match"] == pytest.approx(match / 48)
     assert set(t2i["scores"]) >= {"colour", "count", "position", "size", "shape", "all"}
     assert set(t2i["baseline_chance"]) == {"mismatched", "noise", "blank"}
     assert "all" in t2i["baseline_reconstruction"]
@@ -150,8 +204,23 @@ def test_report_of_uniform_model(folder, tmp_path):
     assert (out / "t2i_grid.png").stat().st_size > 0
     t2s = r["t2s"]
     assert t2s["n"] == 2 and len(t2s["items"]) == 2
+    # MCD of the generated and of the true codes, decoded, to eSpeak's reading of the caption, by the plain reference
+    from sdebatch.mdm.data.speech import synthesize
+    from sdebatch.mdm.tokenizers.audio import AudioTokenizer
+
+    atok = AudioTokenizer.load(folder / "tokenizers" / "audio")
+    sr = atok.config.sample_rate
+    texts = [json.loads(line)["text"] for line in (folder / "audio_val_meta.jsonl").read_text().splitlines()[:2]]
+    speech = codes(1, AUDIO, vocab.audio_offset, vocab.audio_codes)
+    assert [it["out_of_range"] for it in t2s["items"]] == [sum(not 0 <= c < 16 for c in gen) for gen, _ in speech]
+    refs = synthesize(texts, sample_rate=sr)
+    for item, (gen, true), ref in zip(t2s["items"], speech, refs):
+        clamped = [min(max(c, 0), vocab.audio_codes - 1) for c in gen]
+        assert item["mcd_db"] == pytest.approx(_plain_mcd(atok.decode(clamped, seed=0), ref, sr), rel=1e-9)
+        assert item["baseline_reconstruction_mcd_db"] == pytest.approx(
+            _plain_mcd(atok.decode(true, seed=0), ref, sr), rel=1e-9)
     for key in ("mcd_db", "baseline_random_mcd_db", "baseline_reconstruction_mcd_db"):
-        assert t2s[key] is not None and t2s[key] > 0
+        assert t2s[key] == pytest.approx(sum(it[key] for it in t2s["items"]) / 2)
     from scipy.io import wavfile
 
     for i in range(2):
