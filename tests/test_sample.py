@@ -12,8 +12,8 @@ import torch
 
 from sdebatch.cli import main
 from sdebatch.mdm import tasks
-from sdebatch.mdm.sample import generate
-from sdebatch.mdm.vocab import Vocab, layout_pair
+from sdebatch.mdm.sample import SAMPLING_DEFAULTS
+from sdebatch.mdm.vocab import AUDIO, IMAGE, SPECIAL, TEXT, Vocab
 
 pytestmark = pytest.mark.usefixtures("one_thread", "float32")  # fixtures in conftest.py
 
@@ -49,22 +49,99 @@ def _cli(args, capsys) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-def _reference(trained, task, ids_or_codes, n, seed, options, **layout):
-    """The sampler called by hand on a prompt laid out here (the pair layout of the training data)."""
-    v = trained.vocab
+def _options(task: str, overrides: dict) -> dict:
+    """The sampler options of a task: the defaults table of the modality it generates, ``overrides`` on top."""
+    modality = {"text": "text", "t2i": "image", "t2s": "audio", "i2t": "text", "s2t": "text"}[task]
+    return {**SAMPLING_DEFAULTS[modality], **overrides}
+
+
+def _prompt_row(v: Vocab, task: str, ids_or_codes, layout: dict) -> dict:
+    """A prompt laid out by hand: text is [TEXT] [BOT] ids [MASK] x new; a pair is [task] [B.] first [E.]
+    [B.] second [E.], the second segment (with its markers) the target."""
     if task == "text":
         tokens = [v.id("[TEXT]"), v.id("[BOT]")] + [v.text_offset + i for i in ids_or_codes]
         tokens += [v.mask_id] * layout["new"]
-        L = len(tokens)
-        row = {"tokens": torch.tensor(tokens), "pad": torch.ones(L, dtype=torch.bool),
-               "modality": torch.tensor([0, 0] + [1] * (L - 2)),
-               "target": torch.tensor([False] * (L - layout["new"]) + [True] * layout["new"])}
+        modality = [SPECIAL, SPECIAL] + [TEXT] * (len(tokens) - 2)
+        target = [False] * (len(tokens) - layout["new"]) + [True] * layout["new"]
     else:
-        row = layout_pair(v, task, layout["text"], layout["codes"], trained.seq_len)
-        row = {k: row[k][:int(row["pad"].sum())] for k in ("tokens", "pad", "modality", "target")}
-    batch = {k: t[None].expand(n, -1) for k, t in row.items()}
-    out = generate(trained.model, batch, generator=torch.Generator().manual_seed(seed), **options)
-    return out[:, row["target"]].tolist()
+        text_ids, codes = layout["text"], layout["codes"]
+        begin, end, offset, mod = (("[BOI]", "[EOI]", v.image_offset, IMAGE) if task in ("t2i", "i2t") else
+                                   ("[BOA]", "[EOA]", v.audio_offset, AUDIO))
+        text = ([v.id("[BOT]")] + [v.text_offset + i for i in text_ids] + [v.id("[EOT]")],
+                [SPECIAL] + [TEXT] * len(text_ids) + [SPECIAL])
+        other = ([v.id(begin)] + [offset + c for c in codes] + [v.id(end)], [SPECIAL] + [mod] * len(codes) + [SPECIAL])
+        first, second = (text, other) if task in ("t2i", "t2s") else (other, text)
+        tokens = [v.id(f"[{task.upper()}]")] + first[0] + second[0]
+        modality = [SPECIAL] + first[1] + second[1]
+        target = [False] * (1 + len(first[0])) + [True] * len(second[0])
+    return {"tokens": tokens, "modality": modality, "target": target}
+
+
+def _reference(trained, task, ids_or_codes, n, seed, options, **layout):
+    """The sampler written out as a plain loop over blocks, steps and rows, on a prompt laid out here: at each step
+    every row commits round(targets of the block x alpha(next time)) positions in all, the most confident first
+    (earlier position on a tie), or in random order; the model is called on the whole batch (with guidance w:
+    uncond + w (cond - uncond) from one doubled batch, the condition's content masked), [MASK] and [PAD] never
+    predicted. The draws follow the sampler's protocol: per step one multinomial over the candidates in row order,
+    then, for the random order, one uniform per candidate, from one generator seeded with ``seed``."""
+    v, model = trained.vocab, trained.model
+    row = _prompt_row(v, task, ids_or_codes, layout)
+    length = len(row["tokens"])
+    targets = [p for p in range(length) if row["target"][p]]
+    condition = [p for p in range(length) if not row["target"][p] and row["modality"][p] != SPECIAL]
+    o = options
+    size = o["block_size"]
+    blocks = [targets[i:i + size] for i in range(0, len(targets), size)] if size else [targets]
+    per_block = max(1, o["steps"] // len(blocks))
+    alpha = {"linear": lambda t: 1 - t, "cosine": lambda t: 1 - math.cos(math.pi / 2 * (1 - t))}[o["schedule"]]
+    x = [[v.mask_id if p in targets else row["tokens"][p] for p in range(length)] for _ in range(n)]
+    pad = torch.ones(n, length, dtype=torch.bool)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in blocks:
+            for s in range(per_block):
+                goal = len(block) if s == per_block - 1 else round(len(block) * alpha(1 - (s + 1) / per_block))
+                cands = [[p for p in block if x[r][p] == v.mask_id] for r in range(n)]
+                commits = [max(0, goal - (len(block) - len(c))) for c in cands]
+                if not any(commits):
+                    continue
+                select = torch.zeros(n, length, dtype=torch.bool)
+                for r, c in enumerate(cands):
+                    select[r, c] = True
+                tokens = torch.tensor(x)
+                if o["guidance"] != 1.0 and condition:
+                    dropped = tokens.clone()
+                    dropped[:, condition] = v.mask_id
+                    cond, uncond = model(torch.cat([tokens, dropped]), pad=torch.cat([pad, pad]),
+                                         select=torch.cat([select, select])).chunk(2)
+                    logits = uncond + o["guidance"] * (cond - uncond)
+                else:
+                    logits = model(tokens, pad=pad, select=select)
+                logits[:, [v.mask_id, v.pad_id]] = float("-inf")
+                if o["temperature"] == 0:
+                    pred = logits.argmax(-1)
+                else:
+                    scaled = logits / o["temperature"]
+                    if o["top_p"] is not None:  # keep the most likely tokens until their mass reaches top_p
+                        for i, probs in enumerate(scaled.softmax(-1).tolist()):
+                            mass, dropped = 0.0, []
+                            for t in sorted(range(len(probs)), key=lambda t: -probs[t]):
+                                if mass >= o["top_p"]:
+                                    dropped.append(t)
+                                mass += probs[t]
+                            scaled[i, dropped] = float("-inf")
+                    pred = torch.multinomial(scaled.softmax(-1), 1, generator=generator).squeeze(-1)
+                if o["strategy"] == "low_confidence":
+                    conf = logits.softmax(-1)[torch.arange(len(pred)), pred]
+                else:
+                    conf = torch.rand(len(pred), generator=generator)
+                first = 0
+                for r, c in enumerate(cands):
+                    row_conf, row_pred = conf[first:first + len(c)].tolist(), pred[first:first + len(c)].tolist()
+                    first += len(c)
+                    for j in sorted(range(len(c)), key=lambda j: -row_conf[j])[:commits[r]]:
+                        x[r][c[j]] = row_pred[j]
+    return [[x[r][p] for p in targets] for r in range(n)]
 
 
 def test_text_continuation_and_infill(ckpt, capsys, tmp_path):
@@ -76,7 +153,7 @@ def test_text_continuation_and_infill(ckpt, capsys, tmp_path):
     assert code == 0, (out, _err)
     rec = json.loads((tmp_path / "a" / "samples.json").read_text())
     assert rec["task"] == "text" and rec["n"] == 2 and rec["targets_per_sample"] == 12
-    opts = tasks.sampler_options("text", {"temperature": 1.0})
+    opts = _options("text", {"temperature": 1.0})
     ids = trained.text_tokenizer.encode(prompt)
     assert rec["tokens"] == _reference(trained, "text", ids, 2, 3, opts, new=12)
     for text, toks in zip(rec["texts"], rec["tokens"]):
@@ -103,7 +180,7 @@ def test_t2i_writes_pngs_and_grid(ckpt, capsys, tmp_path, n):
     assert code == 0, (out, _err)
     rec = json.loads((tmp_path / "samples.json").read_text())
     itok = trained.image_tokenizer
-    opts = tasks.sampler_options("t2i", {"steps": 4})
+    opts = _options("t2i", {"steps": 4})
     ref = _reference(trained, "t2i", None, n, 0, opts, text=trained.text_tokenizer.encode(caption),
                      codes=[0] * itok.tokens_per_image)
     assert rec["tokens"] == ref and rec["files"] == [f"t2i_{i:02d}.png" for i in range(n)] + ["t2i_grid.png"]
@@ -131,7 +208,7 @@ def test_t2s_writes_wavs_of_the_planned_length(ckpt, capsys, tmp_path):
     caps = np.load(trained.folder / "audio_train_captions.npy")
     n_codes = round(offsets[-1] / (caps >= 0).sum() * len(ids))  # codes per caption token of the training pairs
     assert rec["targets_per_sample"] == n_codes + 2
-    opts = tasks.sampler_options("t2s", {"steps": 4})
+    opts = _options("t2s", {"steps": 4})
     assert rec["tokens"] == _reference(trained, "t2s", None, 2, 0, opts, text=ids, codes=[0] * n_codes)
     atok = trained.audio_tokenizer
     for i in range(2):
@@ -162,7 +239,7 @@ def test_i2t_and_s2t_caption_files(ckpt, capsys, tmp_path):
     resized = Image.fromarray(pixels).resize((s, s), Image.BICUBIC)
     codes = itok.encode(torch.from_numpy(np.asarray(resized, np.float32) / 255).permute(2, 0, 1)[None])[0].tolist()
     n_text = int(np.median((np.load(trained.folder / "image_train_captions.npy") >= 0).sum(1)))
-    opts = tasks.sampler_options("i2t", {"steps": 3})
+    opts = _options("i2t", {"steps": 3})
     ref = _reference(trained, "i2t", None, 2, 0, opts, text=[0] * n_text, codes=codes)
     assert rec["tokens"] == ref and rec["notes"] == [f"resized {2 * s}x{2 * s} -> {s}x{s}"]
     for text, toks in zip(rec["texts"], ref):
@@ -178,7 +255,7 @@ def test_i2t_and_s2t_caption_files(ckpt, capsys, tmp_path):
     from sdebatch.mdm.tokenizers.audio import read_wav
 
     acodes = atok.encode(torch.from_numpy(read_wav(tmp_path / "in.wav", sr).astype(np.float32))).tolist()
-    assert rec["tokens"] == _reference(trained, "s2t", None, 1, 0, tasks.sampler_options("s2t", {"steps": 3}),
+    assert rec["tokens"] == _reference(trained, "s2t", None, 1, 0, _options("s2t", {"steps": 3}),
                                        text=[0] * 5, codes=acodes)
     assert rec["targets_per_sample"] == 7
 
