@@ -10,7 +10,9 @@
     rule = ["accumulate", "sqrt_exact", "naive"]
 
 A run is the base updated with one point of the grid (the product of all grid lists, after any ``[[runs]]`` tables
-listed explicitly). Its id is derived from its config, so a rerun of the sweep skips finished runs and a killed sweep
+listed explicitly). A grid list of tables is an axis of arms: each table is merged into the run's config (its key only
+names the axis), e.g. ``arm = [{physical_batch_size = 4, rule = "accumulate"}, {physical_batch_size = 16, rule =
+"sqrt_exact"}]`` with ``seed = [0, 1, 2]`` runs each arm at each seed, seed by seed when ``seed`` comes first. Its id is derived from its config, so a rerun of the sweep skips finished runs and a killed sweep
 continues where it stopped. A run writes into a temporary folder that is renamed into place when complete: a folder
 that exists is a finished run. A run whose loss goes nan/inf is recorded with ``diverged = true`` and the sweep goes
 on; a run that raises is recorded as failed (its traceback in ``error.txt``) and retried by the next invocation.
@@ -59,6 +61,9 @@ def load_sweep(path: str | os.PathLike) -> dict:
     bad = [k for k, v in grid.items() if not isinstance(v, list) or not v]
     if bad:
         raise ValueError(f"{path}: grid entries must be non-empty lists, not {bad}")
+    mixed = [k for k, v in grid.items() if len({isinstance(x, dict) for x in v}) > 1]
+    if mixed:
+        raise ValueError(f"{path}: a grid list holds values or tables (arms), not both: {mixed}")
     spec.setdefault("base", {})
     spec.setdefault("runs", [])
     spec["path"] = str(path)
@@ -73,8 +78,14 @@ def expand(spec: dict) -> list[dict]:
     keys = list(grid)
     configs = [{**spec["base"], **extra} for extra in spec.get("runs", [])]
     if grid or not spec.get("runs"):  # an empty grid with listed runs: only those (not the base as a run too)
-        configs += [{**spec["base"], **dict(zip(keys, values))}
-                    for values in itertools.product(*(grid[k] for k in keys))]
+        for values in itertools.product(*(grid[k] for k in keys)):
+            config = dict(spec["base"])
+            for k, v in zip(keys, values):
+                if isinstance(v, dict):
+                    config.update(v)  # an arm: its keys, not the axis name
+                else:
+                    config[k] = v
+            configs.append(config)
     seen, out = set(), []
     for c in configs:
         rid = run_id(c)

@@ -42,6 +42,27 @@ def test_expand_and_ids_are_stable(tmp_path):
     assert sweep.run_id(dict(reversed(list(configs[0].items())))) == sweep.run_id(configs[0])
 
 
+def test_an_axis_of_arms_merges_each_table_into_the_run(tmp_path):
+    """A grid list of tables is an axis of arms: seed-major order, the same configs (and ids) as listing them."""
+    path = tmp_path / "arms.toml"
+    path.write_text('''name = "arms"
+workload = "x.py:f"
+[base]
+logical_batch_size = 4
+[grid]
+seed = [0, 1]
+arm = [{physical_batch_size = 4, rule = "accumulate"}, {physical_batch_size = 16, rule = "naive"}]
+''')
+    configs = sweep.expand(sweep.load_sweep(path))
+    assert configs == [{"logical_batch_size": 4, "seed": s, **arm} for s in (0, 1)
+                       for arm in ({"physical_batch_size": 4, "rule": "accumulate"},
+                                   {"physical_batch_size": 16, "rule": "naive"})]
+    mixed = tmp_path / "mixed.toml"
+    mixed.write_text(path.read_text().replace('arm = [{', 'arm = [3, {'))
+    with pytest.raises(ValueError, match="values or tables"):
+        sweep.load_sweep(mixed)
+
+
 def test_kill_and_resume_runs_each_config_once(tmp_path, capsys):
     CALLS.clear()
     path = write_sweep(tmp_path)
