@@ -12,8 +12,9 @@
 A run is the base updated with one point of the grid (the product of all grid lists, after any ``[[runs]]`` tables
 listed explicitly). A grid list of tables is an axis of arms: each table is merged into the run's config (its key only
 names the axis), e.g. ``arm = [{physical_batch_size = 4, rule = "accumulate"}, {physical_batch_size = 16, rule =
-"sqrt_exact"}]`` with ``seed = [0, 1, 2]`` runs each arm at each seed, seed by seed when ``seed`` comes first. Its id is derived from its config, so a rerun of the sweep skips finished runs and a killed sweep
-continues where it stopped. A run writes into a temporary folder that is renamed into place when complete: a folder
+"sqrt_exact"}]`` with ``seed = [0, 1, 2]`` runs each arm at each seed, seed by seed when ``seed`` comes first.
+A run's id is derived from its config, so a rerun of the sweep skips finished runs and a killed sweep continues where
+it stopped. A run writes into a temporary folder that is renamed into place when complete: a folder
 that exists is a finished run. A run whose loss goes nan/inf is recorded with ``diverged = true`` and the sweep goes
 on; a run that raises is recorded as failed (its traceback in ``error.txt``) and retried by the next invocation.
 A workload that takes a ``run_dir`` argument gets the run's (temporary) folder for its own files, e.g. weights; they
