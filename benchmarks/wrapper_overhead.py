@@ -107,7 +107,7 @@ class Wrapped:
                                                   logical_batch_size=LOGICAL, physical_batch_size=PHYSICAL,
                                                   accumulation_steps=accum, noise_scale=self.noise_scale,
                                                   noise_scale_every=self.noise_scale_every)
-        assert self.opt.kappa == PHYSICAL * accum / LOGICAL
+        assert self.opt.window_kappa == PHYSICAL * accum / LOGICAL
 
     def update(self, micro_batches) -> None:
         for batch in micro_batches:

@@ -71,7 +71,8 @@ def train(opt_name: str, b: int, rule: str, accumulation: int | None, seed: int,
     model = mlp(HIDDEN, torch.nn.SiLU)
     cfg = BASE[opt_name]
     opt = sdebatch.LogicalBatchOptimizer(cfg["cls"](model.parameters(), lr=cfg["lr"]), logical_batch_size=LOGICAL,
-                                         physical_batch_size=b, accumulation_steps=accumulation, rule=rule)
+                                         physical_batch_size=b, accumulation_steps=accumulation, rule=rule,
+                                         reparameterize=accumulation == 1)
     x, y = stream
     for i in range(0, SAMPLES, b):
         loss = torch.nn.functional.mse_loss(model(x[i:i + b]), y[i:i + b])
@@ -116,12 +117,12 @@ def main() -> None:
         mean, se, _ = mean_se(losses)
         se = float("nan") if se is None else se
         arith = (f"b={b}{f' x {opt.accumulation_steps} accumulation' if opt.accumulation_steps > 1 else ''}: "
-                 f"{opt.batch_per_update} per update, kappa={opt.kappa:g}, {opt.updates} updates")
+                 f"{opt.window_batch_size} per update, kappa={opt.window_kappa:g}, {opt.updates} updates")
         seconds = time.perf_counter() - t0
         print(f"  {opt_name:4s} {setting:10s} {arith:52s} loss {mean:.4f} +- {se:.4f}  {seconds:5.1f}s", flush=True)
         rows.append(dict(optimizer=opt_name, setting=setting, physical_batch=b,
                          accumulation_steps=opt.accumulation_steps,
-                         batch_per_update=opt.batch_per_update, kappa=opt.kappa, updates=opt.updates,
+                         batch_per_update=opt.window_batch_size, kappa=opt.window_kappa, updates=opt.updates,
                          rule=opt.rule, loss_mean=mean, loss_se=se, losses=losses, seconds=round(seconds, 2)))
     # relative deviation from the logical run, paired by seed (same init and data): mean +- s.e. over seeds
     logical = {r["optimizer"]: r["losses"] for r in rows if r["setting"] == "logical"}

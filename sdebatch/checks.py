@@ -175,3 +175,17 @@ def wrapper_options(*, rule: Any = "auto", beta_form: Any = "exact", momentum_mo
     int_at_least("noise_scale_every", noise_scale_every)
     if not isinstance(second_moment_rescale, bool):
         raise ValueError(f"second_moment_rescale must be True or False, got {second_moment_rescale!r}")
+
+
+def reparameterization(physical: int, accumulation: int, world_size: int, logical: int, reparameterize: bool) -> None:
+    """The one rule of the wrapper and the Lightning callback: a fixed batch per update above the logical batch
+    changes the dynamics (kappa > 1), so it needs ``reparameterize=True``."""
+    per_update = physical * accumulation * world_size
+    if per_update > logical and not reparameterize:
+        kappa = per_update / logical
+        raise ValueError(
+            f"{physical} per device x {accumulation} accumulation x {world_size} device(s) = {per_update} samples "
+            f"per update exceeds logical_batch_size={logical}. Pass reparameterize=True to take updates of "
+            f"{per_update} samples with kappa = {kappa:.4g} (the hyperparameters rescaled by the SDE rules, valid "
+            "below the critical batch size), or use a physical batch that divides the logical batch "
+            f"per device ({max(1, logical // world_size)}).")

@@ -167,7 +167,8 @@ class LogicalBatch(pl.Callback):
                                      weight_decay_form=weight_decay_form, horizon=horizon,
                                      reference_horizon=reference_horizon, gamma=gamma, max_grad_norm=max_grad_norm,
                                      noise_scale=noise_scale, ema_rescale=ema_rescale,
-                                     batch_schedule=batch_schedule, second_moment_rescale=second_moment_rescale)
+                                     batch_schedule=batch_schedule, second_moment_rescale=second_moment_rescale,
+                                     reparameterize=reparameterize)
         self.lr_schedule, self.schedule_unit = lr_schedule, schedule_unit
         self.ema_decay, self.ema = ema_decay, None
         self.max_samples, self.max_tokens = max_samples, max_tokens
@@ -307,11 +308,6 @@ class LogicalBatch(pl.Callback):
         # flushed (applied as a short update) and the run continues in samples
         if opt.configure_batch(physical, self.accumulation_steps):
             self._after_update(trainer, pl_module, in_batch=False)
-        if opt.batch_per_update > self.logical_batch_size and opt.accumulation_steps == 1 and not self.reparameterize:
-            raise ValueError(
-                f"{physical} per device x {opt.world_size} devices = {opt.batch_per_update} samples per batch exceeds "
-                f"logical_batch_size={self.logical_batch_size}. Pass reparameterize=True to take one update per batch "
-                f"with kappa = {opt.kappa:.4g} (valid below the critical batch size), or lower the per-device batch.")
         for config in trainer.lr_scheduler_configs:  # torch schedulers step once per update, not per batch
             if config.interval == "step" and opt.batch_schedule is not None:
                 raise ValueError("a torch lr scheduler with interval='step' under a batch_schedule would step per "
@@ -321,8 +317,8 @@ class LogicalBatch(pl.Callback):
                 config.frequency *= opt.accumulation_steps
         if self.verbose:
             rank_zero_info(f"sdebatch: {physical} per device x {trainer.num_devices} devices x {trainer.num_nodes} "
-                           f"node(s) x {opt.accumulation_steps} accumulation = {opt.batch_per_update} samples "
-                           f"per update (logical batch {self.logical_batch_size}), kappa = {opt.kappa:.4g}, "
+                           f"node(s) x {opt.accumulation_steps} accumulation = {opt.window_batch_size} samples "
+                           f"per update (logical batch {self.logical_batch_size}), kappa = {opt.window_kappa:.4g}, "
                            f"rule = {opt.rule}")
 
     # --- every batch ---

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+import weakref
 from collections import OrderedDict
 from typing import Any, Callable, Iterator
 
@@ -33,7 +34,7 @@ from .facade import Handle, InnerOptimizerProxy
 from .families import KNOWN_OPTIMIZERS, family_of
 from .noise import NoiseScaleEstimator, NoiseScaleMonitor
 from .stepping import rescaled_step
-from .window import Window, read_sums
+from .window import GradWatch, Window, read_sums
 
 
 class LogicalBatchOptimizer(InnerOptimizerProxy):
@@ -84,6 +85,10 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
             relearn its scale over ~1 / (1 - beta2**kappa) updates. Default False; with ``rule="adam"`` (or "auto"
             on an Adam-family optimizer) only. Measured on the noisy quadratic in ``experiments/results/``
             (``quadratic_ramp.csv``): see the README before turning it on.
+        reparameterize: allow a fixed batch per update (physical x accumulation x world size) above the logical
+            batch, taking updates with kappa > 1 (the paper's reparameterization, valid below the critical batch).
+            Default False: that is an error, so a physical batch set for the hardware never changes the dynamics
+            unnoticed. A ``batch_schedule`` is its own opt-in.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, logical_batch_size: int,
@@ -95,7 +100,7 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
                  ema: Any = None, ema_rescale: bool | None = None, process_group: Any = None, noise_scale: bool = False,
                  noise_scale_decay: float = 0.95, noise_scale_warn: float | None = 1.0,
                  noise_scale_every: int = 1, batch_schedule: BatchSchedule | None = None,
-                 second_moment_rescale: bool = False) -> None:
+                 second_moment_rescale: bool = False, reparameterize: bool = False) -> None:
         # --- validate everything before touching any state ---
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -103,6 +108,8 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
             raise TypeError("optimizer is already a LogicalBatchOptimizer; wrap the inner optimizer once")
         checks.batch_sizes(logical_batch_size, physical_batch_size=physical_batch_size,
                            accumulation_steps=accumulation_steps)
+        logical_batch_size, physical_batch_size, accumulation_steps = (  # numpy integers become ints
+            None if v is None else int(v) for v in (logical_batch_size, physical_batch_size, accumulation_steps))
         checks.wrapper_options(rule=rule, beta_form=beta_form, momentum_mode=momentum_mode,
                                weight_decay_form=weight_decay_form, horizon=horizon,
                                reference_horizon=reference_horizon, gamma=gamma, max_grad_norm=max_grad_norm,
@@ -126,14 +133,17 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
                             f"{type(batch_schedule).__name__}")
         if batch_schedule is not None and accumulation_steps is not None:
             raise ValueError("batch_schedule sets the accumulation per window; leave accumulation_steps None")
+        if not isinstance(reparameterize, bool):
+            raise ValueError(f"reparameterize must be True or False, got {reparameterize!r}")
         if second_moment_rescale and family != "adam":
             raise ValueError(f"second_moment_rescale=True needs an Adam-family rule (rule='adam', or 'auto' on Adam, "
                              f"AdamW, RMSprop, NAdam, RAdam), got rule {family!r}")
 
         self.process_group = process_group
         self.world_size = dist.get_world_size(process_group) if dist.is_available() and dist.is_initialized() else 1
+        self.reparameterize = reparameterize
         physical_batch_size, accumulation_steps = self._batch_arithmetic(logical_batch_size, physical_batch_size,
-                                                                         accumulation_steps)
+                                                                         accumulation_steps, batch_schedule)
         if batch_schedule is not None:
             batch_schedule.check_reachable(physical_batch_size * self.world_size)
             if hasattr(batch_schedule, "attach") and not noise_scale:
@@ -163,6 +173,12 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         self.last_batch_size: float | None = None  # samples in the last update (all ranks)
         self._grad_norm: torch.Tensor | None = None
         self.did_update = False
+        self._grad_watch = GradWatch()
+        self._lr_marks: list | None = None
+        self._first_samples: float | None = None
+        self._warned: set[str] = set()
+        self._unflushed = _UnflushedWindow()
+        weakref.finalize(self, self._unflushed)  # holds the small state object, not the optimizer
         self._effective: list[dict] = []
         self._pre_update_hooks: "OrderedDict[int, Callable]" = OrderedDict()
         self._post_update_hooks: "OrderedDict[int, Callable]" = OrderedDict()
@@ -180,65 +196,76 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
                 f"world_size={self.world_size})\n{self.optimizer!r}")
 
     # --- the batch arithmetic ---
-    def _batch_arithmetic(self, logical: int, physical: int | None, accumulation: int | None) -> tuple[int, int]:
+    def _batch_arithmetic(self, logical: int, physical: int | None, accumulation: int | None,
+                          batch_schedule: Any = None) -> tuple[int, int]:
         if physical is None:
             physical = max(1, logical // self.world_size)
         if accumulation is None:
             per_pass = physical * self.world_size
             accumulation = math.ceil(logical / per_pass) if per_pass < logical else 1
+        if batch_schedule is None:
+            checks.reparameterization(physical, accumulation, self.world_size, logical, self.reparameterize)
         return physical, accumulation
 
     def configure_batch(self, physical_batch_size: int, accumulation_steps: int | None = None) -> bool:
         """Set the physical batch (and accumulation, default derived as in the constructor) before training, e.g.
         once the data loader is known, or after a resume with another physical batch (elastic resume: the clock and
-        the logical batch continue). Not allowed inside a running window; a window restored from a checkpoint with
-        other arithmetic is flushed first (applied as a short update with its own kappa). Returns whether it
+        the logical batch continue). Call it before the first backward. Not allowed inside a running window; a
+        window restored from a checkpoint with other arithmetic is flushed first (applied as a short update with its
+        own kappa, its gradients then cleared). Everything is checked before anything changes. Returns whether it
         flushed."""
         checks.batch_sizes(self.logical_batch_size, physical_batch_size=physical_batch_size,
                            accumulation_steps=accumulation_steps)
+        physical_batch_size = int(physical_batch_size)
+        accumulation_steps = None if accumulation_steps is None else int(accumulation_steps)
         changes = physical_batch_size != self.physical_batch_size or (
             accumulation_steps is not None and accumulation_steps != self.accumulation_steps)
-        # restored mid-window (no micro-step since) with other arithmetic: apply that window first
-        flushed = self.window.saved_grads is not None and changes and self.flush()
+        # restored mid-window (no micro-step since) with other arithmetic: that window is applied first
+        will_flush = self.window.saved_grads is not None and changes
+        still_open = self.in_window and not will_flush
         if self.batch_schedule is not None:
             if accumulation_steps is not None:
                 raise ValueError("batch_schedule sets the accumulation per window; leave accumulation_steps None")
             self.batch_schedule.check_reachable(physical_batch_size * self.world_size)
-            if self.in_window and physical_batch_size != self.physical_batch_size:
+            if still_open and physical_batch_size != self.physical_batch_size:
                 raise RuntimeError(f"configure_batch({physical_batch_size}) inside an unfinished window of physical "
                                    f"batch {self.physical_batch_size}; change it between updates")
-            if not self.in_window:
-                self.physical_batch_size = physical_batch_size
-                self._reset_window()
-            return flushed
-        new = self._batch_arithmetic(self.logical_batch_size, physical_batch_size, accumulation_steps)
-        if self.in_window and new != (self.physical_batch_size, self.accumulation_steps):
-            raise RuntimeError(f"configure_batch{new} inside an unfinished window of "
-                               f"{(self.physical_batch_size, self.accumulation_steps)}; change it between updates")
-        self.physical_batch_size, self.accumulation_steps = new
+            new = (physical_batch_size, self.accumulation_steps)
+        else:
+            new = self._batch_arithmetic(self.logical_batch_size, physical_batch_size, accumulation_steps)
+            if still_open and new != (self.physical_batch_size, self.accumulation_steps):
+                raise RuntimeError(f"configure_batch{new} inside an unfinished window of "
+                                   f"{(self.physical_batch_size, self.accumulation_steps)}; change it between updates")
+        flushed = False
+        if will_flush:
+            flushed = self.flush()
+            self.optimizer.zero_grad(set_to_none=True)  # the checkpoint's gradients, now applied
+            self._grad_watch.forget()
         if not self.in_window:
+            self.physical_batch_size, self.accumulation_steps = new
             self._reset_window()  # the next window with the new arithmetic (and the noise monitor told of it)
         return flushed
 
     @property
-    def batch_per_update(self) -> int:
-        """Samples per full window: physical x accumulation x world size (B_step)."""
+    def window_batch_size(self) -> int:
+        """Samples in a full window, all ranks: physical x accumulation x world size (B_step of a full window; the
+        last update's is ``last_batch_size``)."""
         return self.physical_batch_size * self.accumulation_steps * self.world_size
 
     @property
-    def kappa(self) -> float:
-        """kappa of a full window (a short last window has its own, see ``last_kappa``)."""
-        return rules.kappa(self.batch_per_update, self.logical_batch_size, horizon=self.horizon,
+    def window_kappa(self) -> float:
+        """kappa of a full window (the last update's, e.g. a short last window's, is ``last_kappa``)."""
+        return rules.kappa(self.window_batch_size, self.logical_batch_size, horizon=self.horizon,
                            reference_horizon=self.reference_horizon, gamma=self.gamma)
 
     def describe(self) -> str:
         """The batch arithmetic as one line, e.g. "32 per device x 4 accumulation x 2 devices = 256 = logical ..."."""
-        b = self.batch_per_update
+        b = self.window_batch_size
         rel = "=" if b == self.logical_batch_size else ("<" if b < self.logical_batch_size else ">")
         ramp = f"; batch schedule: {self.batch_schedule.describe()}" if self.batch_schedule is not None else ""
         return (f"{self.physical_batch_size} per device x {self.accumulation_steps} accumulation x {self.world_size} "
                 f"device(s) = {b} samples per update {rel} logical batch {self.logical_batch_size}, "
-                f"kappa = {self.kappa:.4g}, rule = {self.rule}{ramp}")
+                f"kappa = {self.window_kappa:.4g}, rule = {self.rule}{ramp}")
 
     @property
     def samples_seen(self) -> int:
@@ -299,6 +326,8 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
                 is divided by the window's total, summed over ranks (exact for varying counts). Default None:
                 ``loss`` is a micro-batch mean and micro-batches weigh equally.
             num_samples: samples in this micro-batch, for the clock and kappa. Default: ``physical_batch_size``.
+                Given without ``num_items``, ``loss`` is taken as a mean over these samples and the micro-batch
+                weighs by them in the window (exact when the last batch of the data is short).
             num_tokens: tokens in this micro-batch, for the clock. Default: not counted.
             reduction: "sum" (default; ``loss`` is a sum over ``num_items``) or "mean" (``loss`` is a mean over
                 ``num_items``; it is multiplied back to a sum, so unequal micro-batches still weigh by size).
@@ -307,6 +336,8 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
         n = None if num_items is None else checks.count("num_items", num_items, allow_zero=True)
         self._check_counts(num_samples, num_tokens)
+        if n is None and num_samples is not None:  # a mean over the micro-batch's samples: weigh it by them
+            n, reduction = checks.count("num_samples", num_samples), "mean"
         self.window.set_protocol("mean" if n is None else "sum")
         if n is not None and reduction == "mean":
             loss = loss * n
@@ -356,9 +387,14 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
             with torch.enable_grad():
                 loss = closure()
         w = self.window
+        params = self._params()
         if w.saved_grads is not None:
-            w.add_saved_grads(self._params())
-        w.end_micro_step(num_samples, num_tokens, self.physical_batch_size)
+            w.add_saved_grads(params)
+        else:
+            self._check_grads(params)
+        self._check_lr(w.open)
+        pending, n = w.end_micro_step(num_samples, num_tokens, self.physical_batch_size)
+        self._check_equal_weights(pending, n)
         if self._noise is not None and self._noise.wants_micro_step:  # the window's first micro-batch
             ends = w.micro_steps >= self.accumulation_steps
             self._noise.micro_step([] if ends else [p.grad for p in self._params_with_grad()], w.samples,
@@ -367,6 +403,8 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         self.did_update = False
         if w.micro_steps >= self.accumulation_steps:
             self._update()
+        self._grad_watch.record(params)
+        self._unflushed.micro_steps = self.window.micro_steps
         for hook in list(self._optimizer_step_post_hooks.values()):
             hook(self, (), {})
         return loss
@@ -380,6 +418,8 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
             if self.window.saved_grads is not None:  # a window restored from a checkpoint, flushed before any step
                 self.window.add_saved_grads(self._params())
             self._update()
+            self._grad_watch.record(self._params())
+            self._unflushed.micro_steps = 0
         return self.did_update
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -420,6 +460,58 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
     def noise_scale(self) -> float | None:
         """Estimated gradient noise scale B_simple in samples (None if not tracked or not yet known)."""
         return None if self._noise is None else self._noise.estimator.value
+
+    def discard_window(self) -> None:
+        """Drop the open window's counts without an update (its gradients in ``.grad`` are the caller's to clear),
+        e.g. after measuring passes that must not train."""
+        self._reset_window()
+        self._grad_watch.forget()
+        self._unflushed.micro_steps = 0
+
+    # --- what would silently corrupt a window: refused or warned, naming the fix ---
+    _GRAD_FAULTS = {
+        "cleared": "the open window's gradients were cleared or replaced between its micro-steps (micro-step {k} of "
+                   "{n}): something called zero_grad() on the model or on the inner optimizer inside the window. "
+                   "transformers.Trainer does after every optimizer.step(): use sdebatch.hf.LogicalBatchTrainer. In "
+                   "your own loop call opt.zero_grad() on the wrapper, which waits for the update.",
+        "nothing": "step() with nothing backpropagated since the last step(): call loss.backward() (or "
+                   "opt.backward(loss, ...)) once per micro-batch before opt.step(). Under FSDP2 leave gradient sync "
+                   "on (set_requires_gradient_sync(False) keeps gradients out of .grad until a synced backward): "
+                   "the wrapper accumulates the reduce-scattered shards.",
+        "stale": "this micro-batch's gradient was added onto the last update's (no zero_grad() after the update): "
+                 "call opt.zero_grad() after every opt.step() (it clears only between windows).",
+    }
+
+    def _check_grads(self, params: list[torch.Tensor]) -> None:
+        fault = self._grad_watch.check(params, self.window.open)
+        if fault is not None:
+            raise RuntimeError(self._GRAD_FAULTS[fault].format(k=self.window.micro_steps + 1,
+                                                              n=self.accumulation_steps))
+
+    def _check_lr(self, window_open: bool) -> None:
+        """A torch scheduler stepped per micro-step changes the lr inside a window: warn once, naming the fix."""
+        marks = [_lr_mark(g.get("lr")) for g in self.param_groups]
+        if not window_open or self._lr_marks is None:
+            self._lr_marks = marks
+        elif marks != self._lr_marks and "lr" not in self._warned:
+            self._warned.add("lr")
+            warnings.warn("the lr changed inside an accumulation window: a torch scheduler stepped once per "
+                          "micro-batch advances accumulation_steps times too fast. Step it once per update: "
+                          "`if opt.did_update: sched.step()`, or wrap it, sched = sdebatch.per_update(sched, opt); "
+                          "or drive the lr from the clock with sdebatch.ClockSchedule.", stacklevel=3)
+
+    def _check_equal_weights(self, pending: Any, samples: Any) -> None:
+        """Mean-reduced micro-batches weigh equally: exact only when they hold the same number of samples."""
+        if self.window.protocol != "mean" or isinstance(samples, torch.Tensor):
+            return
+        if self.window.micro_steps == 1 or self._first_samples is None:  # (None: resumed mid-window)
+            self._first_samples = samples
+        elif samples != self._first_samples and "weights" not in self._warned:
+            self._warned.add("weights")
+            warnings.warn(f"micro-batches of {self._first_samples:g} and {samples:g} samples in one window with a "
+                          "mean-reduced loss (loss.backward()) weigh equally, not by their size: pass "
+                          "opt.backward(loss, num_samples=len(batch)) so each weighs by its samples, or a "
+                          "sum-reduced loss with num_items=", stacklevel=3)
 
     # --- the update ---
     def _params(self) -> list[torch.Tensor]:
@@ -501,6 +593,7 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         """Inner optimizer state, the clock and, when stopped inside a window, its counts and gradients."""
         window_grads = self.window.grads_to_save(self._params()) if self.in_window else None
         window = self.window.state_dict()
+        self._unflushed.saved = self.window.micro_steps  # a checkpoint holds this window
         if self._noise is not None:
             window.update(self._noise.window_state())
         return {
@@ -548,6 +641,9 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         if hasattr(self.batch_schedule, "load_state_dict") and ours.get("batch_schedule") is not None:
             self.batch_schedule.load_state_dict(ours["batch_schedule"])
         self._reset_window()
+        self._grad_watch.forget()
+        self._unflushed.micro_steps = 0
+        self._first_samples = None
         self.window.load_state_dict(ours["window"])
         if self._noise is not None:
             self._noise.load_window_state(ours["window"])
@@ -559,6 +655,38 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         # (Lightning's fit does), and a sum does not care about order.
         self.window.saved_grads = None if grads is None else [
             None if g is None else g.to(device=p.device, dtype=p.dtype) for p, g in zip(params, grads)]
+
+
+class _UnflushedWindow:
+    """Called when the optimizer is garbage-collected or the interpreter exits: warns if the last window holds
+    micro-steps that were neither applied (``flush()``) nor saved in a checkpoint."""
+
+    def __init__(self) -> None:
+        self.micro_steps = 0  # of the open window, after the last step()
+        self.saved = -1  # the window's micro-steps when a checkpoint last saved it
+
+    def __call__(self) -> None:
+        if self.micro_steps > 0 and self.saved != self.micro_steps:
+            warnings.warn(f"a LogicalBatchOptimizer was discarded with {self.micro_steps} micro-step(s) of an "
+                          "unfinished window never applied: call opt.flush() after the last micro-batch (the end of "
+                          "the data or of training) to apply it with its own kappa", stacklevel=1)
+
+
+def _lr_mark(lr: Any) -> Any:
+    """The lr as compared between micro-steps; a tensor lr by identity and version (reading it would sync)."""
+    return (id(lr), lr._version) if isinstance(lr, torch.Tensor) else lr
+
+
+def unwrap(optimizer: Any) -> "LogicalBatchOptimizer":
+    """The :class:`LogicalBatchOptimizer` inside ``optimizer`` (itself, or under wrappers that keep it as
+    ``.optimizer``, such as accelerate's ``AcceleratedOptimizer``), to reach ``did_update``, the clock and
+    ``flush()``. Raises TypeError when there is none."""
+    seen = optimizer
+    for _ in range(8):
+        if isinstance(seen, LogicalBatchOptimizer):
+            return seen
+        seen = getattr(seen, "optimizer", None)
+    raise TypeError(f"no LogicalBatchOptimizer inside {type(optimizer).__name__}")
 
 
 SECOND_MOMENT_KEYS = ("exp_avg_sq", "max_exp_avg_sq", "square_avg")

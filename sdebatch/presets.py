@@ -14,12 +14,12 @@ Sweep files and train configs name a preset under the key ``rule`` (kept: it key
 """
 from __future__ import annotations
 
-PRESETS: dict[str, dict] = {  # LogicalBatchOptimizer keyword arguments
-    "naive": dict(rule="none", accumulation_steps=1),
+PRESETS: dict[str, dict] = {  # LogicalBatchOptimizer keyword arguments (one update per physical batch: opted in)
+    "naive": dict(rule="none", accumulation_steps=1, reparameterize=True),
     "accumulate": dict(rule="auto", accumulation_steps=None),
-    "linear": dict(rule="sgd", accumulation_steps=1),
-    "sqrt_exact": dict(rule="adam", beta_form="exact", accumulation_steps=1),
-    "sqrt_linear": dict(rule="adam", beta_form="linear", accumulation_steps=1),
+    "linear": dict(rule="sgd", accumulation_steps=1, reparameterize=True),
+    "sqrt_exact": dict(rule="adam", beta_form="exact", accumulation_steps=1, reparameterize=True),
+    "sqrt_linear": dict(rule="adam", beta_form="linear", accumulation_steps=1, reparameterize=True),
 }
 # figure labels (matplotlib mathtext)
 LABELS = {"accumulate": "accumulate (exact)", "sqrt_exact": r"square-root rule, $\beta^\kappa$",
@@ -50,13 +50,6 @@ def wrapper_kwargs(name: str, family: str = "adam") -> dict:
     if name in ("sqrt_exact", "sqrt_linear") and family == "sgd":
         kw["rule"] = "sgd"
     return kw
-
-
-def lightning_kwargs(name: str) -> dict:
-    """sdebatch.lightning.LogicalBatch keyword arguments: the wrapper's, with ``reparameterize`` where one update
-    is taken per physical batch."""
-    kw = wrapper_kwargs(name)
-    return {**kw, "reparameterize": kw["accumulation_steps"] == 1}
 
 
 def update_batch(name: str, logical_batch_size: int, physical_batch_size: int) -> int:

@@ -8,7 +8,9 @@ base lr; :class:`ClockSchedule` applies it to the reference lr before every upda
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
+
+import torch
 
 from .checks import fraction, non_negative, positive_finite
 
@@ -118,3 +120,47 @@ class ClockSchedule:
             raise ValueError("state_dict has base lrs for a different number of param groups")
         self.base_lrs, self.unit = list(state["base_lrs"]), state["unit"]
         self._set(self.optimizer.clock.get(self.unit))
+
+
+class PerUpdateScheduler(torch.optim.lr_scheduler.LRScheduler):
+    """A torch lr scheduler that steps only when the wrapper took an update: call ``step()`` after every
+    ``opt.step()`` (once per micro-batch, as a plain loop or ``accelerate`` does) and the schedule advances once per
+    update, whatever the accumulation. An ``LRScheduler`` itself, so ``accelerator.prepare`` treats it as it treats
+    the scheduler it wraps. Made by :func:`per_update`; ``state_dict`` / ``load_state_dict`` / ``get_last_lr`` and
+    every other attribute are the wrapped scheduler's.
+    """
+
+    def __init__(self, scheduler: Any, optimizer: Any) -> None:  # noqa: D107 (no LRScheduler.__init__: nothing to set)
+        from .optimizer import unwrap
+
+        self.__dict__["scheduler"] = scheduler
+        self.__dict__["_logical"] = unwrap(optimizer)
+
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        if self._logical.did_update:
+            self.scheduler.step(*args, **kwargs)
+
+    def state_dict(self) -> dict:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.scheduler.load_state_dict(state_dict)
+
+    def get_last_lr(self) -> list:
+        return self.scheduler.get_last_lr()
+
+    def __getattr__(self, name: str) -> Any:  # optimizer, last_epoch, base_lrs, total_steps, _step_count, ...
+        return getattr(self.__dict__["scheduler"], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self.__dict__["scheduler"], name, value)
+
+
+def per_update(scheduler: Any, optimizer: Any) -> PerUpdateScheduler:
+    """``scheduler`` (any torch lr scheduler on the inner optimizer or on the wrapper) stepped once per update of
+    ``optimizer`` (a :class:`sdebatch.LogicalBatchOptimizer`, or a wrapper around one such as accelerate's
+    ``AcceleratedOptimizer``): ``sched = sdebatch.per_update(LambdaLR(inner, f), opt)``, then ``sched.step()`` after
+    every ``opt.step()``. A scheduler stepped per micro-batch would advance ``accumulation_steps`` times too fast."""
+    if not hasattr(scheduler, "step"):
+        raise TypeError(f"scheduler must be a torch lr scheduler, got {type(scheduler).__name__}")
+    return PerUpdateScheduler(scheduler, optimizer)

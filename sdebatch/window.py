@@ -129,3 +129,55 @@ def _sum_or_none(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor
     if a is None:
         return None if b is None else b.detach().clone()
     return a.detach().clone() if b is None else a.detach() + b
+
+
+def _version(g: torch.Tensor) -> int:
+    """The in-place version counter of a gradient (a DTensor's is its local shard's: the wrapper's never moves)."""
+    return g._version if type(g) is torch.Tensor else getattr(g, "_local_tensor", g)._version
+
+
+class GradWatch:
+    """What each parameter's ``.grad`` was after the last ``step()``, to catch what silently corrupts a window:
+
+    - the window's gradients replaced or cleared between its micro-steps (``model.zero_grad()`` inside a window, as
+      ``transformers.Trainer`` does after every ``optimizer.step()``);
+    - a ``step()`` with nothing backpropagated since the last one;
+    - a new window added onto the last update's gradient (no ``zero_grad()`` after an update).
+
+    One reference and one version read per parameter per micro-step, nothing copied, nothing read from the device.
+    """
+
+    def __init__(self) -> None:
+        self.marks: list | None = None  # per parameter: (grad, version) or None; None: nothing recorded yet
+
+    def record(self, params: list[torch.Tensor]) -> None:
+        self.marks = [None if (g := p.grad) is None else (g, _version(g)) for p in params]
+
+    def forget(self) -> None:
+        self.marks = None
+
+    def check(self, params: list[torch.Tensor], window_open: bool) -> str | None:
+        """None if the gradients moved as a micro-step's backward moves them since :meth:`record`, else the fault:
+        "cleared", "nothing" or "stale"."""
+        if self.marks is None:
+            return None if any(p.grad is not None for p in params) else "nothing"
+        if len(self.marks) != len(params):
+            return None  # a param group was added: nothing to compare with
+        changed = False
+        for p, mark in zip(params, self.marks):
+            g = p.grad
+            if mark is None:
+                changed = changed or g is not None
+                continue
+            g0, v0 = mark
+            if g is not g0:
+                if window_open:
+                    return "cleared"
+                changed = True  # a new gradient after zero_grad(set_to_none=True)
+                continue
+            v = _version(g)
+            if v != v0:
+                if not window_open and v == v0 + 1:
+                    return "stale"  # one backward added onto the last update's gradient, no zeroing between
+                changed = True
+        return None if changed else "nothing"

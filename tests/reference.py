@@ -42,9 +42,10 @@ def flat(model):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-def big_batch_run(opt_name, data, logical, *, token_weighted, epochs=2, seed=1):
+def big_batch_run(opt_name, data, logical, *, token_weighted, epochs=2, seed=1, max_grad_norm=None):
     """The oracle: the plain torch optimizer, one step per logical batch, loss averaged over the whole batch
-    (over its valid tokens when token_weighted). A last short batch is one step on what it holds."""
+    (over its valid tokens when token_weighted), its gradient clipped to ``max_grad_norm`` if given. A last short
+    batch is one step on what it holds."""
     x, y, mask = data
     model = make_model(x.shape[-1], seed)
     cls, kw = OPTIMIZERS[opt_name]
@@ -59,5 +60,7 @@ def big_batch_run(opt_name, data, logical, *, token_weighted, epochs=2, seed=1):
                 loss = sample_loss_mean(model, x[sl], y[sl])
             opt.zero_grad()
             loss.backward()
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
             opt.step()
     return model

@@ -261,7 +261,7 @@ def test_critical_batch_warmup_follows_the_online_estimate_and_resumes(monkeypat
     for est in [None, 20.0, 13.0, 70.0, 500.0, 30.0]:
         fake[0] = est
         opt._reset_window()  # what each update does at its end
-        seen.append(opt.batch_per_update)
+        seen.append(opt.window_batch_size)
     monkeypatch.undo()
     # 0.5 x B_simple rounded down to a multiple of 4, never below the last, capped at 64; no estimate: keep
     assert seen == [8, 8, 8, 32, 64, 64]
@@ -270,7 +270,7 @@ def test_critical_batch_warmup_follows_the_online_estimate_and_resumes(monkeypat
     opt2 = sdebatch.LogicalBatchOptimizer(torch.optim.SGD(make_model().parameters(), lr=0.1), 8, 4,
                                           batch_schedule=fresh, noise_scale=True)
     opt2.load_state_dict(state)
-    assert fresh.current == 64 and opt2.batch_per_update == 64
+    assert fresh.current == 64 and opt2.window_batch_size == 64
 
 
 def test_choose_physical_batch_picks_the_fastest_that_fits_from_a_measured_table():
@@ -300,7 +300,7 @@ def test_choose_physical_batch_picks_the_fastest_that_fits_from_a_measured_table
     assert choice.physical_batch_size == 32 and "chosen: 32 per device" in choice.describe()
     opt = sdebatch.LogicalBatchOptimizer(torch.optim.SGD(make_model().parameters(), lr=0.1), 256)
     opt.configure_batch(choice.physical_batch_size)
-    assert opt.logical_batch_size == 256 and opt.accumulation_steps == 8 and opt.kappa == 1.0
+    assert opt.logical_batch_size == 256 and opt.accumulation_steps == 8 and opt.window_kappa == 1.0
     with pytest.raises(ValueError, match="candidates must be positive ints"):
         sdebatch.choose_physical_batch(step, [0, 8])
     with pytest.raises(RuntimeError, match="no candidate micro-batch fits"):

@@ -12,7 +12,7 @@ from reference import flat, make_data, make_model, sample_loss_mean
 def one_update(inner_cls, kw, *, logical, physical, x, y, **wkw):
     model = make_model()
     opt = sdebatch.LogicalBatchOptimizer(inner_cls(model.parameters(), **kw), logical, physical,
-                                         accumulation_steps=1, **wkw)
+                                         accumulation_steps=1, reparameterize=True, **wkw)
     sample_loss_mean(model, x[:physical], y[:physical]).backward()
     opt.step()
     return model, opt
@@ -140,11 +140,12 @@ def test_scheduler_sees_reference_values_and_survives_load_state_dict():
     x, y, _ = make_data()
     model = make_model()
     opt = sdebatch.LogicalBatchOptimizer(torch.optim.Adam(model.parameters(), lr=0.1), 8, 32,
-                                         accumulation_steps=1)  # kappa = 4: effective lr = 2 x reference
+                                         accumulation_steps=1, reparameterize=True)  # kappa = 4: lr = 2 x reference
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     state = opt.state_dict()
     model2 = make_model()
-    opt2 = sdebatch.LogicalBatchOptimizer(torch.optim.Adam(model2.parameters(), lr=0.1), 8, 32, accumulation_steps=1)
+    opt2 = sdebatch.LogicalBatchOptimizer(torch.optim.Adam(model2.parameters(), lr=0.1), 8, 32, accumulation_steps=1,
+                                          reparameterize=True)
     sched2 = torch.optim.lr_scheduler.StepLR(opt2, step_size=1, gamma=0.5)
     opt2.load_state_dict(state)  # replaces the inner param_groups: a cached copy would now be dead
     for i in range(3):
@@ -189,7 +190,7 @@ def test_every_torch_scheduler_drives_the_reference_lr(name):
         model = make_model()
         inner = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9) if name == "CyclicLR" else \
             torch.optim.Adam(model.parameters(), lr=0.05)
-        opt = sdebatch.LogicalBatchOptimizer(inner, 8, 32, accumulation_steps=1) if wrap else inner
+        opt = sdebatch.LogicalBatchOptimizer(inner, 8, 32, accumulation_steps=1, reparameterize=True) if wrap else inner
         sched = _all_schedulers(opt)[name]()
         lrs, eff = [], []
         for i in range(5):
@@ -302,7 +303,7 @@ def test_weight_decay_and_ema_are_invariant_in_samples(k):
         for p in model.parameters():
             p.fill_(2.0)
     opt = sdebatch.LogicalBatchOptimizer(torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.5),
-                                         logical, physical, accumulation_steps=1, ema=ema)
+                                         logical, physical, accumulation_steps=1, ema=ema, reparameterize=True)
     for _ in range(total // physical):
         for p in model.parameters():
             p.grad = torch.zeros_like(p)
@@ -340,7 +341,7 @@ def test_ema_decay_follows_the_rule(rule, ema_rescale, per_update):
         for p in model.parameters():
             p.fill_(1.0)
     opt = sdebatch.LogicalBatchOptimizer(torch.optim.Adam(model.parameters(), lr=0.01), 4, 16, rule=rule,
-                                         ema=ema, ema_rescale=ema_rescale)
+                                         ema=ema, ema_rescale=ema_rescale, reparameterize=True)
     for _ in range(5):
         for p in model.parameters():
             p.grad = torch.zeros_like(p)

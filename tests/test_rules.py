@@ -155,7 +155,8 @@ def test_rules_table_is_what_the_wrapper_sets_for_every_family(name, capsys):
                     + [x for k, v in hp.items() for x in (f"--{k.replace('_', '-')}", str(v))]) == 0
     header, row = capsys.readouterr().out.splitlines()[1:3]
     model = torch.nn.Linear(2, 1)
-    opt = sdebatch.LogicalBatchOptimizer(cls(model.parameters(), **hp), 4, 16, accumulation_steps=1)
+    opt = sdebatch.LogicalBatchOptimizer(cls(model.parameters(), **hp), 4, 16, accumulation_steps=1,
+                                         reparameterize=True)
     model(torch.ones(16, 2)).sum().backward()
     opt.step()
     used = opt.effective_hyperparameters()[0]

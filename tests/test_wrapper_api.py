@@ -79,13 +79,17 @@ def test_bad_load_state_dict_changes_nothing():
 
 def test_batch_arithmetic_and_defaults():
     model = make_model()
-    opt = sdebatch.LogicalBatchOptimizer(torch.optim.Adam(model.parameters()), 256, 96)
-    assert opt.accumulation_steps == 3 and opt.batch_per_update == 288 and opt.kappa == pytest.approx(288 / 256)
+    opt = sdebatch.LogicalBatchOptimizer(torch.optim.Adam(model.parameters()), 256, 96, reparameterize=True)
+    assert opt.accumulation_steps == 3 and opt.window_batch_size == 288 and opt.window_kappa == pytest.approx(288 / 256)
     assert "96 per device x 3 accumulation x 1 device(s) = 288" in opt.describe()
-    big = sdebatch.LogicalBatchOptimizer(torch.optim.Adam(model.parameters()), 256, 1024)
-    assert big.accumulation_steps == 1 and big.kappa == 4.0
+    with pytest.raises(ValueError, match=r"1024 samples per update exceeds logical_batch_size=256\. Pass reparam"):
+        sdebatch.LogicalBatchOptimizer(torch.optim.Adam(model.parameters()), 256, 1024)
+    with pytest.raises(ValueError, match="288 samples per update"):  # a remainder is a kappa > 1 too
+        sdebatch.LogicalBatchOptimizer(torch.optim.Adam(model.parameters()), 256, 96)
+    big = sdebatch.LogicalBatchOptimizer(torch.optim.Adam(model.parameters()), 256, 1024, reparameterize=True)
+    assert big.accumulation_steps == 1 and big.window_kappa == 4.0
     same = sdebatch.LogicalBatchOptimizer(torch.optim.Adam(model.parameters()), 256)
-    assert same.physical_batch_size == 256 and same.kappa == 1.0
+    assert same.physical_batch_size == 256 and same.window_kappa == 1.0
     assert isinstance(same, torch.optim.Optimizer)
 
 
@@ -112,13 +116,15 @@ def test_swa_avg_fn_uses_kappa():
     from torch.optim.swa_utils import AveragedModel
     model = make_model()
     x, y, _ = make_data()
-    opt = sdebatch.LogicalBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 8, 32, accumulation_steps=1)
+    opt = sdebatch.LogicalBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 8, 32, accumulation_steps=1,
+                                         reparameterize=True)
     avg = AveragedModel(model, avg_fn=sdebatch.ema_avg_fn(0.9, opt))
     start = flat(avg.module).clone()
     sample_loss_mean(model, x[:32], y[:32]).backward()
     opt.step()
     avg.update_parameters(model)  # the first call copies
     first = flat(model).clone()
+    opt.zero_grad()
     sample_loss_mean(model, x[32:64], y[32:64]).backward()
     opt.step()
     avg.update_parameters(model)
@@ -176,7 +182,7 @@ def test_a_rule_error_leaves_every_group_at_its_reference():
     a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
     inner = torch.optim.Adam([{"params": [a], "betas": (0.99, 0.999)}, {"params": [b], "betas": (0.9, 0.999)}],
                              lr=0.1)
-    opt = sdebatch.LogicalBatchOptimizer(inner, 8, 128, accumulation_steps=1, beta_form="linear")
+    opt = sdebatch.LogicalBatchOptimizer(inner, 8, 128, accumulation_steps=1, beta_form="linear", reparameterize=True)
     (a.sum() + b.sum()).backward()
     with pytest.raises(ValueError, match="betas"):
         opt.step()

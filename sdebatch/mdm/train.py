@@ -183,7 +183,7 @@ def build(config: dict) -> tuple[MDMModule, MDMDataModule, sl.LogicalBatch]:
     data = MDMDataModule(config)
     module = MDMModule(config, data.vocab.size)
     module.record = training_record(config, data.vocab)
-    rule = presets.lightning_kwargs(config["rule"])
+    rule = presets.wrapper_kwargs(config["rule"])
     lr_schedule = sdebatch.warmup_cosine(total=config["tokens"], warmup=config["warmup"] * config["tokens"],
                                          final=config["final_lr"])
     ramp = None

@@ -143,6 +143,7 @@ def _run(model: NoisyQuadratic, optimizer: str, eta: float, bl: int, b: int, n: 
              else torch.optim.Adam([theta], lr=eta, betas=betas, eps=eps))
     opt = LogicalBatchOptimizer(
         inner, bl, physical_batch_size=b, accumulation_steps=None if batch_schedule is not None else 1,
+        reparameterize=batch_schedule is None,
         rule="none" if rule == "lr_only" else rule, beta_form=beta_form, batch_schedule=batch_schedule,
         noise_scale=hasattr(batch_schedule, "attach"), noise_scale_warn=None,
         second_moment_rescale=second_moment_rescale)
@@ -162,7 +163,7 @@ def _run(model: NoisyQuadratic, optimizer: str, eta: float, bl: int, b: int, n: 
     j = 0
     while True:
         # record every grid point the next update would pass: at n, floor(n / B) updates are done for a fixed B
-        while j < len(grid) and grid[j] < opt.samples_seen + opt.batch_per_update - 1e-9 * max(1.0, grid[j]):
+        while j < len(grid) and grid[j] < opt.samples_seen + opt.window_batch_size - 1e-9 * max(1.0, grid[j]):
             out[:, j] = model.loss(theta.detach())
             updates[j] = opt.updates
             j += 1
@@ -178,4 +179,4 @@ def _run(model: NoisyQuadratic, optimizer: str, eta: float, bl: int, b: int, n: 
             opt.zero_grad()
     mean = out.mean(0)
     se = out.std(0) / seeds ** 0.5 if seeds > 1 else torch.full_like(mean, float("nan"))
-    return Simulation(n, mean, se, out, opt.last_kappa if batch_schedule is not None else opt.kappa, updates)
+    return Simulation(n, mean, se, out, opt.last_kappa if batch_schedule is not None else opt.window_kappa, updates)
