@@ -177,6 +177,7 @@ class LogicalBatch(pl.Callback):
         self.optimizer: LogicalBatchOptimizer | None = None
         self._original_configure = None
         self._ema_state: dict | None = None
+        self._sdebatch_state: dict | None = None  # the wrapper's clock etc. from a checkpoint's callback state
         self._flush_on_resume = False
         self._trainer: pl.Trainer | None = None
         self._log_cadence = LogCadence()
@@ -224,8 +225,6 @@ class LogicalBatch(pl.Callback):
         world = trainer.num_devices * trainer.num_nodes
         physical = self._fixed_physical() or max(1, self.logical_batch_size // world)
         self.ema = ModelEMA(pl_module, self.ema_decay) if self.ema_decay is not None else None
-        if self.ema is not None and self._ema_state is not None:
-            self.ema.load_state_dict(self._ema_state)
         opt = LogicalBatchOptimizer(inner, self.logical_batch_size, physical,
                                     accumulation_steps=self.accumulation_steps, model=pl_module, ema=self.ema,
                                     **self.optimizer_kwargs)
@@ -294,6 +293,7 @@ class LogicalBatch(pl.Callback):
         opt = self.optimizer
         if opt is None:
             raise RuntimeError("LogicalBatch did not see configure_optimizers; was the callback added after setup?")
+        self._restore_pending(opt)
         if self._flush_on_resume:  # resumed from an epoch's last batch: the epoch-end flush it had not reached
             self._flush_on_resume = False
             if opt.in_window and opt.flush():
@@ -377,7 +377,24 @@ class LogicalBatch(pl.Callback):
         return metrics
 
     # --- checkpoints ---
+    def _restore_pending(self, opt: LogicalBatchOptimizer) -> None:
+        """A resumed run's EMA, and the wrapper's clock where the optimizer's state came back without it (strategies
+        that checkpoint the optimizer through torch.distributed.checkpoint keep only torch's keys)."""
+        if self.ema is not None and self._ema_state is not None:
+            self.ema.load_state_dict(self._ema_state)
+        self._ema_state = None
+        if self._sdebatch_state is not None and not opt.sdebatch_state_restored:
+            opt.load_sdebatch_state_dict(self._sdebatch_state)
+        self._sdebatch_state = None
+
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        if self.optimizer is not None and self.optimizer.in_window and _checkpoints_through_dcp(trainer):
+            raise RuntimeError(
+                f"a checkpoint inside an accumulation window (micro-step {self.optimizer.window.micro_steps} of "
+                f"{self.optimizer.accumulation_steps}) under {type(trainer.strategy).__name__}: Lightning saves the "
+                "optimizer through torch.distributed.checkpoint, which would drop the window's sharded gradients. "
+                "Checkpoint at window ends: ModelCheckpoint(every_n_train_steps=k) with k a multiple of "
+                f"{self.optimizer.accumulation_steps} (Lightning counts batches), or at epoch ends.")
         # Lightning fetched one batch ahead: record the batches actually trained on as the loader's position.
         # (Lightning 2.x keeps the loader states under fit_loop.state_dict.combined_loader; older ones one level up.)
         processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
@@ -400,11 +417,20 @@ class LogicalBatch(pl.Callback):
         trainer = getattr(self, "_trainer", None)
         pending = bool(trainer is not None and self.optimizer is not None and self.optimizer.in_window
                        and self._epoch_complete(trainer))
-        return {"ema": self.ema.state_dict() if self.ema is not None else None, "flush_on_resume": pending}
+        opt = self.optimizer
+        return {"ema": self.ema.state_dict() if self.ema is not None else None, "flush_on_resume": pending,
+                "sdebatch": opt.sdebatch_state_dict(window=False) if opt is not None else None}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._ema_state = state_dict.get("ema")
+        self._sdebatch_state = state_dict.get("sdebatch")
         self._flush_on_resume = bool(state_dict.get("flush_on_resume", False))
+
+
+def _checkpoints_through_dcp(trainer: pl.Trainer) -> bool:
+    """Whether the strategy saves optimizer states with torch.distributed.checkpoint's optimizer state dicts (which
+    keep only torch's ``state`` and ``param_groups``)."""
+    return type(trainer.strategy).__name__ in ("ModelParallelStrategy", "FSDPStrategy")
 
 
 def _align_epoch_progress(trainer: pl.Trainer) -> None:

@@ -173,6 +173,7 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         self.last_batch_size: float | None = None  # samples in the last update (all ranks)
         self._grad_norm: torch.Tensor | None = None
         self.did_update = False
+        self.sdebatch_state_restored = False  # set by load_sdebatch_state_dict (a resume)
         self._grad_watch = GradWatch()
         self._lr_marks: list | None = None
         self._first_samples: float | None = None
@@ -590,71 +591,127 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
 
     # --- checkpointing ---
     def state_dict(self) -> dict:
-        """Inner optimizer state, the clock and, when stopped inside a window, its counts and gradients."""
-        window_grads = self.window.grads_to_save(self._params()) if self.in_window else None
-        window = self.window.state_dict()
-        self._unflushed.saved = self.window.micro_steps  # a checkpoint holds this window
-        if self._noise is not None:
-            window.update(self._noise.window_state())
+        """The inner optimizer's state dict (torch's ``state`` and ``param_groups``, so tools that read an optimizer's
+        state dict, such as ``torch.distributed.checkpoint``, find them) plus ``sdebatch``: the clock and, when
+        stopped inside a window, its counts and gradients.
+
+        With several ranks the window's counts and its replicated (DDP) gradients are averaged over the ranks, so the
+        checkpoint of any one rank resumes every rank (a collective: call it on all ranks, as trainers do). Sharded
+        gradients (FSDP2 DTensors) are each rank's own shard, already reduced: save each rank's state."""
+        out = dict(self.optimizer.state_dict())
+        out["sdebatch"] = self.sdebatch_state_dict()
+        return out
+
+    def sdebatch_state_dict(self, *, window: bool = True) -> dict:
+        """The wrapper's own state: the clock, the last update's kappa and batch, the noise-scale estimator and the
+        batch schedule, and (``window=True``) an unfinished window's counts and gradients."""
+        open_ = window and self.in_window
+        grads = self.window.grads_to_save(self._params()) if open_ else None
+        counts = self.window.state_dict() if open_ else {}
+        if open_ and self._noise is not None:
+            counts.update(self._noise.window_state())
+        if open_ and self.world_size > 1:
+            grads, counts = self._average_over_ranks(grads, counts)
+        if open_:
+            self._unflushed.saved = self.window.micro_steps  # a checkpoint holds this window
         return {
-            "optimizer": self.optimizer.state_dict(),
-            "sdebatch": {
-                "clock": self.clock.state_dict(),
-                "last_kappa": self.last_kappa,
-                "last_batch_size": self.last_batch_size,
-                "window": window,
-                "noise": self.noise.state_dict() if self.noise is not None else None,
-                "batch_schedule": (self.batch_schedule.state_dict()
-                                   if hasattr(self.batch_schedule, "state_dict") else None),
-                "window_grads": window_grads,
-                "config": {"logical_batch_size": self.logical_batch_size, "rule": self.rule,
-                           "physical_batch_size": self.physical_batch_size,
-                           "accumulation_steps": self.accumulation_steps, "world_size": self.world_size},
-            },
+            "clock": self.clock.state_dict(),
+            "last_kappa": self.last_kappa,
+            "last_batch_size": self.last_batch_size,
+            "window": counts,
+            "noise": self.noise.state_dict() if self.noise is not None else None,
+            "batch_schedule": self.batch_schedule.state_dict() if hasattr(self.batch_schedule, "state_dict") else None,
+            "window_grads": grads,
+            "config": {"logical_batch_size": self.logical_batch_size, "rule": self.rule,
+                       "physical_batch_size": self.physical_batch_size,
+                       "accumulation_steps": self.accumulation_steps, "world_size": self.world_size},
         }
 
+    def _average_over_ranks(self, grads: list, counts: dict) -> tuple[list, dict]:
+        """Each rank's partial window made rank-agnostic: the update sums counts over ranks and DDP averages the
+        gradients, so every rank holding the mean of both continues the same trajectory."""
+        keys = [k for k in ("samples", "tokens", "items") if k in counts]
+        small = counts.get("noise_prefix_sq") or []
+        values = [counts[k] for k in keys] + list(small) + list(counts.get("noise_prefix_n") or [])
+        device = next((p.device for p in self._params()), torch.device("cpu"))
+        if dist.get_backend(self.process_group) == "nccl" and device.type != "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t, group=self.process_group)
+        t = (t / self.world_size).tolist()
+        counts = dict(counts)
+        for k, v in zip(keys, t):
+            counts[k] = v
+        if small:
+            counts["noise_prefix_sq"], counts["noise_prefix_n"] = t[len(keys):len(keys) + len(small)], \
+                t[len(keys) + len(small):]
+        replicated = [g for g in grads if g is not None and not hasattr(g, "_local_tensor")]
+        for g in replicated:  # (grads_to_save made copies)
+            dist.all_reduce(g, group=self.process_group)
+            g.div_(self.world_size)
+        return grads, counts
+
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore what :meth:`state_dict` saved; a run resumed inside a window continues the same trajectory."""
-        if not isinstance(state_dict, dict) or "optimizer" not in state_dict or "sdebatch" not in state_dict:
-            raise ValueError("state_dict must come from LogicalBatchOptimizer.state_dict() "
-                             "(keys 'optimizer' and 'sdebatch')")
-        ours = state_dict["sdebatch"]
+        """Restore what :meth:`state_dict` saved; a run resumed inside a window continues the same trajectory.
+
+        Also takes an earlier format (``{"optimizer": ..., "sdebatch": ...}``) and a torch optimizer state dict
+        without ``sdebatch`` (what ``torch.distributed.checkpoint`` returns): then only the inner optimizer is
+        restored, the window is emptied, and the wrapper's own state comes from :meth:`load_sdebatch_state_dict`."""
+        if not isinstance(state_dict, dict) or not ("optimizer" in state_dict or "state" in state_dict):
+            raise ValueError("state_dict must come from LogicalBatchOptimizer.state_dict() or a torch optimizer's "
+                             "state_dict() (keys 'state' and 'param_groups')")
+        inner = state_dict["optimizer"] if "optimizer" in state_dict else {
+            k: v for k, v in state_dict.items() if k != "sdebatch"}
+        ours = state_dict.get("sdebatch")
+        if ours is not None:
+            self._check_sdebatch_state(ours)
+        self.optimizer.load_state_dict(inner)
+        if ours is not None:
+            self.load_sdebatch_state_dict(ours)
+        else:
+            self.discard_window()
+
+    def _check_sdebatch_state(self, ours: dict) -> None:
         grads = ours.get("window_grads")
-        params = self._params()
-        if grads is not None and len(grads) != len(params):
+        if grads is not None and len(grads) != len(self._params()):
             raise ValueError(f"state_dict holds window gradients for {len(grads)} parameters, "
-                             f"the optimizer has {len(params)}")
+                             f"the optimizer has {len(self._params())}")
         saved_world = ours.get("config", {}).get("world_size", self.world_size)
-        if ours["window"].get("micro_steps", 0) > 0 and saved_world != self.world_size:
+        if ours.get("window", {}).get("micro_steps", 0) > 0 and saved_world != self.world_size:
             raise ValueError(f"the checkpoint stopped inside a window on {saved_world} ranks and is resumed on "
                              f"{self.world_size}: each rank's partial gradients do not carry over; resume on the same "
                              "world size, or checkpoint at window ends (every_n_train_steps a multiple of the "
                              "accumulation) to change it")
+        Clock().load_state_dict(ours["clock"])  # validates before anything changes
+
+    def load_sdebatch_state_dict(self, ours: dict) -> None:
+        """Restore what :meth:`sdebatch_state_dict` saved (the inner optimizer is not touched)."""
+        self._check_sdebatch_state(ours)
         clock = Clock()
-        clock.load_state_dict(ours["clock"])  # validates before anything changes
-        self.optimizer.load_state_dict(state_dict["optimizer"])
+        clock.load_state_dict(ours["clock"])
         self.clock = clock
+        self.sdebatch_state_restored = True
         self.last_kappa = ours.get("last_kappa")
         self.last_batch_size = ours.get("last_batch_size")
         if self.noise is not None and ours.get("noise") is not None:
             self.noise.load_state_dict(ours["noise"])
         if hasattr(self.batch_schedule, "load_state_dict") and ours.get("batch_schedule") is not None:
             self.batch_schedule.load_state_dict(ours["batch_schedule"])
-        self._reset_window()
-        self._grad_watch.forget()
-        self._unflushed.micro_steps = 0
+        self.discard_window()
         self._first_samples = None
-        self.window.load_state_dict(ours["window"])
+        window = ours.get("window") or {}
+        self.window.load_state_dict(window)
         if self._noise is not None:
-            self._noise.load_window_state(ours["window"])
+            self._noise.load_window_state(window)
         if self.in_window:  # the saved window only makes sense with the arithmetic it was saved with
             config = ours.get("config", {})
             self.physical_batch_size = config.get("physical_batch_size", self.physical_batch_size)
             self.accumulation_steps = config.get("accumulation_steps", self.accumulation_steps)
         # The window's gradients are added at the next micro-step, not now: trainers clear .grad when they start
         # (Lightning's fit does), and a sum does not care about order.
+        grads = ours.get("window_grads")
         self.window.saved_grads = None if grads is None else [
-            None if g is None else g.to(device=p.device, dtype=p.dtype) for p, g in zip(params, grads)]
+            None if g is None else g.to(device=p.device, dtype=p.dtype) for p, g in zip(self._params(), grads)]
 
 
 class _UnflushedWindow:

@@ -85,3 +85,51 @@ def ddp_rank(rank, world, port, per_device, logical, opt_name, protocol, n, shuf
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+class ShardedRegression(Regression):
+    """Regression sharded with FSDP2 over the data-parallel dimension of ModelParallelStrategy's mesh."""
+
+    def configure_model(self):
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in (self.net[0], self.net[2], self.net):
+            fully_shard(layer, mesh=mesh)
+
+
+def parallel_rank(rank, world, port, kind, per_device, logical, n, out, options, ckpt_dir=None, every=None,
+                  resume=None):
+    """One rank of a 2-rank Lightning run on CPU over gloo, float64: ``kind`` "ddp" (strategy='ddp') or "fsdp2"
+    (ModelParallelStrategy, FSDP2 through configure_model); token-weighted losses; optional checkpoints every
+    ``every`` batches into ``ckpt_dir``, or a resume from ``resume``."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank), NODE_RANK="0", LOCAL_WORLD_SIZE=str(world))
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
+    cb = sl.LogicalBatch(logical, verbose=False, **options)
+    if kind == "fsdp2":
+        module = ShardedRegression("adamw", "sum")
+        strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1,
+                                         process_group_backend="gloo")
+        # precision "32-true" casts nothing: the float64 default dtype makes the parameters float64
+        t = trainer(cb, devices=world, strategy=strategy, ckpt_dir=ckpt_dir, every=every, precision="32-true")
+    else:
+        module = Regression("adamw", "sum")
+        t = trainer(cb, devices=world, strategy="ddp", ckpt_dir=ckpt_dir, every=every)
+    error = None
+    try:
+        t.fit(module, train_dataloaders=loader(n, per_device, num_replicas=world, rank=rank), ckpt_path=resume)
+    except RuntimeError as e:
+        error = str(e)
+    params = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in module.parameters()]
+    params = torch.cat([p.detach().flatten() for p in params])
+    if rank == 0:
+        torch.save({"params": params, "clock": cb.optimizer.clock.state_dict(), "error": error}, out)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -7,7 +7,7 @@ import torch.multiprocessing as mp
 
 import sdebatch
 import sdebatch.lightning as sl
-from lightning_helpers import Regression, ddp_rank, flat_params, loader, trainer
+from lightning_helpers import Regression, ddp_rank, flat_params, loader, parallel_rank, trainer
 from reference import big_batch_run, flat, make_data
 
 N = 96
@@ -281,3 +281,49 @@ def test_logger_gets_the_clock_at_the_trainers_cadence(bar, monkeypatch):
     assert got == [(7, 32.0, 2.0, 1.0), (15, 64.0, 4.0, 1.0), (23, 96.0, 6.0, 1.0), (31, 128.0, 8.0, 1.0),
                    (39, 160.0, 10.0, 1.0), (43, 176.0, 11.0, 1.0)]
     assert len(calls) == (11 if bar else 7)
+
+
+def run_ranks(tmp_path, name, kind, options=None, **kw):
+    out = tmp_path / f"{name}.pt"
+    mp.start_processes(parallel_rank, args=(2, _free_port(), kind, 2, 16, N, str(out), options or {},
+                                            kw.get("ckpt_dir"), kw.get("every"), kw.get("resume")),
+                       nprocs=2, join=True, start_method="spawn")
+    return torch.load(out)
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 0.3])
+def test_fsdp2_model_parallel_strategy_equals_the_big_batch(tmp_path, max_grad_norm):
+    """Lightning's ModelParallelStrategy (FSDP2 through configure_model) on CPU over gloo, 2 ranks, float64: 2 per
+    device x 2 ranks x 4 accumulation, token-weighted, clipped once per update on the sharded gradient's global norm:
+    the plain big-batch optimizer at 16 (written in tests/reference.py)."""
+    got = run_ranks(tmp_path, "fsdp2", "fsdp2", {"max_grad_norm": max_grad_norm})
+    assert got["error"] is None, got["error"]
+    ref = big_batch_run("adamw", make_data(n=N), 16, token_weighted=True, max_grad_norm=max_grad_norm)
+    assert torch.allclose(got["params"], flat(ref), atol=1e-10, rtol=0)
+    assert got["clock"]["updates"] == 12 and got["clock"]["samples_seen"] == 2 * N
+
+
+def test_fsdp2_checkpoint_at_a_window_end_resumes_exactly_and_mid_window_is_refused(tmp_path):
+    """Under ModelParallelStrategy Lightning saves the optimizer through torch.distributed.checkpoint (torch's keys
+    only): the clock travels in the callback's state, the inner state in the sharded checkpoint. A checkpoint at a
+    window end (batch 8, accumulation 4) resumes to the uninterrupted run; one inside a window is refused."""
+    whole = run_ranks(tmp_path, "whole", "fsdp2", ckpt_dir=str(tmp_path / "ck"), every=8)
+    assert whole["error"] is None, whole["error"]
+    resumed = run_ranks(tmp_path, "resumed", "fsdp2", resume=str(tmp_path / "ck" / "step=8.ckpt"))
+    assert resumed["error"] is None, resumed["error"]
+    assert torch.allclose(resumed["params"], whole["params"], atol=1e-12, rtol=0)
+    assert resumed["clock"] == whole["clock"]
+    mid = run_ranks(tmp_path, "mid", "fsdp2", ckpt_dir=str(tmp_path / "ck2"), every=6)
+    assert "every_n_train_steps" in mid["error"]
+
+
+def test_ddp_checkpoint_mid_window_resumes_every_rank_exactly(tmp_path):
+    """Lightning saves rank 0's checkpoint only; mid-window each rank holds its own partial gradient and counts.
+    The wrapper saves their mean over the ranks, so rank 0's file resumes both ranks on the same trajectory."""
+    whole = run_ranks(tmp_path, "whole", "ddp", ckpt_dir=str(tmp_path / "ck"), every=6)
+    resumed = run_ranks(tmp_path, "resumed", "ddp", resume=str(tmp_path / "ck" / "step=6.ckpt"))
+    assert whole["error"] is None and resumed["error"] is None
+    assert torch.allclose(resumed["params"], whole["params"], atol=1e-12, rtol=0)
+    assert resumed["clock"] == whole["clock"]
+    ref = big_batch_run("adamw", make_data(n=N), 16, token_weighted=True)
+    assert torch.allclose(whole["params"], flat(ref), atol=1e-10, rtol=0)
