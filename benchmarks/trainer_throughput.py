@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     config = mdm_train.load_config(None, data=args.data, model=args.model, tokens=args.tokens,
                                    physical_batch_size=args.physical,
-                                   logical_batch_size=args.logical, noise_scale=False, threads=args.threads,
+                                   logical_batch_size=args.logical, estimate_noise_scale=False, threads=args.threads,
                                    precision=args.precision, compile=args.compile, noise_probe=0)
     rows, ratios, throughput_ratios = [], [], []
     runs = (("plain", lambda: plain_loop(config, args.tokens)), ("trainer", lambda: trainer_run(config)))

@@ -105,7 +105,7 @@ class Wrapped:
         self.model = model
         self.opt = sdebatch.LogicalBatchOptimizer(torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD),
                                                   logical_batch_size=LOGICAL, physical_batch_size=PHYSICAL,
-                                                  accumulation_steps=accum, noise_scale=self.noise_scale,
+                                                  accumulation_steps=accum, estimate_noise_scale=self.noise_scale,
                                                   noise_scale_every=self.noise_scale_every)
         assert self.opt.window_kappa == PHYSICAL * accum / LOGICAL
 

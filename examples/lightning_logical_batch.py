@@ -64,7 +64,7 @@ def main() -> None:
     loader = ResumableDataLoader(data, per_device, sampler=ResumableSampler(len(data), seed=0))
     total = args.epochs * len(data)
     callback = sl.LogicalBatch(args.logical, lr_schedule=sdebatch.warmup_cosine(total=total, warmup=total // 10),
-                               ema_decay=0.99)
+                               ema_rho=0.99)
     # on a terminal Lightning's bar; in a log or a pipe a line every 5 s instead of thousands of bar redraws
     trainer = pl.Trainer(accelerator="cpu", devices=args.devices, max_epochs=args.epochs,
                          callbacks=[callback, sl.ProgressLines(every_s=5.0)], logger=False,

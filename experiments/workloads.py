@@ -57,7 +57,7 @@ def mlp(config: dict, progress: bool = True) -> dict:
         family = "adam" if config.get("optimizer", "adam") == "adam" else "sgd"
         schedule = _schedule_of(config, lb, samples)
         opt = sdebatch.LogicalBatchOptimizer(inner, lb, b, rule=family if ramp == "rules" else "none",
-                                             batch_schedule=schedule, noise_scale=hasattr(schedule, "attach"),
+                                             batch_schedule=schedule, estimate_noise_scale=hasattr(schedule, "attach"),
                                              noise_scale_warn=None,
                                              second_moment_rescale=bool(config.get("second_moment_rescale", False)))
         if ramp == "lr_only":  # the reference lr is constant here: set the lr of each update from its kappa

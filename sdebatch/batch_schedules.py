@@ -191,8 +191,8 @@ class CriticalBatchWarmup(BatchSchedule):
     """Grow the batch while it stays below ``fraction`` x the critical batch, estimated online (Merrill et al. 2025:
     the critical batch starts near 0 and grows): at each window the batch becomes the largest multiple of the
     physical pass (physical x world size) not above ``fraction`` x B_simple of the wrapper's noise-scale estimator
-    (``noise_scale=True``), never smaller than before, at most ``max_batch_size``. Until the estimator has a value
-    the batch stays at ``start``. Built by :func:`critical_batch_warmup`; the wrapper attaches itself."""
+    (``estimate_noise_scale=True``), never smaller than before, at most ``max_batch_size``. Until the estimator has
+    a value the batch stays at ``start``. Built by :func:`critical_batch_warmup`; the wrapper attaches itself."""
 
     def __init__(self, start: int, max_batch_size: int, fraction: float, unit: str) -> None:
         super().__init__(self._next, unit)
@@ -201,8 +201,9 @@ class CriticalBatchWarmup(BatchSchedule):
         self._opt = None
 
     def attach(self, optimizer) -> None:
-        if getattr(optimizer, "noise", None) is None:
-            raise ValueError("critical_batch_warmup needs the wrapper's noise-scale estimator: pass noise_scale=True")
+        if getattr(optimizer, "noise_scale_estimator", None) is None:
+            raise ValueError("critical_batch_warmup needs the wrapper's noise-scale estimator: pass "
+                             "estimate_noise_scale=True")
         self._opt = optimizer
 
     def _next(self, clock: float) -> int:

@@ -189,3 +189,27 @@ def reparameterization(physical: int, accumulation: int, world_size: int, logica
             f"{per_update} samples with kappa = {kappa:.4g} (the hyperparameters rescaled by the SDE rules, valid "
             "below the critical batch size), or use a physical batch that divides the logical batch "
             f"per device ({max(1, logical // world_size)}).")
+
+
+def optimizer_options(options: dict, *, owned: dict[str, str], accepted: tuple[str, ...]) -> dict:
+    """Keyword arguments for :class:`sdebatch.LogicalBatchOptimizer` given to an integration (the Lightning callback,
+    the Hugging Face Trainer), checked before the optimizer exists: ``accepted`` are the wrapper's keyword
+    arguments, ``owned`` those the integration sets itself (name -> what to use instead). Returns them unchanged."""
+    for key in options:
+        if key in owned:
+            raise ValueError(f"{key}: set by the integration; use {owned[key]}")
+        if key not in accepted:
+            raise ValueError(f"unknown option {key!r}; the LogicalBatchOptimizer options are "
+                             f"{', '.join(k for k in accepted if k not in owned)}")
+    checks = {k: v for k, v in options.items() if k in _WRAPPER_OPTION_NAMES}
+    wrapper_options(**checks)
+    batch_sizes(1, accumulation_steps=options.get("accumulation_steps"))
+    for key in ("reparameterize", "estimate_noise_scale"):
+        if key in options and not isinstance(options[key], bool):
+            raise ValueError(f"{key} must be True or False, got {options[key]!r}")
+    return dict(options)
+
+
+_WRAPPER_OPTION_NAMES = ("rule", "beta_form", "momentum_mode", "weight_decay_form", "horizon", "reference_horizon",
+                         "gamma", "max_grad_norm", "ema_rescale", "noise_scale_decay", "noise_scale_warn",
+                         "noise_scale_every", "second_moment_rescale")

@@ -1,4 +1,4 @@
-"""Command line: ``sdebatch rules`` (effective hyperparameters per physical batch), ``sdebatch sweep run | collect``,
+"""Command line: ``sdebatch rules`` (effective hyperparameters per batch per update), ``sdebatch sweep run | collect``,
 ``sdebatch report``; the tri-modal workload adds ``data prepare``, ``train``, ``eval`` and ``sample``
 (:mod:`sdebatch.mdm.cli`)."""
 from __future__ import annotations
@@ -34,7 +34,7 @@ _REFERENCE = {
 }
 
 
-def check_reference(ref: dict, logical_batch_size: int, physical_batch_sizes: list[int],
+def check_reference(ref: dict, logical_batch_size: int, batch_sizes: list[int],
                     ema: float | None = None) -> None:
     """Raise one ValueError naming the first invalid input (``--key`` as the command line spells it)."""
     for key, value in ref.items():
@@ -47,21 +47,21 @@ def check_reference(ref: dict, logical_batch_size: int, physical_batch_sizes: li
         raise ValueError(f"--ema must be in [0, 1), got {ema!r}")
     if logical_batch_size < 1:
         raise ValueError(f"--logical must be a positive int (samples), got {logical_batch_size!r}")
-    bad = [b for b in physical_batch_sizes if b < 1]
+    bad = [b for b in batch_sizes if b < 1]
     if bad:
-        raise ValueError(f"--physical must be positive ints (samples), got {bad}")
+        raise ValueError(f"--batch must be positive ints (samples per update), got {bad}")
 
 
-def rules_table(optimizer: str, hparams: dict, logical_batch_size: int, physical_batch_sizes: list[int], *,
+def rules_table(optimizer: str, hparams: dict, logical_batch_size: int, batch_sizes: list[int], *,
                 ema: float | None = None, beta_form: str = "exact", momentum_mode: str = "fixed",
                 horizon: float | None = None, reference_horizon: float | None = None, gamma: float = 0.0) -> str:
-    """A text table of the effective hyperparameters when one update is taken per physical batch.
+    """A text table of the effective hyperparameters of updates of each batch size (samples per update).
 
     Args:
         optimizer: one of ``OPTIMIZERS`` (sgd, adam, adamw, rmsprop, nadam, radam).
         hparams: reference values at the logical batch (missing keys take torch's defaults).
         logical_batch_size: B_L, samples.
-        physical_batch_sizes: samples per update to tabulate (kappa = B / B_L).
+        batch_sizes: samples per update to tabulate (kappa = B / B_L).
         ema: optional model-EMA decay at the logical batch, shown as rho**kappa.
         beta_form, momentum_mode, horizon, reference_horizon, gamma: as in :func:`sdebatch.rescale` / :func:`kappa`.
     """
@@ -69,11 +69,11 @@ def rules_table(optimizer: str, hparams: dict, logical_batch_size: int, physical
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}")
     family, wd_form, defaults = OPTIMIZERS[optimizer]
     ref = {**defaults, **hparams}
-    check_reference(ref, logical_batch_size, physical_batch_sizes, ema)
+    check_reference(ref, logical_batch_size, batch_sizes, ema)
     keys = list(ref)
     header = ["batch", "kappa"] + keys + (["ema"] if ema is not None else [])
     rows = []
-    for b in physical_batch_sizes:
+    for b in batch_sizes:
         k = rules.kappa(b, logical_batch_size, horizon=horizon, reference_horizon=reference_horizon, gamma=gamma)
         try:
             new = rules.rescale(family, ref, k, beta_form=beta_form, momentum_mode=momentum_mode,
@@ -92,10 +92,11 @@ def rules_table(optimizer: str, hparams: dict, logical_batch_size: int, physical
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sdebatch", description="sdebatch: logical vs physical batch size")
     sub = parser.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("rules", help="effective hyperparameters for a list of physical batch sizes")
+    r = sub.add_parser("rules", help="effective hyperparameters for a list of batch sizes per update")
     r.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZERS))
     r.add_argument("--logical", type=int, required=True, help="logical batch size (samples)")
-    r.add_argument("--physical", type=int, nargs="+", required=True, help="batch sizes per update (samples)")
+    r.add_argument("--batch", type=int, nargs="+", required=True,
+                   help="batch sizes per update (samples, all devices and accumulation: kappa = batch / logical)")
     r.add_argument("--lr", type=float)
     r.add_argument("--momentum", type=float)
     r.add_argument("--betas", type=float, nargs=2)
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{args.optimizer} has no {', '.join(bad)} (it takes {', '.join(allowed)})")
         hp = {k: v for k, v in given.items() if v is not None}
         try:
-            print(rules_table(args.optimizer, hp, args.logical, args.physical, ema=args.ema,
+            print(rules_table(args.optimizer, hp, args.logical, args.batch, ema=args.ema,
                               beta_form=args.beta_form, momentum_mode=args.momentum_mode))
         except ValueError as e:
             parser.error(str(e))

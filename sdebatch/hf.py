@@ -32,7 +32,7 @@ import torch
 import transformers
 
 from . import checks
-from .optimizer import LogicalBatchOptimizer
+from .optimizer import LogicalBatchOptimizer, check_options
 
 __all__ = ["LogicalBatchTrainer", "window_counts"]
 
@@ -49,8 +49,9 @@ _REFUSED = {
     "batch_schedule": "a batch ramp changes the accumulation during the run, which transformers.Trainer fixes for "
                       "the whole run: use sdebatch.LogicalBatchOptimizer in your own loop (or with accelerate) or "
                       "sdebatch.lightning.LogicalBatch, which support batch_schedule",
-    "noise_scale": "the in-run noise scale needs the window's micro-batches, which Trainer's loop keeps to itself: "
-                   "measure B_simple with sdebatch.noise.probe_noise_scale, or train with sdebatch.lightning",
+    "estimate_noise_scale": "the in-run noise scale needs the window's micro-batches, which Trainer's loop keeps to "
+                            "itself: measure B_simple with sdebatch.noise.probe_noise_scale, or train with "
+                            "sdebatch.lightning",
 }
 
 
@@ -98,13 +99,11 @@ class LogicalBatchTrainer(transformers.Trainer):
     def __init__(self, *args: Any, logical_batch_size: int, optimizer_options: dict | None = None,
                  **kwargs: Any) -> None:
         logical_batch_size = checks.batch_sizes(logical_batch_size)["logical_batch_size"]
-        options = dict(optimizer_options or {})
-        for key in options:
-            if key in _TRAINER_OWNS:
-                raise ValueError(f"optimizer_options[{key!r}]: Trainer sets it; use {_TRAINER_OWNS[key]}")
-            if key in _REFUSED and options[key] not in (None, False):
+        for key, value in (optimizer_options or {}).items():
+            if key in _REFUSED and value not in (None, False):
                 raise ValueError(f"optimizer_options[{key!r}] is not supported under transformers.Trainer: "
                                  f"{_REFUSED[key]}")
+        options = check_options(dict(optimizer_options or {}), _TRAINER_OWNS)
         reparameterize = bool(options.pop("reparameterize", False))
         args_ = kwargs.get("args") if "args" in kwargs else (args[1] if len(args) > 1 else None)
         if args_ is None:

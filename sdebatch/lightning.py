@@ -34,12 +34,19 @@ from lightning.pytorch.utilities.data import extract_batch_size
 
 from .data import ResumableDataLoader
 from .ema import ModelEMA
-from .optimizer import LogicalBatchOptimizer
+from .rules import ema_decay
+from .optimizer import LogicalBatchOptimizer, check_options
 from . import checks
 from .progress import fmt_seconds, interactive
 from .schedules import ClockSchedule
 
 __all__ = ["LogCadence", "LogicalBatch", "ProgressLines", "count", "find_optimizer"]
+
+
+# LogicalBatchOptimizer arguments the callback sets itself
+_CALLBACK_OWNS = {"physical_batch_size": "LogicalBatch(physical_batch_size=...) or the loader's batch size",
+                  "model": "the LightningModule", "ema": "LogicalBatch(ema_rho=...)",
+                  "grad_scaler": "precision='bf16-mixed' (Lightning's GradScaler unscales every batch)"}
 
 
 def find_optimizer(module: pl.LightningModule) -> LogicalBatchOptimizer:
@@ -99,79 +106,58 @@ class LogicalBatch(pl.Callback):
             of two (and the largest) that divide the logical batch per device.
         physical_batch_margin: fraction of CUDA memory "auto" keeps free (default 0.1).
         batch_arg_name: the attribute "auto" sets (default "batch_size").
-        accumulation_steps: batches per update. Default None: ceil(B_L / (physical x devices x nodes)), or 1 when
-            that product is already >= B_L.
-        reparameterize: allow physical x devices x nodes > B_L, taking one update per batch with kappa > 1 (the
-            paper's reparameterization, valid below the critical batch). Default False: that is an error.
-        rule, beta_form, momentum_mode, weight_decay_form, horizon, reference_horizon, gamma, max_grad_norm: as in
-            :class:`LogicalBatchOptimizer`. Use ``max_grad_norm`` instead of the Trainer's ``gradient_clip_val``
-            (which would clip each micro-batch).
         lr_schedule: optional multiplier t -> factor of the base lr (e.g. ``sdebatch.warmup_cosine(...)``), t in
             ``schedule_unit``; applied before every update.
         schedule_unit: "samples" (default) or "tokens".
-        ema_decay: optional model-EMA decay at the logical batch (rho; rho**kappa per update). The EMA is
-            ``callback.ema`` and is saved in checkpoints.
-        ema_rescale: as in :class:`LogicalBatchOptimizer`: None (default) follows ``rule`` (rho per update under
-            ``rule="none"``, else rho**kappa); True / False forces it.
+        ema_rho: optional model EMA, its decay rho at the logical batch (rho**kappa per update, see ``ema_rescale``).
+            The EMA is ``callback.ema`` and is saved in checkpoints. Default None: none.
         max_samples, max_tokens: stop training once the clock reaches this many samples / tokens (at an update).
         batch_size_fn: batch -> number of samples. Default: Lightning's ``extract_batch_size``.
-        noise_scale: estimate the gradient noise scale B_simple and log it as ``noise_scale`` (needs accumulation or
-            several devices); warns once if the batch per update exceeds it. Default False.
-        batch_schedule: a :func:`sdebatch.batch_schedule` of the samples per update over the clock, reached by
-            accumulation per update (Lightning's own accumulation scheduler is epoch-keyed); with it, drive the lr
-            with ``lr_schedule`` (on the clock, untouched by a change of batch), not a torch scheduler stepped per
-            update. Default None.
-        second_moment_rescale: as in :class:`LogicalBatchOptimizer` (Adam's v <- v B_old / B_new at a change of
-            batch). Default False.
         verbose: print the batch arithmetic at the start of training (default True).
+        **optimizer_options: keyword arguments of :class:`sdebatch.LogicalBatchOptimizer`, passed through unchanged
+            and checked here, before training: ``accumulation_steps`` (batches per update; default
+            ceil(B_L / (physical x devices x nodes))), ``reparameterize`` (one update per batch with kappa > 1 when
+            physical x devices x nodes > B_L; otherwise an error), ``rule``, ``beta_form``, ``momentum_mode``,
+            ``weight_decay_form``, ``horizon``, ``reference_horizon``, ``gamma``, ``max_grad_norm`` (use it, not the
+            Trainer's ``gradient_clip_val``, which would clip every micro-batch), ``ema_rescale``,
+            ``estimate_noise_scale`` (logged as ``noise_scale``) and its ``noise_scale_decay`` /
+            ``noise_scale_warn`` / ``noise_scale_every``, ``batch_schedule`` (with it, drive the lr with
+            ``lr_schedule``, not a torch scheduler stepped per update), ``second_moment_rescale``,
+            ``process_group``. The callback sets ``physical_batch_size``, ``model`` and ``ema`` itself.
 
     Logged (``on_step``, at the updates a :class:`LogCadence` says are due: every update with a progress bar, else at
     the Trainer's ``log_every_n_steps`` and the last update): ``samples_seen``, ``tokens_seen``, ``updates``,
-    ``kappa``, ``lr``, ``beta1``/``beta2``, ``batch_per_update``, ``noise_scale``; ``samples``/``tokens`` on the bar.
+    ``kappa``, ``lr``, ``beta1``/``beta2``, ``batch_per_update`` (of the update just taken), ``noise_scale``;
+    ``samples``/``tokens`` on the bar.
     """
 
     def __init__(self, logical_batch_size: int, *, physical_batch_size: int | str | None = None,
-                 accumulation_steps: int | None = None, reparameterize: bool = False, rule: str = "auto",
-                 beta_form: str = "exact", momentum_mode: str = "fixed", weight_decay_form: str | None = None,
-                 horizon: float | None = None, reference_horizon: float | None = None, gamma: float = 0.0,
-                 max_grad_norm: float | None = None, lr_schedule: Callable[[float], float] | None = None,
-                 schedule_unit: str = "samples", ema_decay: float | None = None, ema_rescale: bool | None = None,
-                 max_samples: int | None = None,
-                 max_tokens: int | None = None, batch_size_fn: Callable[[Any], int] | None = None,
-                 noise_scale: bool = False, batch_schedule: Any = None, second_moment_rescale: bool = False,
+                 lr_schedule: Callable[[float], float] | None = None, schedule_unit: str = "samples",
+                 ema_rho: float | None = None, max_samples: int | None = None, max_tokens: int | None = None,
+                 batch_size_fn: Callable[[Any], int] | None = None,
                  physical_batch_candidates: Sequence[int] | None = None, physical_batch_margin: float = 0.1,
-                 batch_arg_name: str = "batch_size", verbose: bool = True) -> None:
+                 batch_arg_name: str = "batch_size", verbose: bool = True, **optimizer_options: Any) -> None:
         auto = physical_batch_size == "auto"
-        checks.batch_sizes(logical_batch_size, physical_batch_size=None if auto else physical_batch_size,
-                           accumulation_steps=accumulation_steps, max_samples=max_samples, max_tokens=max_tokens)
+        sizes = checks.batch_sizes(logical_batch_size, physical_batch_size=None if auto else physical_batch_size,
+                                   max_samples=max_samples, max_tokens=max_tokens)
+        options = check_options(optimizer_options, _CALLBACK_OWNS)
         if physical_batch_candidates is not None:
             checks.candidates("physical_batch_candidates", physical_batch_candidates)
         if not 0 <= physical_batch_margin < 1:
             raise ValueError(f"physical_batch_margin must be in [0, 1), got {physical_batch_margin!r}")
-        checks.wrapper_options(rule=rule, beta_form=beta_form, momentum_mode=momentum_mode,
-                               weight_decay_form=weight_decay_form, horizon=horizon,
-                               reference_horizon=reference_horizon, gamma=gamma, max_grad_norm=max_grad_norm,
-                               ema_rescale=ema_rescale, second_moment_rescale=second_moment_rescale)
         if schedule_unit not in ("samples", "tokens"):
             raise ValueError(f"schedule_unit must be 'samples' or 'tokens', got {schedule_unit!r}")
-        if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}")
-        self.logical_batch_size = logical_batch_size
-        self.physical_batch_size = physical_batch_size
+        if ema_rho is not None:
+            ema_decay(ema_rho, 1.0)  # rho in [0, 1)
+        self.logical_batch_size = sizes["logical_batch_size"]
+        self.physical_batch_size = "auto" if auto else sizes["physical_batch_size"]
         self.physical_batch_candidates, self.physical_batch_margin = physical_batch_candidates, physical_batch_margin
         self.batch_arg_name = batch_arg_name
         self.physical_batch_choice = None  # a PhysicalBatchChoice once "auto" has measured
-        self.accumulation_steps = accumulation_steps
-        self.reparameterize = reparameterize
-        self.optimizer_kwargs = dict(rule=rule, beta_form=beta_form, momentum_mode=momentum_mode,
-                                     weight_decay_form=weight_decay_form, horizon=horizon,
-                                     reference_horizon=reference_horizon, gamma=gamma, max_grad_norm=max_grad_norm,
-                                     noise_scale=noise_scale, ema_rescale=ema_rescale,
-                                     batch_schedule=batch_schedule, second_moment_rescale=second_moment_rescale,
-                                     reparameterize=reparameterize)
+        self.optimizer_options = options
         self.lr_schedule, self.schedule_unit = lr_schedule, schedule_unit
-        self.ema_decay, self.ema = ema_decay, None
-        self.max_samples, self.max_tokens = max_samples, max_tokens
+        self.ema_rho, self.ema = ema_rho, None
+        self.max_samples, self.max_tokens = sizes["max_samples"], sizes["max_tokens"]
         self.batch_size_fn = batch_size_fn or extract_batch_size
         self.verbose = verbose
         self.optimizer: LogicalBatchOptimizer | None = None
@@ -200,9 +186,10 @@ class LogicalBatch(pl.Callback):
             raise ValueError("LogicalBatch needs automatic optimization; with manual optimization wrap your optimizer "
                              "in sdebatch.LogicalBatchOptimizer directly")
         strategy = type(trainer.strategy).__name__
-        if "FSDP" in strategy and self.optimizer_kwargs["max_grad_norm"] is not None:
-            raise ValueError("max_grad_norm with FSDP is not supported yet (the norm of sharded gradients needs "
-                             "FSDP's own clip_grad_norm_); leave it None")
+        if strategy == "FSDPStrategy" and self.optimizer_options.get("max_grad_norm") is not None:
+            raise ValueError("max_grad_norm under FSDPStrategy (FSDP1's flat parameters) is not supported: the norm "
+                             "of its sharded gradients needs FSDP's own clip_grad_norm_. Use ModelParallelStrategy "
+                             "(FSDP2), where it is exact, or leave it None")
         original = pl_module.configure_optimizers
         self._original_configure = original
 
@@ -224,10 +211,9 @@ class LogicalBatch(pl.Callback):
         inner = optimizers[0]
         world = trainer.num_devices * trainer.num_nodes
         physical = self._fixed_physical() or max(1, self.logical_batch_size // world)
-        self.ema = ModelEMA(pl_module, self.ema_decay) if self.ema_decay is not None else None
-        opt = LogicalBatchOptimizer(inner, self.logical_batch_size, physical,
-                                    accumulation_steps=self.accumulation_steps, model=pl_module, ema=self.ema,
-                                    **self.optimizer_kwargs)
+        self.ema = ModelEMA(pl_module, self.ema_rho) if self.ema_rho is not None else None
+        opt = LogicalBatchOptimizer(inner, self.logical_batch_size, physical, model=pl_module, ema=self.ema,
+                                    **self.optimizer_options)
         if opt.world_size != world:
             raise ValueError(f"torch.distributed reports {opt.world_size} processes, the Trainer {world} "
                              "devices x nodes")
@@ -282,7 +268,7 @@ class LogicalBatch(pl.Callback):
         finally:
             del pl_module.log, pl_module.log_dict
             opt.zero_grad(set_to_none=True)
-            opt._reset_window()
+            opt.discard_window()
         lightning_setattr(pl_module, name, choice.physical_batch_size)
         self.physical_batch_choice = choice
         if self.verbose:
@@ -306,7 +292,7 @@ class LogicalBatch(pl.Callback):
                              "LogicalBatch(physical_batch_size=...)")
         # elastic resume: another per-device batch than the checkpoint's; a window restored with other arithmetic is
         # flushed (applied as a short update) and the run continues in samples
-        if opt.configure_batch(physical, self.accumulation_steps):
+        if opt.configure_batch(physical, self.optimizer_options.get("accumulation_steps")):
             self._after_update(trainer, pl_module, in_batch=False)
         for config in trainer.lr_scheduler_configs:  # torch schedulers step once per update, not per batch
             if config.interval == "step" and opt.batch_schedule is not None:

@@ -43,8 +43,9 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
     Args:
         optimizer: the inner ``torch.optim.Optimizer``; its param-group values are the reference values.
         logical_batch_size: B_L, samples per update the reference hyperparameters were tuned for.
-        physical_batch_size: samples per micro-batch on one rank. Default None: equal to ``logical_batch_size``
-            divided by the data-parallel world size (no accumulation, kappa = 1).
+        physical_batch_size: samples per micro-batch on one rank (the batch the data loader yields, chosen for the
+            hardware). A micro-batch's actual count, when it differs (a short last batch), is given to
+            :meth:`backward` / :meth:`count` / :meth:`step` as ``num_samples``.
         accumulation_steps: micro-steps per update. Default None: ceil(B_L / (physical x world size)) when that
             is below B_L, else 1 (the paper's reparameterization: one update per physical batch, kappa > 1).
         rule: "auto" (default: SGD -> "sgd"; Adam, AdamW, RMSprop, NAdam, RAdam -> "adam"), "sgd", "adam", or
@@ -65,7 +66,7 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
             ``rule="none"``, so a run without rescaling rescales nothing.
         process_group: data-parallel group for counting samples across ranks. Default: the world, when
             ``torch.distributed`` is initialised.
-        noise_scale: estimate the gradient noise scale B_simple (``opt.noise_scale``, in samples) from the
+        estimate_noise_scale: estimate the gradient noise scale B_simple (``opt.noise_scale``, in samples) from the
             window's first micro-batch and its whole gradient (see :mod:`sdebatch.noise`); needs accumulation or
             several ranks. Default False. Costs two foreach norms over the gradients per observed window, whatever its
             accumulation (no hooks; with several ranks and no accumulation, one norm per parameter in hooks).
@@ -91,13 +92,14 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
             unnoticed. A ``batch_schedule`` is its own opt-in.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, logical_batch_size: int,
-                 physical_batch_size: int | None = None, *, accumulation_steps: int | None = None,
+    def __init__(self, optimizer: torch.optim.Optimizer, logical_batch_size: int, physical_batch_size: int, *,
+                 accumulation_steps: int | None = None,
                  rule: str = "auto", beta_form: str = "exact", momentum_mode: str = "fixed",
                  weight_decay_form: str | None = None, horizon: float | None = None,
                  reference_horizon: float | None = None, gamma: float = 0.0, max_grad_norm: float | None = None,
                  grad_scaler: "torch.amp.GradScaler | None" = None, model: torch.nn.Module | None = None,
-                 ema: Any = None, ema_rescale: bool | None = None, process_group: Any = None, noise_scale: bool = False,
+                 ema: Any = None, ema_rescale: bool | None = None, process_group: Any = None,
+                 estimate_noise_scale: bool = False,
                  noise_scale_decay: float = 0.95, noise_scale_warn: float | None = 1.0,
                  noise_scale_every: int = 1, batch_schedule: BatchSchedule | None = None,
                  second_moment_rescale: bool = False, reparameterize: bool = False) -> None:
@@ -142,13 +144,16 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         self.process_group = process_group
         self.world_size = dist.get_world_size(process_group) if dist.is_available() and dist.is_initialized() else 1
         self.reparameterize = reparameterize
+        if physical_batch_size is None:
+            raise ValueError("physical_batch_size is required: the samples per micro-batch on one rank (the data "
+                             "loader's batch size)")
         physical_batch_size, accumulation_steps = self._batch_arithmetic(logical_batch_size, physical_batch_size,
                                                                          accumulation_steps, batch_schedule)
         if batch_schedule is not None:
             batch_schedule.check_reachable(physical_batch_size * self.world_size)
-            if hasattr(batch_schedule, "attach") and not noise_scale:
+            if hasattr(batch_schedule, "attach") and not estimate_noise_scale:
                 raise ValueError("critical_batch_warmup needs the wrapper's noise-scale estimator: pass "
-                                 "noise_scale=True")
+                                 "estimate_noise_scale=True")
         self.optimizer = optimizer
         self.batch_schedule = batch_schedule
         self.logical_batch_size = logical_batch_size
@@ -168,7 +173,7 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         self.clock = Clock()
         # the in-run noise scale: a monitor the window calls at each micro-step and at its end
         self._noise = NoiseScaleMonitor((p for g in optimizer.param_groups for p in g["params"]), noise_scale_decay,
-                                        noise_scale_warn, noise_scale_every) if noise_scale else None
+                                        noise_scale_warn, noise_scale_every) if estimate_noise_scale else None
         self.last_kappa: float | None = None
         self.last_batch_size: float | None = None  # samples in the last update (all ranks)
         self._grad_norm: torch.Tensor | None = None
@@ -197,10 +202,8 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
                 f"world_size={self.world_size})\n{self.optimizer!r}")
 
     # --- the batch arithmetic ---
-    def _batch_arithmetic(self, logical: int, physical: int | None, accumulation: int | None,
+    def _batch_arithmetic(self, logical: int, physical: int, accumulation: int | None,
                           batch_schedule: Any = None) -> tuple[int, int]:
-        if physical is None:
-            physical = max(1, logical // self.world_size)
         if accumulation is None:
             per_pass = physical * self.world_size
             accumulation = math.ceil(logical / per_pass) if per_pass < logical else 1
@@ -453,8 +456,8 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         return None if self._grad_norm is None else float(self._grad_norm)
 
     @property
-    def noise(self) -> NoiseScaleEstimator | None:
-        """The in-run noise-scale estimator (``noise_scale=True``), else None."""
+    def noise_scale_estimator(self) -> NoiseScaleEstimator | None:
+        """The in-run noise-scale estimator (``estimate_noise_scale=True``), else None."""
         return None if self._noise is None else self._noise.estimator
 
     @property
@@ -619,7 +622,7 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
             "last_kappa": self.last_kappa,
             "last_batch_size": self.last_batch_size,
             "window": counts,
-            "noise": self.noise.state_dict() if self.noise is not None else None,
+            "noise": self.noise_scale_estimator.state_dict() if self.noise_scale_estimator is not None else None,
             "batch_schedule": self.batch_schedule.state_dict() if hasattr(self.batch_schedule, "state_dict") else None,
             "window_grads": grads,
             "config": {"logical_batch_size": self.logical_batch_size, "rule": self.rule,
@@ -693,8 +696,8 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         self.sdebatch_state_restored = True
         self.last_kappa = ours.get("last_kappa")
         self.last_batch_size = ours.get("last_batch_size")
-        if self.noise is not None and ours.get("noise") is not None:
-            self.noise.load_state_dict(ours["noise"])
+        if self.noise_scale_estimator is not None and ours.get("noise") is not None:
+            self.noise_scale_estimator.load_state_dict(ours["noise"])
         if hasattr(self.batch_schedule, "load_state_dict") and ours.get("batch_schedule") is not None:
             self.batch_schedule.load_state_dict(ours["batch_schedule"])
         self.discard_window()
@@ -712,6 +715,19 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         grads = ours.get("window_grads")
         self.window.saved_grads = None if grads is None else [
             None if g is None else g.to(device=p.device, dtype=p.dtype) for p, g in zip(self._params(), grads)]
+
+
+def _keyword_options() -> tuple[str, ...]:
+    import inspect
+
+    params = inspect.signature(LogicalBatchOptimizer.__init__).parameters.values()
+    return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY or p.name == "physical_batch_size")
+
+
+def check_options(options: dict, owned: dict[str, str]) -> dict:
+    """LogicalBatchOptimizer keyword arguments given to an integration, checked before the optimizer exists (unknown
+    names, those the integration sets (``owned``: name -> what to use instead), and bad values are ValueErrors)."""
+    return checks.optimizer_options(options, owned=owned, accepted=_keyword_options())
 
 
 class _UnflushedWindow:

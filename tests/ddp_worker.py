@@ -21,7 +21,7 @@ def run(rank, world, init_file, opt_name, protocol, n, out, per_device=4):
         cls, kw = OPTIMIZERS[opt_name]
         # a ragged run compares with a short last big batch, so it checks normalisation with no rescaling
         opt = sdebatch.LogicalBatchOptimizer(cls(ddp.parameters(), **kw), 16, per_device, model=ddp,
-                                             rule="auto" if n % 16 == 0 else "none", noise_scale=True)
+                                             rule="auto" if n % 16 == 0 else "none", estimate_noise_scale=True)
         assert opt.world_size == world and opt.accumulation_steps == 16 // (world * per_device), opt.describe()
         for _ in range(2):
             for w in range(0, n, 16):
@@ -42,7 +42,7 @@ def run(rank, world, init_file, opt_name, protocol, n, out, per_device=4):
             opt.zero_grad()
         if rank == 0:
             torch.save({"params": torch.cat([p.detach().flatten() for p in model.parameters()]),
-                        "clock": opt.clock.state_dict(), "noise": opt.noise.state_dict()}, out)
+                        "clock": opt.clock.state_dict(), "noise": opt.noise_scale_estimator.state_dict()}, out)
         dist.barrier()  # both ranks are done before either tears down
     finally:
         dist.destroy_process_group()

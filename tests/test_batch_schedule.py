@@ -247,13 +247,13 @@ def test_seesaw_doubles_the_batch_where_the_lr_would_halve():
 def test_critical_batch_warmup_follows_the_online_estimate_and_resumes(monkeypatch):
     from sdebatch.batch_schedules import critical_batch_warmup
 
-    with pytest.raises(ValueError, match="noise_scale=True"):
+    with pytest.raises(ValueError, match="estimate_noise_scale=True"):
         sdebatch.LogicalBatchOptimizer(torch.optim.SGD(make_model().parameters(), lr=0.1), 8, 4,
                                        batch_schedule=critical_batch_warmup(8, 64))
     ramp = critical_batch_warmup(8, 64, fraction=0.5)
     model = make_model()
     opt = sdebatch.LogicalBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 8, 4, batch_schedule=ramp,
-                                         noise_scale=True)
+                                         estimate_noise_scale=True)
     assert opt.accumulation_steps == 2  # no estimate yet: the start
     fake = [None]
     monkeypatch.setattr(type(opt), "noise_scale", property(lambda self: fake[0]))  # the estimate, set per window
@@ -268,7 +268,7 @@ def test_critical_batch_warmup_follows_the_online_estimate_and_resumes(monkeypat
     state = opt.state_dict()
     fresh = critical_batch_warmup(8, 64, fraction=0.5)
     opt2 = sdebatch.LogicalBatchOptimizer(torch.optim.SGD(make_model().parameters(), lr=0.1), 8, 4,
-                                          batch_schedule=fresh, noise_scale=True)
+                                          batch_schedule=fresh, estimate_noise_scale=True)
     opt2.load_state_dict(state)
     assert fresh.current == 64 and opt2.window_batch_size == 64
 
@@ -298,7 +298,7 @@ def test_choose_physical_batch_picks_the_fastest_that_fits_from_a_measured_table
     assert rows[8]["throughput"] == pytest.approx(8.0) and rows[32]["throughput"] == pytest.approx(16.0)
     assert rows[64]["status"] == "over the 10% margin" and rows[128]["status"] == "out of memory"
     assert choice.physical_batch_size == 32 and "chosen: 32 per device" in choice.describe()
-    opt = sdebatch.LogicalBatchOptimizer(torch.optim.SGD(make_model().parameters(), lr=0.1), 256)
+    opt = sdebatch.LogicalBatchOptimizer(torch.optim.SGD(make_model().parameters(), lr=0.1), 256, 256)
     opt.configure_batch(choice.physical_batch_size)
     assert opt.logical_batch_size == 256 and opt.accumulation_steps == 8 and opt.window_kappa == 1.0
     with pytest.raises(ValueError, match="candidates must be positive ints"):

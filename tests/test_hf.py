@@ -139,7 +139,7 @@ def test_resume_from_a_trainer_checkpoint_equals_the_uninterrupted_run(tmp_path)
 
 @pytest.mark.parametrize("options,match", [
     ({"batch_schedule": "ramp"}, "sdebatch.lightning.LogicalBatch"),
-    ({"noise_scale": True}, "probe_noise_scale"),
+    ({"estimate_noise_scale": True}, "probe_noise_scale"),
     ({"accumulation_steps": 4}, "gradient_accumulation_steps"),
     ({"max_grad_norm": 1.0}, "max_grad_norm"),
 ])

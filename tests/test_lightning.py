@@ -63,11 +63,12 @@ def test_noise_scale_is_tracked_and_logged():
                 self.noise_scales.append(opt.noise_scale)
 
     module, logger = Reading(), Recording()
-    cb = sl.LogicalBatch(16, verbose=False, noise_scale=True)
+    cb = sl.LogicalBatch(16, verbose=False, estimate_noise_scale=True)
     trainer(cb, epochs=2, logger=logger, log_every_n_steps=1).fit(
         module, train_dataloaders=loader(N, 2, shuffle=False, seed=3))
     opt = cb.optimizer
-    assert opt.noise.count == 12 and opt.noise.trace_sigma > 0 and len(module.noise_scales) == 12
+    estimator = opt.noise_scale_estimator
+    assert estimator.count == 12 and estimator.trace_sigma > 0 and len(module.noise_scales) == 12
     known = [v for v in module.noise_scales if v is not None]
     assert len(known) >= 4 and module.noise_scales[-1] == opt.noise_scale is not None
     # each update's value is logged once it is known, and is re-sent unchanged until the next update

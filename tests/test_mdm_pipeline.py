@@ -103,7 +103,7 @@ def test_trainer_resume_equals_uninterrupted(micro_data, tmp_path):
     config = load_config(None, data=str(out), model="tiny", logical_batch_size=4, physical_batch_size=2,
                          model_overrides={"d_model": 32, "n_layers": 1, "n_heads": 2, "base_width": 32,
                                           "base_depth": 1},
-                         tokens=2500, lr=3e-3, ema=0.9, val_sequences=0, noise_scale=False)
+                         tokens=2500, lr=3e-3, ema=0.9, val_sequences=0, estimate_noise_scale=False)
     full = train({**config, "out": str(tmp_path / "full")}, progress=False)
     train({**config, "out": str(tmp_path / "first"), "checkpoint_every": 3}, progress=False)
     resumed = train({**config, "out": str(tmp_path / "resumed")}, progress=False,
@@ -125,7 +125,7 @@ def test_trainer_accumulation_equals_one_big_batch(micro_data, tmp_path):
     config = load_config(None, data=str(out), model="tiny", logical_batch_size=8, rule="accumulate",
                          model_overrides={"d_model": 32, "n_layers": 1, "n_heads": 2, "base_width": 32,
                                           "base_depth": 1},
-                         tokens=3000, lr=3e-3, val_sequences=0, noise_scale=False, precision="64-true", out="")
+                         tokens=3000, lr=3e-3, val_sequences=0, estimate_noise_scale=False, precision="64-true", out="")
     big = train({**config, "physical_batch_size": 8}, progress=False)["module"].model
     small = train({**config, "physical_batch_size": 2}, progress=False)
     assert small["updates"] >= 3
@@ -249,7 +249,7 @@ def test_shipped_mdm_sweeps_are_valid_configs():
     ("physical_batch_size=true", "physical_batch_size must be an int"),
     ("physical_batch_size=eight", "--set physical_batch_size: 'eight' is not a TOML value"),
     ("lr=\"fast\"", "lr must be a number"),
-    ("noise_scale=1", "noise_scale must be a bool"),
+    ("estimate_noise_scale=1", "estimate_noise_scale must be a bool"),
     ("mix=3", "mix must be a table"),
     ("tokens=1e6", "tokens must be an int"),
     ("lr", "--set takes KEY=VALUE"),
@@ -303,19 +303,19 @@ def test_mdm_batch_ramp_config_and_its_three_ways(micro_data):
     cosine = sdebatch.warmup_cosine(total=4000, warmup=0.05 * 4000, final=0.1)
     for ramp, rule in (("rules", "auto"), ("lr_only", "none"), ("none", "none")):
         _, _, cb = build(load_config(None, ramp=ramp, **base))
-        assert cb.optimizer_kwargs["rule"] == rule and cb.optimizer_kwargs["batch_schedule"].points == [(0, 4),
+        assert cb.optimizer_options["rule"] == rule and cb.optimizer_options["batch_schedule"].points == [(0, 4),
                                                                                                        (1000, 8)]
-        assert cb.optimizer_kwargs["second_moment_rescale"] is False
+        assert cb.optimizer_options["second_moment_rescale"] is False
         for t in (0.0, 500.0, 1500.0):
             expect = cosine(t) * (math.sqrt((4 if t < 1000 else 8) / 4) if ramp == "lr_only" else 1.0)
             assert cb.lr_schedule(t) == pytest.approx(expect, rel=1e-12)
     _, _, cb = build(load_config(None, second_moment_rescale=True, **base))
-    assert cb.optimizer_kwargs["second_moment_rescale"] is True
+    assert cb.optimizer_options["second_moment_rescale"] is True
     from sdebatch.batch_schedules import seesaw
 
     _, _, cb = build(load_config(None, **{**base, "batch_schedule": "seesaw", "max_batch_size": 16}))
-    assert cb.optimizer_kwargs["batch_schedule"].points == seesaw(cosine, 4, 16, 4000, unit="tokens").points
-    assert [b for _, b in cb.optimizer_kwargs["batch_schedule"].points] == [4, 8, 16]
+    assert cb.optimizer_options["batch_schedule"].points == seesaw(cosine, 4, 16, 4000, unit="tokens").points
+    assert [b for _, b in cb.optimizer_options["batch_schedule"].points] == [4, 8, 16]
 
 
 def test_compile_and_strategy_config(micro_data):
@@ -363,7 +363,7 @@ def test_trainer_reads_the_window_elbo_once_per_update(micro_data, monkeypatch):
     config = mdm_train.load_config(None, data=str(out), model="tiny", logical_batch_size=8, physical_batch_size=2,
                                    model_overrides={"d_model": 32, "n_layers": 1, "n_heads": 2, "base_width": 32,
                                                     "base_depth": 1},
-                                   tokens=3000, val_sequences=0, noise_scale=False, noise_probe=0, out="")
+                                   tokens=3000, val_sequences=0, estimate_noise_scale=False, noise_probe=0, out="")
     with counted_reads() as calls:
         result = mdm_train.train(config, progress=False, callbacks=[Grab()])
     assert result["updates"] == len(windows) >= 3 and len(records) == 4 * len(windows)

@@ -33,7 +33,7 @@ def regression_run(physical, logical, windows, *, d=8, sigma=1.0, offset=0.5, se
     with torch.no_grad():
         model.weight.copy_(w_star + offset)
     opt = sdebatch.LogicalBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), logical, physical,
-                                         noise_scale=True, noise_scale_decay=0.999)
+                                         estimate_noise_scale=True, noise_scale_decay=0.999)
     gs, ts = [], []
     for _ in range(windows * opt.accumulation_steps):
         x = torch.randn(physical, d, generator=g)
@@ -44,9 +44,9 @@ def regression_run(physical, logical, windows, *, d=8, sigma=1.0, offset=0.5, se
         else:
             opt.backward(err.sum(), num_items=physical)
         opt.step()
-        if opt.did_update and opt.noise.last_g2 is not None:
-            gs.append(opt.noise.last_g2)
-            ts.append(opt.noise.last_trace)
+        if opt.did_update and opt.noise_scale_estimator.last_g2 is not None:
+            gs.append(opt.noise_scale_estimator.last_g2)
+            ts.append(opt.noise_scale_estimator.last_trace)
         opt.zero_grad()
     delta2 = d * offset ** 2
     truth = (d * (delta2 + sigma ** 2) + delta2) / delta2
@@ -61,7 +61,7 @@ def test_recovers_the_analytic_noise_scale_of_a_linear_regression(protocol):
     w = 0.001 * 0.999 ** torch.arange(n - 1, -1, -1, dtype=torch.float64)
     w = w / w.sum()
     mg, mt = float((w * gs).sum()), float((w * ts).sum())
-    assert opt.noise.gradient_sq_norm == pytest.approx(mg, rel=1e-9)
+    assert opt.noise_scale_estimator.gradient_sq_norm == pytest.approx(mg, rel=1e-9)
     assert opt.noise_scale == pytest.approx(mt / mg, rel=1e-9)
     cov = torch.cov(torch.stack([gs, ts]))
     n_eff = 1.0 / float((w ** 2).sum())
@@ -83,7 +83,7 @@ def test_needs_two_batch_sizes():
     """One micro-batch per update on one rank: nothing to compare, so no estimate (and no crash)."""
     opt, _, gs, _ = regression_run(32, 32, 5)
     assert opt.noise_scale is None and len(gs) == 0
-    assert opt.noise.count == 0
+    assert opt.noise_scale_estimator.count == 0
 
 
 def test_probe_matches_the_regression_closed_form():
@@ -149,7 +149,7 @@ def test_in_run_estimate_is_the_first_micro_batch_against_the_window(protocol):
     ref = torch.nn.Linear(d, 1, bias=False).double()
     ref.load_state_dict(model.state_dict())
     opt = sdebatch.LogicalBatchOptimizer(torch.optim.Adam(model.parameters(), lr=0.05), b * k, b,
-                                         noise_scale=True, noise_scale_decay=0.9, noise_scale_warn=None)
+                                         estimate_noise_scale=True, noise_scale_decay=0.9, noise_scale_warn=None)
     g2_ema = trace_ema = 0.0
     for _ in range(windows):
         xs = [torch.randn(b, d, generator=g, dtype=torch.float64) for _ in range(k)]
@@ -178,9 +178,9 @@ def test_in_run_estimate_is_the_first_micro_batch_against_the_window(protocol):
                 opt.backward(loss_sum(model, i), num_items=items[i].sum())
             opt.step()
             opt.zero_grad()
-        assert opt.noise.last_g2 == pytest.approx(g2, rel=1e-10)
-        assert opt.noise.last_trace == pytest.approx(trace, rel=1e-10)
+        assert opt.noise_scale_estimator.last_g2 == pytest.approx(g2, rel=1e-10)
+        assert opt.noise_scale_estimator.last_trace == pytest.approx(trace, rel=1e-10)
         ref.load_state_dict(model.state_dict())  # the next window starts from the wrapper's updated weights
-    assert opt.noise.count == windows
-    assert opt.noise.gradient_sq_norm == pytest.approx(g2_ema / (1 - 0.9 ** windows), rel=1e-10)
-    assert opt.noise.trace_sigma == pytest.approx(trace_ema / (1 - 0.9 ** windows), rel=1e-10)
+    assert opt.noise_scale_estimator.count == windows
+    assert opt.noise_scale_estimator.gradient_sq_norm == pytest.approx(g2_ema / (1 - 0.9 ** windows), rel=1e-10)
+    assert opt.noise_scale_estimator.trace_sigma == pytest.approx(trace_ema / (1 - 0.9 ** windows), rel=1e-10)

@@ -27,7 +27,7 @@ def test_the_command_line_of_the_core_runs_without_extras():
     block = "import sys\nclass B:\n    def find_spec(self, name, *a):\n" \
             f"        if name.split('.')[0] in {EXTRAS_ONLY!r}: raise ImportError('blocked: ' + name)\n" \
             "sys.meta_path.insert(0, B())\nfrom sdebatch.cli import main\n" \
-            "sys.exit(main(['rules', '--logical', '64', '--physical', '64', '256']))"
+            "sys.exit(main(['rules', '--logical', '64', '--batch', '64', '256']))"
     out = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and "kappa" in out.stdout, out.stderr
 

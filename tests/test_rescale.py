@@ -298,7 +298,7 @@ def test_weight_decay_and_ema_are_invariant_in_samples(k):
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(1.0)
-    ema = sdebatch.ModelEMA(model, decay=0.9)
+    ema = sdebatch.ModelEMA(model, rho=0.9)
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(2.0)
@@ -336,7 +336,7 @@ def test_ema_decay_follows_the_rule(rule, ema_rescale, per_update):
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(0.0)
-    ema = sdebatch.ModelEMA(model, decay=0.9)
+    ema = sdebatch.ModelEMA(model, rho=0.9)
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(1.0)
@@ -355,4 +355,27 @@ def test_ema_decay_follows_the_rule(rule, ema_rescale, per_update):
 def test_ema_rescale_must_be_a_bool():
     model = make_model()
     with pytest.raises(ValueError, match="ema_rescale must be True, False or None"):
-        sdebatch.LogicalBatchOptimizer(torch.optim.Adam(model.parameters()), 4, ema_rescale="yes")
+        sdebatch.LogicalBatchOptimizer(torch.optim.Adam(model.parameters()), 4, 4, ema_rescale="yes")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ema_of_a_half_precision_model_keeps_moving(dtype):
+    """A lerp step of 1 - rho = 1e-3 is below bf16's spacing near 1 (2**-7): a bf16 average would stay at 1.0. The
+    float32 shadow follows the closed form 2 - rho**n of a weight that jumped from 1 to 2."""
+    model = torch.nn.Linear(4, 4).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1.0)
+    ema = sdebatch.ModelEMA(model, rho=0.999)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(2.0)
+    for _ in range(25):
+        ema.update(1.0)
+    exact = 2.0 - 0.999 ** 25
+    assert all(e.dtype == torch.float32 for e in ema.params)
+    assert all(torch.allclose(e, torch.full_like(e, exact), rtol=0, atol=1e-6) for e in ema.params)
+    target = torch.nn.Linear(4, 4).to(dtype)
+    ema.copy_to(target)
+    assert all(p.dtype == dtype and torch.allclose(p.float(), torch.full_like(p.float(), exact), atol=1e-2)
+               for p in target.parameters())

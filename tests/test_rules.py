@@ -106,11 +106,11 @@ def test_rules_table_and_cli(capsys):
     rows = [line.split() for line in text.splitlines()[2:]]
     assert [r[0] for r in rows] == ["64", "256", "1024"]
     assert float(rows[2][2]) == pytest.approx(6e-4, rel=1e-5)
-    assert cli_main(["rules", "--optimizer", "sgd", "--lr", "0.1", "--logical", "128", "--physical", "32", "512"]) == 0
+    assert cli_main(["rules", "--optimizer", "sgd", "--lr", "0.1", "--logical", "128", "--batch", "32", "512"]) == 0
     out = capsys.readouterr().out
     assert "0.025" in out and "0.4" in out
     with pytest.raises(SystemExit):
-        cli_main(["rules", "--optimizer", "sgd", "--betas", "0.9", "0.99", "--logical", "8", "--physical", "8"])
+        cli_main(["rules", "--optimizer", "sgd", "--betas", "0.9", "0.99", "--logical", "8", "--batch", "8"])
     assert "sgd has no betas" in capsys.readouterr().err
     assert rules.FAMILIES == ("sgd", "adam", "none")
 
@@ -126,13 +126,13 @@ def test_linear_form_fails_at_the_boundary_despite_rounding():
     (["--eps=-1e-8"], "--eps must be"),
     (["--weight-decay=-0.1"], "--weight-decay must be"),
     (["--ema", "1.0"], "--ema must be in"),
-    (["--physical", "0"], "--physical must be positive"),
+    (["--batch", "0"], "--batch must be positive"),
 ])
 def test_rules_cli_rejects_invalid_reference_values_once(capsys, args, needle):
     """An invalid reference value fails once, naming the argument, with exit code 2 (not a table of invalid rows)."""
     base = ["rules", "--optimizer", "adamw", "--logical", "8"]
-    if "--physical" not in args:
-        base += ["--physical", "8", "16"]
+    if "--batch" not in args:
+        base += ["--batch", "8", "16"]
     with pytest.raises(SystemExit) as e:
         cli_main(base + args)
     out = capsys.readouterr()
@@ -151,7 +151,7 @@ def test_rules_table_is_what_the_wrapper_sets_for_every_family(name, capsys):
                                             torch.optim.NAdam, torch.optim.RAdam)}[name]
     assert OPTIMIZERS[name][2] == {k: v for k, v in cls([torch.zeros(1)]).defaults.items() if k in OPTIMIZERS[name][2]}
     hp = {"weight_decay": 0.01} if name != "sgd" else {"weight_decay": 0.01, "momentum": 0.9}
-    assert cli_main(["rules", "--optimizer", name, "--logical", "4", "--physical", "16"]
+    assert cli_main(["rules", "--optimizer", name, "--logical", "4", "--batch", "16"]
                     + [x for k, v in hp.items() for x in (f"--{k.replace('_', '-')}", str(v))]) == 0
     header, row = capsys.readouterr().out.splitlines()[1:3]
     model = torch.nn.Linear(2, 1)

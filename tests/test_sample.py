@@ -371,7 +371,7 @@ def test_record_in_train_outputs_and_lightning_checkpoints(micro_data, tmp_path)
 
     out = tmp_path / "run"
     config = load_config(None, data=str(micro_data[0]), model="micro", logical_batch_size=2, physical_batch_size=2,
-                         tokens=600, val_sequences=0, noise_scale=False, noise_probe=0, out=str(out),
+                         tokens=600, val_sequences=0, estimate_noise_scale=False, noise_probe=0, out=str(out),
                          checkpoint_every=1)
     train(config, progress=False)
     rec = json.loads((out / RECORD_FILE).read_text())
@@ -437,7 +437,7 @@ def test_progress_lines_callback_in_a_pipe(micro_data, tmp_path):
     stream = io.StringIO()
     lines = sl.ProgressLines(every_s=1e-9, metric="elbo_bits", stream=stream)
     config = load_config(None, data=str(micro_data[0]), model="micro", logical_batch_size=4, physical_batch_size=2,
-                         tokens=1500, val_sequences=0, noise_scale=False, noise_probe=0, out="")
+                         tokens=1500, val_sequences=0, estimate_noise_scale=False, noise_probe=0, out="")
     r = train(config, progress=False, callbacks=[lines])
     text = stream.getvalue()
     assert "\r" not in text

@@ -52,7 +52,7 @@ def _window(opt, model, x, y, mask, *, protocol, micro, physical):
 
 
 @pytest.mark.parametrize("protocol", ["mean", "sum"])
-@pytest.mark.parametrize("options", [{}, {"noise_scale": True}, {"max_grad_norm": 0.5},
+@pytest.mark.parametrize("options", [{}, {"estimate_noise_scale": True}, {"max_grad_norm": 0.5},
                                      {"batch_schedule": "0:16, 48:32"}])
 def test_a_micro_step_reads_nothing_and_an_update_at_most_once(protocol, options):
     x, y, mask = make_data(n=160)
@@ -68,7 +68,7 @@ def test_a_micro_step_reads_nothing_and_an_update_at_most_once(protocol, options
     with counted_reads() as calls:
         _window(opt, model, x[28:], y[28:], mask[28:], protocol=protocol, micro=1, physical=4)
     assert opt.updates == 2
-    needs_read = protocol == "sum" or options.get("noise_scale")
+    needs_read = protocol == "sum" or options.get("estimate_noise_scale")
     assert len(calls) == (1 if needs_read else 0), calls
     assert opt.tokens_seen == (0 if protocol == "mean" else int(mask[:32].sum()))
 
@@ -78,7 +78,7 @@ def test_no_sync_on_cuda_inside_a_window():
     x, y, mask = (t.cuda() for t in make_data(n=64))
     model = make_model().cuda()
     opt = sdebatch.LogicalBatchOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True), 16, 4,
-                                         noise_scale=True)
+                                         estimate_noise_scale=True)
     _window(opt, model, x, y, mask, protocol="sum", micro=4, physical=4)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

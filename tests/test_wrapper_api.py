@@ -35,7 +35,7 @@ def test_invalid_configuration(kwargs, needle):
     inner = torch.optim.Adam(model.parameters())
     before = copy.deepcopy(inner.state_dict())
     with pytest.raises(ValueError) as e:
-        sdebatch.LogicalBatchOptimizer(inner, **kwargs)
+        sdebatch.LogicalBatchOptimizer(inner, **{"physical_batch_size": 8, **kwargs})
     assert needle in str(e.value)
     assert inner.state_dict() == before
 
@@ -43,12 +43,12 @@ def test_invalid_configuration(kwargs, needle):
 def test_unknown_optimizer_with_auto_rule():
     model = make_model()
     with pytest.raises(ValueError, match="rule='none'"):
-        sdebatch.LogicalBatchOptimizer(Lion(model.parameters()), 8)
-    sdebatch.LogicalBatchOptimizer(Lion(model.parameters()), 8, rule="none")
+        sdebatch.LogicalBatchOptimizer(Lion(model.parameters()), 8, 8)
+    sdebatch.LogicalBatchOptimizer(Lion(model.parameters()), 8, 8, rule="none")
     with pytest.warns(UserWarning, match="heuristic"):
-        sdebatch.LogicalBatchOptimizer(Lion(model.parameters()), 8, rule="adam")
+        sdebatch.LogicalBatchOptimizer(Lion(model.parameters()), 8, 8, rule="adam")
     with pytest.raises(TypeError):
-        sdebatch.LogicalBatchOptimizer(model, 8)
+        sdebatch.LogicalBatchOptimizer(model, 8, 8)
 
 
 def test_mixed_protocols_in_one_window_is_an_error():
@@ -91,7 +91,7 @@ def test_batch_arithmetic_and_defaults():
         sdebatch.LogicalBatchOptimizer(torch.optim.Adam(model.parameters()), 256, 96)
     big = sdebatch.LogicalBatchOptimizer(torch.optim.Adam(model.parameters()), 256, 1024, reparameterize=True)
     assert big.accumulation_steps == 1 and big.window_kappa == 4.0
-    same = sdebatch.LogicalBatchOptimizer(torch.optim.Adam(model.parameters()), 256)
+    same = sdebatch.LogicalBatchOptimizer(torch.optim.Adam(model.parameters()), 256, 256)
     assert same.physical_batch_size == 256 and same.window_kappa == 1.0
     assert isinstance(same, torch.optim.Optimizer)
 
@@ -208,7 +208,7 @@ def test_the_lightning_callback_checks_the_same_options_when_built(kwargs, needl
     with pytest.raises(ValueError) as cb:
         sl.LogicalBatch(8, **kwargs)
     with pytest.raises(ValueError) as opt:
-        sdebatch.LogicalBatchOptimizer(torch.optim.Adam(make_model().parameters()), 8, **kwargs)
+        sdebatch.LogicalBatchOptimizer(torch.optim.Adam(make_model().parameters()), 8, 8, **kwargs)
     assert needle in str(cb.value) and str(cb.value) == str(opt.value)
 
 

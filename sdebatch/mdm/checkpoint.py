@@ -20,6 +20,7 @@ import numpy as np
 
 import torch
 
+from ..ema import ema_params_in_checkpoint
 from .vocab import Vocab
 
 RECORD_KEY = "sdebatch_mdm"              # in a Lightning checkpoint
@@ -140,15 +141,13 @@ def model_state(obj: Any, model: torch.nn.Module) -> tuple[dict, str]:
     if missing:
         raise ValueError(f"the checkpoint lacks {len(missing)} weights of the model, e.g. {missing[:3]} "
                          "(was it trained with another model config or data folder?)")
-    # EMA weights saved by sdebatch.lightning.LogicalBatch: a list in MDMModule.parameters() order = model order.
-    # An EMA that does not fit is an error: evaluating the raw weights instead would report other numbers silently.
-    for state in (obj.get("callbacks", {}) or {}).values() if source == "checkpoint" else ():
-        ema = state.get("ema") if isinstance(state, dict) else None
-        if isinstance(ema, dict) and isinstance(ema.get("params"), list):
-            _check_ema(ema["params"], model)
-            out.update(dict(zip((n for n, _ in model.named_parameters()), ema["params"])))
-            source = "checkpoint (EMA weights)"
-            break
+    # EMA weights saved by the Lightning callback, in MDMModule.parameters() order = model order. An EMA that does
+    # not fit is an error: evaluating the raw weights instead would report other numbers silently.
+    ema = ema_params_in_checkpoint(obj) if source == "checkpoint" else None
+    if ema is not None:
+        _check_ema(ema, model)
+        out.update(dict(zip((n for n, _ in model.named_parameters()), ema)))
+        source = "checkpoint (EMA weights)"
     wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in out.items() if tuple(v.shape) != tuple(own[k].shape)]
     if wrong:
         k, theirs, ours = wrong[0]

@@ -102,8 +102,8 @@ class TrainConfig:
     """Folder for model.pt, train_config.json and checkpoints ('' writes nothing)."""
     checkpoint_every: int = 0
     """Lightning training steps between checkpoints in <out>/checkpoints (0: none)."""
-    noise_scale: bool = True
-    """In-run B_simple estimate from micro-batches vs their window (needs accumulation)."""
+    estimate_noise_scale: bool = False
+    """In-run B_simple estimate from micro-batches vs their window (needs accumulation); the library's default."""
     noise_probe: int | bool = 512
     """[sequences] for an end-of-run B_simple probe on the training stream, in groups of 16 micro-batches of 4
     (B = 64 vs b = 4); 0 or false: no probe; single-device runs only."""
@@ -154,6 +154,9 @@ class TrainConfig:
             raise ValueError("checkpoint_every needs an out folder (out = '' writes nothing)")
 
 
+RENAMED = {"noise_scale": "estimate_noise_scale"}
+"""Keys of earlier configs and their names now."""
+
 DEFAULTS: dict[str, Any] = {f.name: (f.default_factory() if f.default_factory is not MISSING else f.default)
                             for f in fields(TrainConfig)}
 """Every key with its default (the fields of :class:`TrainConfig`)."""
@@ -186,6 +189,9 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> dict:
     if path is not None:
         config.update(tomllib.loads(Path(path).read_text()))
     config.update(overrides)
+    for old, new in RENAMED.items():  # configs stored with earlier checkpoints and runs
+        if old in config:
+            config.setdefault(new, config.pop(old))
     unknown = sorted(set(config) - set(DEFAULTS))
     if unknown:
         raise ValueError(f"unknown config keys {unknown}; known: {sorted(DEFAULTS)}")

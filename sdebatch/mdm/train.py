@@ -203,8 +203,9 @@ def build(config: dict) -> tuple[MDMModule, MDMDataModule, sl.LogicalBatch]:
                 return cosine(t) * math.sqrt(ramp(t) / lb)
     callback = sl.LogicalBatch(
         config["logical_batch_size"], physical_batch_size=config["physical_batch_size"], lr_schedule=lr_schedule,
-        schedule_unit="tokens", max_tokens=config["tokens"], ema_decay=config["ema"] or None,
-        noise_scale=config["noise_scale"], max_grad_norm=config["max_grad_norm"] or None, batch_schedule=ramp,
+        schedule_unit="tokens", max_tokens=config["tokens"], ema_rho=config["ema"] or None,
+        estimate_noise_scale=config["estimate_noise_scale"], max_grad_norm=config["max_grad_norm"] or None,
+        batch_schedule=ramp,
         second_moment_rescale=config["second_moment_rescale"], **rule)
     return module, data, callback
 

@@ -145,7 +145,7 @@ def _run(model: NoisyQuadratic, optimizer: str, eta: float, bl: int, b: int, n: 
         inner, bl, physical_batch_size=b, accumulation_steps=None if batch_schedule is not None else 1,
         reparameterize=batch_schedule is None,
         rule="none" if rule == "lr_only" else rule, beta_form=beta_form, batch_schedule=batch_schedule,
-        noise_scale=hasattr(batch_schedule, "attach"), noise_scale_warn=None,
+        estimate_noise_scale=hasattr(batch_schedule, "attach"), noise_scale_warn=None,
         second_moment_rescale=second_moment_rescale)
     if lr_schedule is not None or rule == "lr_only":
         power = (1.0 if optimizer == "sgd" else 0.5) if rule == "lr_only" else 0.0
