@@ -81,8 +81,9 @@ class LogicalBatchTrainer(transformers.Trainer):
     """``transformers.Trainer`` whose hyperparameters belong to ``logical_batch_size`` (see the module docstring).
 
     Args:
-        *args, **kwargs: ``transformers.Trainer``'s. ``optimizers=(optimizer, scheduler)`` takes a plain torch
-            optimizer (wrapped here), not a LogicalBatchOptimizer.
+        *args: ``transformers.Trainer``'s positional arguments.
+        **kwargs: ``transformers.Trainer``'s keyword arguments. ``optimizers=(optimizer, scheduler)`` takes a plain
+            torch optimizer (wrapped here), not a LogicalBatchOptimizer.
         logical_batch_size: B_L, samples per update the hyperparameters (learning_rate, betas, eps, weight decay,
             the EMA) were tuned for. Required.
         optimizer_options: keyword arguments of :class:`sdebatch.LogicalBatchOptimizer` (``rule``, ``beta_form``,

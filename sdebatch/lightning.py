@@ -111,7 +111,8 @@ class LogicalBatch(pl.Callback):
         schedule_unit: "samples" (default) or "tokens".
         ema_rho: optional model EMA, its decay rho at the logical batch (rho**kappa per update, see ``ema_rescale``).
             The EMA is ``callback.ema`` and is saved in checkpoints. Default None: none.
-        max_samples, max_tokens: stop training once the clock reaches this many samples / tokens (at an update).
+        max_samples: stop training once the clock reaches this many samples (at an update).
+        max_tokens: stop training once the clock reaches this many tokens (at an update).
         batch_size_fn: batch -> number of samples. Default: Lightning's ``extract_batch_size``.
         verbose: print the batch arithmetic at the start of training (default True).
         **optimizer_options: keyword arguments of :class:`sdebatch.LogicalBatchOptimizer`, passed through unchanged

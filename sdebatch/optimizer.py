@@ -54,7 +54,9 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         momentum_mode: "fixed" (default) or "timescale", for a ``momentum`` key (SGD, RMSprop).
         weight_decay_form: None (default: from the optimizer: AdamW's decay is "lr_coupled", Adam's and SGD's are
             "l2"), or "l2", "lr_coupled", "independent".
-        horizon, reference_horizon, gamma: horizon term of kappa (see :func:`sdebatch.kappa`); default off.
+        horizon: D, the run's horizon, for the horizon term of kappa (see :func:`sdebatch.kappa`). Default None: off.
+        reference_horizon: D_ref, the horizon the hyperparameters were tuned at (see :func:`sdebatch.kappa`).
+        gamma: the horizon exponent (see :func:`sdebatch.kappa`). Default 0.0: off.
         max_grad_norm: clip the window's normalised (unscaled) gradient to this 2-norm once per update.
             Default None (no clipping).
         grad_scaler: a ``torch.amp.GradScaler``; the window is unscaled before clipping, and a window with

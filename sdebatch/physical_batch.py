@@ -62,8 +62,9 @@ def choose_physical_batch(step: Callable[[int], float | None], candidates: Seque
         steps: timed micro-steps per candidate (default 3), after ``warmup`` untimed ones (default 1).
         margin: fraction of the device memory kept free (default 0.1); CUDA only.
         device: default CUDA when available, else CPU (throughput only).
-        timer, memory: the clock and ``memory() -> (peak bytes since the last call, total bytes)`` (tests inject
-            them; default: perf_counter with CUDA synchronisation, and the CUDA allocator's peak / the device's total).
+        timer: the clock (tests inject it; default: perf_counter with CUDA synchronisation).
+        memory: ``memory() -> (peak bytes since the last call, total bytes)`` (tests inject it; default: the CUDA
+            allocator's peak / the device's total).
     """
     cands = checks.candidates("candidates", candidates)
     for name, v, lo in (("steps", steps, 1), ("warmup", warmup, 0)):

@@ -70,7 +70,8 @@ def sgd_sde_moments(model: NoisyQuadratic, lr_over_batch: float, samples: Any, *
         samples: grid of sample counts (1-D, increasing, >= 0).
         method: "ode" (default: torchdiffeq dopri5) or "closed_form"
             (q = a s / (2h) + (q0 - a s / (2h)) exp(-2 a h n)); the two agree to ~1e-9 relative.
-        rtol, atol: ODE tolerances (atol on the per-coordinate normalised state); defaults 1e-10 and 1e-13.
+        rtol: ODE relative tolerance; default 1e-10.
+        atol: ODE absolute tolerance (on the per-coordinate normalised state); default 1e-13.
 
     Returns:
         :class:`Moments` on the grid.
@@ -159,7 +160,8 @@ def adam_sde_moments(model: NoisyQuadratic, lr: float, batch_size: float, sample
             h theta0 and keeps the equations linear.
         method: "ode" (default, torchdiffeq) or "closed_form" (matrix exponentials; needs preconditioner="noise"
             and, with momentum, bias_correction=False).
-        rtol, atol: ODE tolerances (defaults 1e-10, 1e-13 on the normalised state).
+        rtol: ODE relative tolerance; default 1e-10.
+        atol: ODE absolute tolerance (on the normalised state); default 1e-13.
 
     Returns:
         :class:`Moments` on the grid.
@@ -266,8 +268,10 @@ def critical_batch(model: NoisyQuadratic, lr: float, logical_batch_size: float, 
         samples: the horizon, in samples.
         tolerance: relative loss deviation that counts as "left the SDE" (default 0.05).
         optimizer: "sgd" (default) or "adam".
-        beta1, eps: Adam's reference beta1 (default 0.9) and eps (default 1e-8).
-        kappa_min, kappa_max: scan range; defaults 1 / B_L (batch of one sample) and horizon / B_L (one update).
+        beta1: Adam's reference beta1 (default 0.9).
+        eps: Adam's reference eps (default 1e-8).
+        kappa_min: start of the scan range; default 1 / B_L (a batch of one sample).
+        kappa_max: end of the scan range; default horizon / B_L (one update).
         points_per_octave: scan resolution before bisection (default 4).
 
     Returns:

@@ -95,7 +95,8 @@ def simulate(model: NoisyQuadratic, optimizer: str, lr: float, logical_batch_siz
         seeds: number of independent replicas (default 1000).
         seed: seed of the noise stream (default 0); equal seeds give runs that see the same samples.
         beta_form: "exact" (beta**kappa, default) or "linear" (1 - kappa (1 - beta)); Adam only.
-        betas, eps: Adam's reference betas (default (0.9, 0.999)) and eps (default 1e-8).
+        betas: Adam's reference betas (default (0.9, 0.999)).
+        eps: Adam's reference eps (default 1e-8).
         chunk: samples per drawn chunk of the noise stream (default 64); part of the stream's definition.
         lr_schedule: multiplier of the samples seen (e.g. :func:`sdebatch.warmup_cosine`) applied to ``lr`` before
             every update. Default None (constant).
