@@ -57,8 +57,8 @@ def rescaled_step(optimizer: torch.optim.Optimizer, family: str, kappa: float, *
     finally:
         for group, ref in zip(optimizer.param_groups, saved):
             group.update(ref)
-        for step_t, true_step in step_fixes:
-            step_t.fill_(true_step)
+        for step_t, took_every, true_step in step_fixes:  # torch's own count back; a launch, no read
+            step_t.copy_(torch.where(took_every, true_step, step_t))
     return effective
 
 
@@ -67,21 +67,22 @@ def _fake_adam_steps(optimizer: torch.optim.Optimizer, group: dict, k: float, ka
     """Make Adam's 1 - beta_eff**step equal 1 - prod_s beta**kappa_s = 1 - beta**(kappa_sum + k).
 
     With beta_eff = beta**k that needs step = (kappa_sum + k) / k after Adam's increment. It only differs from the
-    plain count when kappa changed between updates (a short last window). Params that missed an update (no grad),
-    and python-number steps (very old torch), keep torch's count. Returns (step tensor, true count) pairs to restore.
+    plain count when kappa changed between updates (a ramp, a short last window). Params that missed an update (no
+    grad, so a count below ``updates``), and python-number steps (very old torch), keep torch's count. Which params
+    took every update is decided on the step's device (a select, never read back: on CUDA a read per parameter would
+    wait for the device every update for the rest of the run). Returns (step tensor, mask, true count) to restore.
     """
     if math.isclose(kappa_sum, updates * k, rel_tol=1e-12):
-        return []  # kappa never changed: torch's count is right (and no per-param read of a device step tensor)
-    fixes = []
+        return []  # kappa never changed: torch's count is right
+    fake, fixes = kappa_sum / k, []
     for p in group["params"]:
         st = optimizer.state.get(p)
         if p.grad is None or not st or not isinstance(st.get("step"), torch.Tensor):
             continue
-        n = float(st["step"])
-        if n != updates or math.isclose(kappa_sum, n * k, rel_tol=1e-12):
-            continue  # missed an update, or kappa never changed: torch's count is already right
-        st["step"].fill_(kappa_sum / k)
-        fixes.append((st["step"], n + 1))
+        step_t = st["step"]
+        took_every = step_t == updates
+        step_t.copy_(torch.where(took_every, fake, step_t))
+        fixes.append((step_t, took_every, updates + 1))
     return fixes
 
 

@@ -1,4 +1,6 @@
 """Plain references the tests compare the library against: data, a tiny model, and big-batch training."""
+import math
+
 import torch
 
 OPTIMIZERS = {
@@ -64,3 +66,25 @@ def big_batch_run(opt_name, data, logical, *, token_weighted, epochs=2, seed=1, 
                 torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
             opt.step()
     return model
+
+
+def reference_adam(params, grads_per_step, kappas, *, lr, betas, eps, wd, decoupled):
+    """Adam/AdamW written plainly, with beta_s = beta**kappa_s and bias correction 1 - prod_s beta_s."""
+    b1, b2 = betas
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    prod1 = prod2 = 1.0
+    for grads, k in zip(grads_per_step, kappas):
+        lr_s, b1_s, b2_s, eps_s = lr * math.sqrt(k), b1 ** k, b2 ** k, eps / math.sqrt(k)
+        prod1, prod2 = prod1 * b1_s, prod2 * b2_s
+        for i, p in enumerate(params):
+            g = grads[i]
+            if decoupled:
+                wd_s = (1 - (1 - lr * wd) ** k) / lr_s
+                p.mul_(1 - lr_s * wd_s)
+            else:
+                g = g + wd * p
+            m[i] = b1_s * m[i] + (1 - b1_s) * g
+            v[i] = b2_s * v[i] + (1 - b2_s) * g * g
+            p.sub_(lr_s * (m[i] / (1 - prod1)) / ((v[i] / (1 - prod2)).sqrt() + eps_s))
+    return params

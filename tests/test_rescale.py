@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import sdebatch
-from reference import flat, make_data, make_model, sample_loss_mean
+from reference import flat, make_data, make_model, reference_adam, sample_loss_mean
 
 
 def one_update(inner_cls, kw, *, logical, physical, x, y, **wkw):
@@ -65,28 +65,6 @@ def test_timescale_momentum_mode():
                             momentum_mode="timescale")
     target = plain_step(torch.optim.SGD, {"lr": k * lr * (1 - mu ** k) / (1 - mu), "momentum": mu ** k}, x, y, 4)
     assert torch.allclose(flat(model), flat(target), atol=1e-12, rtol=0)
-
-
-def reference_adam(params, grads_per_step, kappas, *, lr, betas, eps, wd, decoupled):
-    """Adam/AdamW written plainly, with beta_s = beta**kappa_s and bias correction 1 - prod_s beta_s."""
-    b1, b2 = betas
-    m = [torch.zeros_like(p) for p in params]
-    v = [torch.zeros_like(p) for p in params]
-    prod1 = prod2 = 1.0
-    for grads, k in zip(grads_per_step, kappas):
-        lr_s, b1_s, b2_s, eps_s = lr * math.sqrt(k), b1 ** k, b2 ** k, eps / math.sqrt(k)
-        prod1, prod2 = prod1 * b1_s, prod2 * b2_s
-        for i, p in enumerate(params):
-            g = grads[i]
-            if decoupled:
-                wd_s = (1 - (1 - lr * wd) ** k) / lr_s
-                p.mul_(1 - lr_s * wd_s)
-            else:
-                g = g + wd * p
-            m[i] = b1_s * m[i] + (1 - b1_s) * g
-            v[i] = b2_s * v[i] + (1 - b2_s) * g * g
-            p.sub_(lr_s * (m[i] / (1 - prod1)) / ((v[i] / (1 - prod2)).sqrt() + eps_s))
-    return params
 
 
 @pytest.mark.parametrize("cls,decoupled", [(torch.optim.Adam, False), (torch.optim.AdamW, True)])
