@@ -211,7 +211,12 @@ class LogicalBatch(pl.Callback):
                              f"{len(optimizers)}")
         inner = optimizers[0]
         world = trainer.num_devices * trainer.num_nodes
-        physical = self._fixed_physical() or max(1, self.logical_batch_size // world)
+        physical = self._fixed_physical()
+        if physical is None:  # the loader's batch, read at train start, where configure_batch checks it
+            # until then a placeholder; under a batch schedule one sample, which refuses no batch a real per-device
+            # batch could reach (a multiple of physical x world is a multiple of world)
+            schedule = self.optimizer_options.get("batch_schedule")
+            physical = 1 if schedule is not None else max(1, self.logical_batch_size // world)
         self.ema = ModelEMA(pl_module, self.ema_rho) if self.ema_rho is not None else None
         opt = LogicalBatchOptimizer(inner, self.logical_batch_size, physical, model=pl_module, ema=self.ema,
                                     **self.optimizer_options)

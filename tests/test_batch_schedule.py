@@ -192,6 +192,47 @@ def test_lightning_ramp_equals_the_plain_loop(tmp_path):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("spec,logical,n", [("0:8, 32:12", 8, 92), ("megatron", 16, 100)])
+def test_lightning_ramp_is_checked_against_the_loaders_batch(spec, logical, n):
+    """The per-device batch comes from the loader (4): a ramp it reaches runs (each update's batch is the schedule's
+    at the clock before the window, the parameters those of the plain loop), and one it cannot reach is refused
+    before training naming 4."""
+    import sdebatch.lightning as sl
+    from lightning_helpers import Regression, flat_params, loader, trainer
+    from reference import OPTIMIZERS
+
+    def make():
+        return sdebatch.batch_schedules.megatron_ramp(8, 4, 64, 16) if spec == "megatron" \
+            else sdebatch.batch_schedule(spec)
+
+    module = Regression("adam")
+    cb = sl.LogicalBatch(logical, batch_schedule=make(), verbose=False)
+    trainer(cb, epochs=1).fit(module, train_dataloaders=loader(n, 4))
+    clock = [t for t, _, _ in module.lrs]
+    sizes = [b - a for a, b in zip([0] + clock, clock)]
+    assert sizes == [b for _, b in _batches(make(), n)] and clock[-1] == n
+    assert sizes == ([8] * 4 + [12] * 5 if spec != "megatron" else [8] * 4 + [12] * 3 + [16] * 2)
+    x, y, _ = make_data(n=n)
+    model = make_model()
+    cls, kw = OPTIMIZERS["adam"]
+    opt = sdebatch.LogicalBatchOptimizer(cls(model.parameters(), **kw), logical, 4, batch_schedule=make())
+    for i in range(0, n, 4):
+        sample_loss_mean(model, x[i:i + 4], y[i:i + 4]).backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt.updates == cb.optimizer.updates == len(sizes)
+    for p, q in zip(module.net.parameters(), model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+
+    module = Regression("adam")
+    before = flat_params(module.net).clone()
+    cb = sl.LogicalBatch(logical, batch_schedule=sdebatch.batch_schedule("0:8, 32:10"), verbose=False)
+    with pytest.raises(ValueError, match=r"10 samples per update from 32 samples is not a multiple of physical x "
+                                         r"world size = 4$"):
+        trainer(cb, epochs=1).fit(module, train_dataloaders=loader(n, 4))
+    assert torch.equal(flat_params(module.net), before)
+
+
 def test_lightning_lr_schedule_follows_the_clock_through_a_ramp_and_step_schedulers_are_refused():
     """The Megatron-Bridge #2609 class of bug: a batch ramp must not bend the lr schedule. Under a ramp the lr of
     every update is the schedule at the clock, exactly as without one; a torch scheduler stepped per update (whose
@@ -255,16 +296,20 @@ def test_critical_batch_warmup_follows_the_online_estimate_and_resumes(monkeypat
     opt = sdebatch.LogicalBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 8, 4, batch_schedule=ramp,
                                          estimate_noise_scale=True)
     assert opt.accumulation_steps == 2  # no estimate yet: the start
-    fake = [None]
-    monkeypatch.setattr(type(opt), "noise_scale", property(lambda self: fake[0]))  # the estimate, set per window
+    from types import SimpleNamespace
+
+    fake = [SimpleNamespace(value=None, value_se=None)]
+    monkeypatch.setattr(type(opt), "noise_scale_estimator", property(lambda self: fake[0]))  # set per window
     seen = []
-    for est in [None, 20.0, 13.0, 70.0, 500.0, 30.0]:
-        fake[0] = est
+    for value, se in [(None, None), (20.0, None), (13.0, 1.0), (70.0, 30.0), (70.0, 5.0), (500.0, 10.0),
+                      (30.0, 1.0)]:
+        fake[0] = SimpleNamespace(value=value, value_se=se)
         opt._reset_window()  # what each update does at its end
         seen.append(opt.window_batch_size)
     monkeypatch.undo()
-    # 0.5 x B_simple rounded down to a multiple of 4, never below the last, capped at 64; no estimate: keep
-    assert seen == [8, 8, 8, 32, 64, 64]
+    # 0.5 x (B_simple - 2 se) rounded down to a multiple of 4, never below the last, capped at 64; no estimate or no
+    # error yet: keep; a noisy estimate (70 +- 30) does not move it, a sure one (70 +- 5) does
+    assert seen == [8, 8, 8, 8, 28, 64, 64]
     state = opt.state_dict()
     fresh = critical_batch_warmup(8, 64, fraction=0.5)
     opt2 = sdebatch.LogicalBatchOptimizer(torch.optim.SGD(make_model().parameters(), lr=0.1), 8, 4,
