@@ -206,6 +206,16 @@ class CriticalBatchWarmup(BatchSchedule):
                              "estimate_noise_scale=True")
         self._opt = optimizer
 
+    def check_reachable(self, per_pass: int) -> None:
+        """The batch grows in multiples of the physical pass (physical x world size): ``start`` and the cap must be
+        multiples too, else the run would stop at the window that reaches them."""
+        for name, b in (("start", self.start), ("max_batch_size", self.max_batch_size)):
+            if b % per_pass:
+                below, above = b // per_pass * per_pass, (b // per_pass + 1) * per_pass
+                nearest = f"{below} or {above}" if below else f"{above}"
+                raise ValueError(f"critical_batch_warmup: {name}={b} is not a multiple of physical x world size = "
+                                 f"{per_pass}; the nearest valid {name}: {nearest}")
+
     def _next(self, clock: float) -> int:
         opt = self._opt
         if opt is None or opt.noise_scale is None:

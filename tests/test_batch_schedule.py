@@ -314,6 +314,29 @@ def test_critical_batch_warmup_follows_the_online_estimate_and_resumes(monkeypat
     assert fresh.current == 64 and opt2.window_batch_size == 64
 
 
+def test_critical_batch_warmup_refuses_a_cap_off_the_physical_pass_before_training():
+    """The warmup grows in multiples of physical x world size and stops at its cap: a cap (or start) off that grid
+    would end the run at the window reaching it; refused where the schedule learns the pass, naming the nearest
+    valid values, before anything changes."""
+    from sdebatch.batch_schedules import critical_batch_warmup
+
+    def wrap(physical, ramp):
+        return sdebatch.LogicalBatchOptimizer(torch.optim.SGD(make_model().parameters(), lr=0.1), 8, physical,
+                                              batch_schedule=ramp, estimate_noise_scale=True)
+
+    with pytest.raises(ValueError, match=r"max_batch_size=60 is not a multiple of physical x world size = 8; the "
+                                         r"nearest valid max_batch_size: 56 or 64$"):
+        wrap(8, critical_batch_warmup(8, 60))
+    with pytest.raises(ValueError, match=r"start=4 is not a multiple of physical x world size = 8; the nearest "
+                                         r"valid start: 8$"):
+        wrap(8, critical_batch_warmup(4, 64))
+    opt = wrap(4, critical_batch_warmup(8, 60))  # 60 = 15 x 4: reachable with 4-sample micro-batches
+    with pytest.raises(ValueError, match=r"max_batch_size=60 .* = 8; the nearest valid max_batch_size: 56 or 64$"):
+        opt.configure_batch(8)
+    assert (opt.physical_batch_size, opt.accumulation_steps) == (4, 2)
+    wrap(8, critical_batch_warmup(8, 64))
+
+
 def test_choose_physical_batch_picks_the_fastest_that_fits_from_a_measured_table():
     """Faked timings and memory: throughput peaks at 32, 64 is over the memory margin, 128 runs out of memory (and
     256 is never tried); the choice is 32, and configuring the wrapper with it keeps the logical batch."""
