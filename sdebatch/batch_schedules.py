@@ -190,9 +190,10 @@ def seesaw(lr_schedule: Callable[[float], float], logical_batch_size: int, max_b
 class CriticalBatchWarmup(BatchSchedule):
     """Grow the batch while it stays below ``fraction`` x the critical batch, estimated online (Merrill et al. 2025:
     the critical batch starts near 0 and grows): at each window the batch becomes the largest multiple of the
-    physical pass (physical x world size) not above ``fraction`` x B_simple of the wrapper's noise-scale estimator
-    (``estimate_noise_scale=True``), never smaller than before, at most ``max_batch_size``. Until the estimator has
-    a value the batch stays at ``start``. Built by :func:`critical_batch_warmup`; the wrapper attaches itself."""
+    physical pass (physical x world size) not above ``fraction`` x the lower 2-standard-error bound of B_simple from
+    the wrapper's noise-scale estimator (``estimate_noise_scale=True``: ``value - 2 value_se``), never smaller than
+    before, at most ``max_batch_size``. Until the estimator has a value and an error the batch stays at ``start``.
+    Built by :func:`critical_batch_warmup`; the wrapper attaches itself."""
 
     def __init__(self, start: int, max_batch_size: int, fraction: float, unit: str) -> None:
         super().__init__(self._next, unit)
@@ -218,10 +219,14 @@ class CriticalBatchWarmup(BatchSchedule):
 
     def _next(self, clock: float) -> int:
         opt = self._opt
-        if opt is None or opt.noise_scale is None:
+        estimator = None if opt is None else opt.noise_scale_estimator
+        value = None if estimator is None else estimator.value
+        se = None if estimator is None else estimator.value_se
+        if value is None or se is None:
             return self.current
+        # act on what the estimate is sure of: its lower 2-se bound (a noisy early estimate does not jump the batch)
         step = opt.physical_batch_size * opt.world_size
-        target = int(self.fraction * opt.noise_scale // step) * step
+        target = int(self.fraction * max(value - 2 * se, 0.0) // step) * step
         self.current = max(self.current, min(self.max_batch_size, target))
         return self.current
 

@@ -42,6 +42,8 @@ class NoiseScaleEstimator:
         self.count = 0
         self._g2 = 0.0  # EMA of the |G|^2 estimates (not bias-corrected)
         self._trace = 0.0  # EMA of the tr(Sigma) estimates
+        self._moments = [0.0, 0.0, 0.0]  # EMAs of g2^2, trace^2, g2 trace: the spread of the window estimates
+        self._moment_count = 0  # observations in the moments (a checkpoint from before they were kept has none)
         self.last_g2: float | None = None
         self.last_trace: float | None = None
 
@@ -62,7 +64,9 @@ class NoiseScaleEstimator:
         d = self.decay
         self._g2 = d * self._g2 + (1 - d) * g2
         self._trace = d * self._trace + (1 - d) * trace
+        self._moments = [d * m + (1 - d) * v for m, v in zip(self._moments, (g2 * g2, trace * trace, g2 * trace))]
         self.count += 1
+        self._moment_count += 1
 
     @property
     def gradient_sq_norm(self) -> float | None:
@@ -81,101 +85,144 @@ class NoiseScaleEstimator:
             return None
         return self._trace / self._g2  # the bias corrections cancel
 
+    @property
+    def value_se(self) -> float | None:
+        """The standard error of :attr:`value`, from the spread of the per-window estimates (their EMA-weighted
+        variances and covariance, over the EMA's effective number of windows, by the delta method for a ratio);
+        None with fewer than 2 observations or while the value is unknown. It treats windows as independent, which
+        they nearly are (each is fresh data at slowly moving weights)."""
+        value, n = self.value, self._moment_count
+        if value is None or n < 2:
+            return None
+        d = self.decay
+        norm = 1 - d ** n
+        g, t = self._g2 / norm, self._trace / norm
+        gg, tt, gt = (m / norm for m in self._moments)
+        var_g, var_t, cov = max(gg - g * g, 0.0), max(tt - t * t, 0.0), gt - g * t
+        # Var of a weighted mean of independent draws: sum w^2 / (sum w)^2 for the EMA's weights (1 - d) d^i
+        factor = (1 - d) * (1 - d ** (2 * n)) / ((1 + d) * norm ** 2) if d > 0 else 1.0
+        rel = factor * (var_t / t ** 2 + var_g / g ** 2 - 2 * cov / (t * g))
+        return value * math.sqrt(max(rel, 0.0))
+
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "count": self.count, "g2": self._g2, "trace": self._trace}
+        return {"decay": self.decay, "count": self.count, "g2": self._g2, "trace": self._trace,
+                "moments": list(self._moments), "moment_count": self._moment_count}
 
     def load_state_dict(self, state: dict) -> None:
         self.decay, self.count = float(state["decay"]), int(state["count"])
         self._g2, self._trace = float(state["g2"]), float(state["trace"])
+        self._moments = [float(v) for v in state.get("moments", [0.0, 0.0, 0.0])]
+        self._moment_count = int(state.get("moment_count", 0))
 
 
 class NoiseScaleMonitor:
     """The in-run B_simple of :class:`sdebatch.LogicalBatchOptimizer`, called at each micro-step and window end.
 
-    The small batch is the window's first micro-batch: after the first micro-step, ``.grad`` holds its gradient, whose
-    squared norm is taken by one foreach norm (no hooks, no parameter-sized buffer; a device tensor read only at the
-    update). The big batch is the window's whole gradient (under DDP all-reduced, while each rank's first micro-batch
-    is local, so the small norm is the mean over ranks). Later micro-steps are not read: the accumulated gradients
-    after 2, 3, ... micro-steps are nested in the window, so fitting them as well (least squares in 1 / n) costs a
-    norm each and, measured on Gaussian gradients with 4 and 8 micro-steps, gives an estimate of |G|^2 with an 8-42%
-    larger standard deviation and of tr(Sigma) no better than the two-size pair (``benchmarks/noise_variance.py``).
-    Data parallel without accumulation (one micro-step per window on several ranks) has no small batch in ``.grad``,
-    which the backward all-reduces: there each rank's own micro-batch gradient norm is taken by tensor hooks during the
-    backward (one norm per parameter), armed only in that case. Warns once when the samples per update exceed
-    ``warn`` x B_simple.
+    The small batches are the window's micro-batches, each read on its own: tensor hooks take the squared norm of
+    each parameter's gradient as the backward computes it, before it is added to ``.grad`` (and before DDP's
+    all-reduce, so each rank's own micro-batch), summed into one device scalar per micro-step; nothing is read back
+    until the update. The big batch is the window's whole gradient (all ranks). With k micro-batches of b samples,
+    the mean of their k squared norms estimates |G|^2 + tr(Sigma) / b with about 1 / k the variance of one of them:
+    on Gaussian gradients its B_simple is up to 2.5x less noisy than the window's first micro-batch alone, and never
+    worse (``python -m benchmarks.noise_variance``). Micro-batches of unequal size enter through the harmonic mean
+    of their sizes. The hooks cost one norm per parameter per backward in observed windows (``every`` thins them).
+
+    Sharded parameters (FSDP2's DTensors) take their gradients through FSDP's unsharded copies, out of the hooks'
+    reach: there the small batch is the window's first micro-step, all ranks, read from the reduce-scattered
+    ``.grad`` shards (each rank's part of the squared norm, summed by the update's all-reduce).
+
+    Warns once when the samples per update exceed ``warn`` x B_simple.
 
     Args:
-        params: the parameters, for the hooks of the data-parallel case without accumulation.
+        params: the parameters (hooks are registered on them the first time a window is observed).
         decay: the estimator's EMA decay per observation (default 0.95).
         warn: warn above this multiple of B_simple (default 1.0; None: never).
         every: observe one window in this many (default 1).
     """
 
     def __init__(self, params, decay: float = 0.95, warn: float | None = 1.0, every: int = 1) -> None:
+        params = [p for p in params if p.requires_grad]
         self.estimator = NoiseScaleEstimator(decay)
         self.warn, self.every = warn, every
         self._warned = False
-        self._hooks = MicroGradNorms(params)
-        self.local_micro_norms = False  # set by the wrapper: several ranks, one micro-step per window
+        self.sharded = any(hasattr(p, "_local_tensor") for p in params)
+        self._hooks = None if self.sharded else MicroGradNorms(params)
         self.start_window(0)
 
     def start_window(self, updates: int) -> None:
-        """A new window begins after ``updates`` updates: clear its small batch; is it observed?"""
-        self.small_sq = None  # |g_b|^2 of the first micro-batch, normalised: a device tensor (or float once restored)
-        self.small_n = None  # its samples
+        """A new window begins after ``updates`` updates: clear its small batches; is it observed?"""
+        # sums over micro-steps (and, at the update, over ranks): own mode, the normalised squared norms, their
+        # number and the sum of 1 / samples; sharded mode, the first micro-step's squared norm (this rank's part),
+        # its items and samples
+        self.small: list | None = None
         self.observing = updates % self.every == 0
-        self._hooks.active = self.observing and self.local_micro_norms
+        if self._hooks is not None:
+            self._hooks.active = self.observing
 
     @property
     def wants_micro_step(self) -> bool:
-        """Whether the next micro-step is read: an observed window whose small batch is not yet recorded."""
-        return self.observing and self.small_sq is None
+        """Whether the micro-step that just ended is read."""
+        return self.observing and (not self.sharded or self.small is None)
 
-    def micro_step(self, grads: list[torch.Tensor], samples: float | torch.Tensor,
-                   normaliser: float | torch.Tensor, grad_scaler=None, *, ends_window: bool = False) -> None:
-        """Record the window's small batch after its first micro-step: ``grads`` the accumulated gradients,
-        ``samples`` the window's samples so far, ``normaliser`` what makes them a mean (micro-steps so far, or the
-        items of a sum-reduced loss), ``grad_scaler`` the AMP scaler the losses were multiplied by. The micro-step
-        that ends the window is the window's own point (under DDP already all-reduced), recorded only from the hooks
-        of the data-parallel case without accumulation. Reads nothing."""
+    def micro_step(self, grads: list[torch.Tensor], samples: float | torch.Tensor, items: float | torch.Tensor | None,
+                   grad_scaler=None) -> None:
+        """Record the micro-step that just ended: ``samples`` its samples on this rank, ``items`` what its
+        sum-reduced loss was summed over (None: a mean-reduced loss), ``grad_scaler`` the AMP scaler the loss was
+        multiplied by, ``grads`` the accumulated ``.grad`` (read only for sharded parameters, after the first
+        micro-step). Reads nothing back from the device."""
         if not self.wants_micro_step:
             return
-        if ends_window:
-            sq = self._hooks.take()
-            if sq is None:
-                return
-        elif grads:
-            sq = _total_sq_norm(grads)
+        scale = _scale_of(grad_scaler)
+        if self.sharded:
+            sq = _total_sq_norm(grads, local=True) if grads else None
+            if sq is not None:
+                self.small = [sq / scale ** 2, 0.0 if items is None else items, samples]
+            return
+        sq = self._hooks.take()
+        if sq is None:
+            return
+        denom = scale if items is None else scale * items
+        if isinstance(denom, torch.Tensor) or isinstance(samples, torch.Tensor):  # device counts: no branch, no read
+            denom, samples = (torch.as_tensor(v, dtype=torch.float64, device=sq.device) for v in (denom, samples))
+            ok = (denom > 0) & (samples > 0)
+            terms = [torch.where(ok, sq / denom.clamp_min(1e-300) ** 2, 0.0), ok.double(),
+                     torch.where(ok, 1.0 / samples.clamp_min(1e-300), 0.0)]
+        elif denom > 0 and samples > 0:
+            terms = [sq / denom ** 2, 1.0, 1.0 / samples]
         else:
             return
-        denom = _scale_of(grad_scaler) * normaliser
-        if isinstance(denom, torch.Tensor):  # a device count: an empty micro-batch is zeroed, not tested here
-            sq = torch.where(denom > 0, sq / denom.clamp_min(torch.finfo(denom.dtype).tiny) ** 2, 0.0)
-        elif denom > 0:
-            sq = sq / denom ** 2
-        else:
-            return
-        self.small_sq, self.small_n = sq, samples
+        self.small = terms if self.small is None else [a + b for a, b in zip(self.small, terms)]
 
     def sums(self) -> list:
-        """What the window's all-reduce adds up: the small batch's squared norm and its samples (none if unseen)."""
-        return [] if self.small_sq is None else [self.small_sq, self.small_n]
+        """What the window's all-reduce adds up over the ranks (none if nothing was recorded)."""
+        return [] if self.small is None else list(self.small)
 
-    @staticmethod
-    def window_sq_norm(grads: list[torch.Tensor]) -> torch.Tensor | None:
-        """The squared norm of the window's gradient as a device tensor (read with the update's other values)."""
-        return _total_sq_norm(grads) if grads else None
+    def window_sq_norm(self, grads: list[torch.Tensor]) -> tuple[torch.Tensor | None, bool]:
+        """The squared norm of the window's gradient as a device tensor (read with the update's other values), and
+        whether it is this rank's part, to be summed over the ranks (sharded gradients)."""
+        return (_total_sq_norm(grads, local=self.sharded) if grads else None), self.sharded
 
-    def window_end(self, samples: float, sums: list[float], big_sq_norm: float, world_size: int = 1) -> None:
+    def window_end(self, samples: float, sums: list[float], big_sq_norm: float, world_size: int = 1,
+                   sum_protocol: bool = False) -> None:
         """One observation: ``sums`` as returned by :meth:`sums` (summed over ``world_size`` ranks) and the window's
-        normalised gradient's squared norm ``big_sq_norm`` over ``samples`` (all ranks), all read to the host by the
-        update."""
+        normalised gradient's squared norm ``big_sq_norm`` over ``samples`` (all ranks), all read by the update.
+        ``sum_protocol``: the losses were sum-reduced (the sharded small batch is then normalised here)."""
         if not sums:
             return
-        small_sq, small_n = sums[0] / world_size, sums[1] / world_size
+        if self.sharded:  # the first micro-step of every rank, averaged over the ranks by the reduce-scatter
+            sq, items, small_n = sums
+            if sum_protocol:
+                if items <= 0:
+                    return
+                sq = sq * (world_size / items) ** 2
+        else:
+            total, count, inverse = sums
+            if count <= 0 or inverse <= 0:
+                return
+            sq, small_n = total / count, count / inverse
         if not 0 < small_n < samples:
             return  # one micro-batch on one rank: only one batch size, nothing to compare
-        self.estimator.observe(small_sq, small_n, big_sq_norm, samples)
+        self.estimator.observe(sq, small_n, big_sq_norm, samples)
         value = self.estimator.value
         if (value is not None and self.warn is not None and not self._warned
                 and samples > self.warn * value and self.estimator.count >= 10):
@@ -185,20 +232,23 @@ class NoiseScaleMonitor:
                           "loss per sample gets worse); consider a smaller batch per update", stacklevel=4)
 
     def window_state(self) -> dict:
-        """The open window's small batch, for a checkpoint taken mid-window (under the keys of the earlier list of
-        prefixes, so checkpoints load either way: only its first entry is the small batch)."""
-        seen = self.small_sq is not None
-        return {"noise_prefix_sq": [float(self.small_sq)] if seen else [],
-                "noise_prefix_n": [float(self.small_n)] if seen else []}
+        """The open window's small-batch sums, for a checkpoint taken mid-window."""
+        return {"noise_small": [] if self.small is None else [float(v) for v in self.small]}
 
     def load_window_state(self, state: dict) -> None:
-        sq, n = state.get("noise_prefix_sq", []), state.get("noise_prefix_n", [])
-        self.small_sq, self.small_n = (sq[0], n[0]) if sq else (None, None)
+        small = state.get("noise_small")
+        if small is None and state.get("noise_prefix_sq"):  # an earlier layout: the first micro-batch alone
+            sq, n = state["noise_prefix_sq"][0], state["noise_prefix_n"][0]
+            small = [sq, 0.0, n] if self.sharded else [sq, 1.0, 1.0 / n]
+        self.small = list(small) if small else None
 
 
-def _total_sq_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+def _total_sq_norm(grads: list[torch.Tensor], local: bool = False) -> torch.Tensor:
     """|g|^2 over all tensors: one foreach norm (float32 accumulation for half precision), then the norm of the norms
-    (gathered on the first tensor's device when they are spread over several)."""
+    (gathered on the first tensor's device when they are spread over several). ``local``: of each DTensor's local
+    shard (this rank's part of the sum)."""
+    if local:
+        grads = [getattr(g, "_local_tensor", g) for g in grads]
     half = grads[0].dtype in (torch.float16, torch.bfloat16)
     norms = torch._foreach_norm(grads, 2, dtype=torch.float32) if half else torch._foreach_norm(grads)
     device = norms[0].device
@@ -210,7 +260,7 @@ def _total_sq_norm(grads: list[torch.Tensor]) -> torch.Tensor:
 class MicroGradNorms:
     """The squared norm of a micro-batch's own gradient, read by tensor hooks before DDP's all-reduce and before it is
     added to ``.grad`` (one scalar per parameter). The hooks are registered the first time ``active`` is set: runs
-    that never need them (one rank, or accumulation) pay nothing per backward."""
+    that never estimate the noise scale pay nothing per backward."""
 
     def __init__(self, params) -> None:
         self._norms: list[torch.Tensor] = []

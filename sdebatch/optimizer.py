@@ -317,8 +317,7 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         if self.batch_schedule is not None:  # the next window's accumulation, from the clock
             self.accumulation_steps = self.batch_schedule.accumulation(self.clock, self.physical_batch_size,
                                                                        self.world_size)
-        if self._noise is not None:  # several ranks without accumulation: the micro-batch norms come from hooks
-            self._noise.local_micro_norms = self.world_size > 1 and self.accumulation_steps == 1
+        if self._noise is not None:
             self._noise.start_window(self.clock.updates)
 
     def backward(self, loss: torch.Tensor, num_items: float | torch.Tensor | None = None, *,
@@ -401,11 +400,9 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         self._check_lr(w.open)
         pending, n = w.end_micro_step(num_samples, num_tokens, self.physical_batch_size)
         self._check_equal_weights(pending, n)
-        if self._noise is not None and self._noise.wants_micro_step:  # the window's first micro-batch
-            ends = w.micro_steps >= self.accumulation_steps
-            self._noise.micro_step([] if ends else [p.grad for p in self._params_with_grad()], w.samples,
-                                   w.items if w.protocol == "sum" else w.micro_steps, self.grad_scaler,
-                                   ends_window=ends)
+        if self._noise is not None and self._noise.wants_micro_step:  # this micro-batch's own gradient norm
+            self._noise.micro_step([p.grad for p in self._params_with_grad()] if self._noise.sharded else [], n,
+                                   pending.items if pending.sum else None, self.grad_scaler)
         self.did_update = False
         if w.micro_steps >= self.accumulation_steps:
             self._update()
@@ -541,11 +538,15 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
             self.grad_scaler.unscale_(self.optimizer)
             found_inf = sum(self.grad_scaler._found_inf_per_device(self.optimizer).values())
         observe = self._noise is not None and self._noise.observing
-        window_sq = self._noise.window_sq_norm(grads) if observe else None  # of the unnormalised window gradient
+        # the unnormalised window gradient's squared norm; sharded gradients give each rank's part, summed below
+        window_sq, summed = self._noise.window_sq_norm(grads) if observe else (None, False)
         # everything the update needs from the device and the other ranks: one all-reduce, one transfer
-        (samples, tokens, items, *micro), (window_sq, found_inf) = read_sums(
-            [w.samples, w.tokens, w.items, *(self._noise.sums() if observe else [])], [window_sq, found_inf],
+        reduced = [w.samples, w.tokens, w.items, *(self._noise.sums() if observe else [])]
+        (samples, tokens, items, *micro), local = read_sums(
+            reduced + ([window_sq] if summed else []), [found_inf] + ([] if summed else [window_sq]),
             self.world_size, self.process_group, device)
+        found_inf = local[0]
+        window_sq = micro.pop() if summed else local[1]
         checks.check_read_counts(samples=samples, tokens=tokens, items=items)
         if found_inf:
             self.grad_scaler.update()  # backs the scale off; the window is dropped, the clock does not move
@@ -563,7 +564,14 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         if grads and scale != 1.0:
             torch._foreach_mul_(grads, scale)
         if observe and grads:
-            self._noise.window_end(samples, micro, window_sq * scale ** 2, self.world_size)
+            self._noise.window_end(samples, micro, window_sq * scale ** 2, self.world_size,
+                                   sum_protocol=w.protocol == "sum")
+            if self.world_size == 1 and self.accumulation_steps == 1 and "noise" not in self._warned:
+                self._warned.add("noise")
+                warnings.warn("estimate_noise_scale=True measures nothing here: one micro-batch per update on one "
+                              "process gives one batch size, and B_simple needs two. Accumulate (a physical batch "
+                              "below the logical one), train on several ranks, or measure it at fixed weights with "
+                              "sdebatch.noise.probe_noise_scale", stacklevel=3)
         if self.max_grad_norm is not None and params:
             self._grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)  # read when asked
 

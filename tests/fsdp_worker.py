@@ -68,6 +68,8 @@ def run(rank, world, init_file, out, n, per_device, options, stop_at, no_sync):
         result["params"] = torch.cat([p.full_tensor().detach().flatten() for p in model.parameters()])
         result["clock"] = opt.clock.state_dict()
         result["grad_norm"] = opt.last_grad_norm
+        if opt.noise_scale_estimator is not None:
+            result["noise"] = opt.noise_scale_estimator.state_dict()
         if rank == 0:
             torch.save(result, out)
         dist.barrier()

@@ -296,16 +296,20 @@ def test_critical_batch_warmup_follows_the_online_estimate_and_resumes(monkeypat
     opt = sdebatch.LogicalBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 8, 4, batch_schedule=ramp,
                                          estimate_noise_scale=True)
     assert opt.accumulation_steps == 2  # no estimate yet: the start
-    fake = [None]
-    monkeypatch.setattr(type(opt), "noise_scale", property(lambda self: fake[0]))  # the estimate, set per window
+    from types import SimpleNamespace
+
+    fake = [SimpleNamespace(value=None, value_se=None)]
+    monkeypatch.setattr(type(opt), "noise_scale_estimator", property(lambda self: fake[0]))  # set per window
     seen = []
-    for est in [None, 20.0, 13.0, 70.0, 500.0, 30.0]:
-        fake[0] = est
+    for value, se in [(None, None), (20.0, None), (13.0, 1.0), (70.0, 30.0), (70.0, 5.0), (500.0, 10.0),
+                      (30.0, 1.0)]:
+        fake[0] = SimpleNamespace(value=value, value_se=se)
         opt._reset_window()  # what each update does at its end
         seen.append(opt.window_batch_size)
     monkeypatch.undo()
-    # 0.5 x B_simple rounded down to a multiple of 4, never below the last, capped at 64; no estimate: keep
-    assert seen == [8, 8, 8, 32, 64, 64]
+    # 0.5 x (B_simple - 2 se) rounded down to a multiple of 4, never below the last, capped at 64; no estimate or no
+    # error yet: keep; a noisy estimate (70 +- 30) does not move it, a sure one (70 +- 5) does
+    assert seen == [8, 8, 8, 8, 28, 64, 64]
     state = opt.state_dict()
     fresh = critical_batch_warmup(8, 64, fraction=0.5)
     opt2 = sdebatch.LogicalBatchOptimizer(torch.optim.SGD(make_model().parameters(), lr=0.1), 8, 4,

@@ -28,19 +28,22 @@ def test_bench_summary_marks_each_target():
 
 
 
-def test_noise_variance_estimators_invert_exact_expectations():
-    """The Monte Carlo's two estimators (pair, prefix least squares) return |G|^2 and tr(Sigma) exactly when fed
-    E|S_n|^2 = |G|^2 + tr(Sigma) / n, so any difference in its table is variance, not bias."""
+def test_noise_variance_estimators_invert_noise_of_exact_size():
+    """Fed micro-batch gradients G + e_i with the e_i orthogonal to G and to each other and |e_i|^2 = tr(Sigma) / b,
+    every squared norm equals its expectation (|G|^2 + tr(Sigma) / n), so each estimator of the Monte Carlo returns
+    |G|^2 and tr(Sigma) exactly: any difference in its table is variance, not bias."""
     import torch
 
-    from benchmarks.noise_variance import estimates
+    from benchmarks.noise_variance import ESTIMATORS, per_window
 
-    n = 4.0 * torch.arange(1, 9, dtype=torch.float64)
-    sq = torch.stack([3.0 + 120.0 / n, 0.5 + 7.0 / n])
-    for pair in (True, False):
-        g2, trace = estimates(sq, n, pair)
-        assert torch.allclose(g2, torch.tensor([3.0, 0.5], dtype=torch.float64), rtol=1e-12)
-        assert torch.allclose(trace, torch.tensor([120.0, 7.0], dtype=torch.float64), rtol=1e-12)
+    b, k, g2, trace = 4, 8, 3.0, 120.0
+    micro = torch.zeros(1, k, k + 1, dtype=torch.float64)
+    micro[0, :, 0] = g2 ** 0.5
+    micro[0, torch.arange(k), torch.arange(1, k + 1)] = (trace / b) ** 0.5
+    for name in ESTIMATORS:
+        got_g2, got_trace = per_window(micro, b, name)
+        assert torch.allclose(got_g2, torch.tensor([g2], dtype=torch.float64), rtol=1e-12), name
+        assert torch.allclose(got_trace, torch.tensor([trace], dtype=torch.float64), rtol=1e-12), name
 
 
 def test_trainer_benchmark_times_the_same_micro_batches_on_both_sides(micro_data, tmp_path, monkeypatch):

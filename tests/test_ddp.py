@@ -25,9 +25,10 @@ def test_two_process_ddp_equals_big_batch(tmp_path, opt_name, protocol, n, per_d
     assert got["clock"]["samples_seen"] == 2 * n
     if protocol == "sum":
         assert got["clock"]["tokens_seen"] == 2 * int(data[2].sum())
-    # the noise scale: each rank's first micro-batch is a local prefix of its window (per_device samples, averaged over
-    # the ranks), the all-reduced window the other point (16 samples, 8 in a ragged last window): the two-batch-size
-    # formula per window, in an EMA of decay 0.95, along the big-batch trajectory (computed here by hand)
+    # the noise scale: every micro-batch of every rank on its own (per_device samples, its squared gradient norm
+    # averaged over the ranks and micro-steps), the all-reduced window the other point (16 samples, 8 in a ragged
+    # last window): the two-batch-size formula per window, in an EMA of decay 0.95, along the big-batch trajectory
+    # (computed here by hand)
     x, y, mask = data
     model = make_model()
     cls, kw = OPTIMIZERS[opt_name]
@@ -49,7 +50,7 @@ def test_two_process_ddp_equals_big_batch(tmp_path, opt_name, protocol, n, per_d
         for w in range(0, n, 16):
             big = min(16, n - w)
             p = per_device
-            small = (grad(slice(w, w + p)).square().sum() + grad(slice(w + p, w + 2 * p)).square().sum()) / 2
+            small = sum(grad(slice(i, i + p)).square().sum() for i in range(w, w + big, p)) / (big // p)
             whole = grad(slice(w, w + big)).square().sum()
             g2 = (big * whole - p * small) / (big - p)
             trace = (small - whole) / (1 / p - 1 / big)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from reference import big_batch_run, flat, make_data
+from reference import OPTIMIZERS, big_batch_run, flat, make_data, make_model, token_loss_sum
 import fsdp_worker
 
 pytest.importorskip("torch.distributed.fsdp")
@@ -55,3 +55,33 @@ def test_fsdp2_without_gradient_sync_is_refused(tmp_path):
     backpropagated and says to leave sync on."""
     got = run_two_ranks(tmp_path, options={"rule": "none"}, no_sync=True)
     assert "set_requires_gradient_sync" in got["error"]
+
+
+def test_fsdp2_noise_scale_equals_the_two_size_formula_by_hand(tmp_path):
+    """Sharded gradients are out of the per-micro-batch hooks' reach: the small batch is the window's first micro-step
+    over both ranks (2 x 4 samples, reduce-scattered), the big one the window (16). Each window's observation and
+    the EMA equal the two-size formula on token-weighted gradients taken here by hand along the big-batch run."""
+    got = run_two_ranks(tmp_path, n=96, per_device=4, options={"estimate_noise_scale": True,
+                                                                "noise_scale_warn": None})
+    assert "error" not in got, got.get("error")
+    x, y, mask = make_data(n=96)
+    model = make_model()
+    cls, kw = OPTIMIZERS["adamw"]
+    opt = cls(model.parameters(), **kw)
+
+    def grad(sl):
+        model.zero_grad()
+        s, c = token_loss_sum(model, x[sl], y[sl], mask[sl])
+        (s / c).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    g2_ema = trace_ema = 0.0
+    for _ in range(2):
+        for w in range(0, 96, 16):
+            small, whole = grad(slice(w, w + 8)).square().sum(), grad(slice(w, w + 16)).square().sum()
+            g2, trace = (16 * whole - 8 * small) / 8, (small - whole) / (1 / 8 - 1 / 16)
+            g2_ema, trace_ema = 0.95 * g2_ema + 0.05 * float(g2), 0.95 * trace_ema + 0.05 * float(trace)
+            opt.step()  # the big-batch step on the window's gradient just computed
+    assert got["noise"]["count"] == 12
+    assert got["noise"]["g2"] == pytest.approx(g2_ema, rel=1e-9)
+    assert got["noise"]["trace"] == pytest.approx(trace_ema, rel=1e-9)
