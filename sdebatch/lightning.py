@@ -10,8 +10,9 @@ per-device batch x devices x nodes x accumulation. The callback also
 - counts the samples of every batch (``batch_size_fn``) and, under DDP, skips the gradient all-reduce on
   micro-steps that do not end a window (``require_backward_grad_sync``);
 - applies a short last window at the end of each epoch with its own normalisation and kappa;
-- drives the lr from the clock (``lr_schedule``, in samples or tokens) and gates torch schedulers with
-  ``interval="step"`` to updates (their frequency is multiplied by the accumulation);
+- drives the lr from the clock (``lr_schedule``, in samples or tokens) and steps torch schedulers with
+  ``interval="step"`` once per update (a short window flushed at an epoch's end included; ``frequency`` counts
+  updates);
 - logs ``samples_seen``, ``tokens_seen``, ``updates``, ``batch_per_update``, ``kappa``, the effective ``lr`` (and
   betas) per update;
 - keeps the window's gradients and the clock in checkpoints, and fixes the data position of a
@@ -38,7 +39,7 @@ from .rules import ema_decay
 from .optimizer import LogicalBatchOptimizer, check_options
 from . import checks
 from .progress import fmt_seconds, interactive
-from .schedules import ClockSchedule
+from .schedules import ClockSchedule, PerUpdateScheduler
 
 __all__ = ["LogCadence", "LogicalBatch", "ProgressLines", "count", "find_optimizer"]
 
@@ -177,6 +178,12 @@ class LogicalBatch(pl.Callback):
         if trainer.accumulate_grad_batches != 1:
             raise ValueError(f"Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}) conflicts with "
                              "LogicalBatch, which derives the accumulation from logical_batch_size; leave it at 1")
+        if trainer.max_steps is not None and trainer.max_steps != -1:
+            raise ValueError(f"Trainer(max_steps={trainer.max_steps}) counts optimizer.step() calls, which Lightning "
+                             "makes once per batch, and an update under LogicalBatch takes several batches (fewer at "
+                             "a ragged epoch's end): the run would stop after that many batches, not updates. Give "
+                             "the budget as LogicalBatch(max_samples=...) or LogicalBatch(max_tokens=...) (updates x "
+                             "logical_batch_size samples), or by max_epochs, and leave max_steps at -1")
         if trainer.gradient_clip_val:
             raise ValueError("Trainer(gradient_clip_val=...) would clip every micro-batch; pass max_grad_norm= to "
                              "LogicalBatch instead (it clips the window's gradient once per update)")
@@ -286,6 +293,7 @@ class LogicalBatch(pl.Callback):
         if opt is None:
             raise RuntimeError("LogicalBatch did not see configure_optimizers; was the callback added after setup?")
         self._restore_pending(opt)
+        self._gate_schedulers(trainer, opt)  # before the flushes below, which step them
         if self._flush_on_resume:  # resumed from an epoch's last batch: the epoch-end flush it had not reached
             self._flush_on_resume = False
             if opt.in_window and opt.flush():
@@ -300,18 +308,36 @@ class LogicalBatch(pl.Callback):
         # flushed (applied as a short update) and the run continues in samples
         if opt.configure_batch(physical, self.optimizer_options.get("accumulation_steps")):
             self._after_update(trainer, pl_module, in_batch=False)
-        for config in trainer.lr_scheduler_configs:  # torch schedulers step once per update, not per batch
-            if config.interval == "step" and opt.batch_schedule is not None:
-                raise ValueError("a torch lr scheduler with interval='step' under a batch_schedule would step per "
-                                 "batch, not per update, once the accumulation changes: pass the lr schedule as "
-                                 "LogicalBatch(lr_schedule=...), which follows the clock")
-            if config.interval == "step":
-                config.frequency *= opt.accumulation_steps
         if self.verbose:
             rank_zero_info(f"sdebatch: {physical} per device x {trainer.num_devices} devices x {trainer.num_nodes} "
                            f"node(s) x {opt.accumulation_steps} accumulation = {opt.window_batch_size} samples "
                            f"per update (logical batch {self.logical_batch_size}), kappa = {opt.window_kappa:.4g}, "
                            f"rule = {opt.rule}")
+
+    @staticmethod
+    def _gate_schedulers(trainer: pl.Trainer, opt: LogicalBatchOptimizer) -> None:
+        """Torch schedulers with interval="step": Lightning steps them after every batch; gated, they step once per
+        update, every ``frequency`` updates (a frequency in batches would miss the short window flushed at a ragged
+        epoch's end, and lag one step per such epoch)."""
+        for config in trainer.lr_scheduler_configs:
+            if config.interval != "step" or isinstance(config.scheduler, _EveryUpdates):
+                continue
+            if opt.batch_schedule is not None:
+                raise ValueError("a torch lr scheduler with interval='step' under a batch_schedule would count "
+                                 "updates, whose samples the schedule changes, so its lr would not follow the samples "
+                                 "seen: pass the lr schedule as LogicalBatch(lr_schedule=...), which follows the clock")
+            config.scheduler, config.frequency = _EveryUpdates(config.scheduler, opt, config.frequency), 1
+
+    def _step_schedulers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Step the gated schedulers for an update taken outside a batch (a flushed window), as Lightning does after
+        a batch (a plateau scheduler only once its metric is known)."""
+        for config in trainer.lr_scheduler_configs:
+            if not isinstance(config.scheduler, _EveryUpdates):
+                continue
+            metric = trainer.callback_metrics.get(config.monitor) if config.reduce_on_plateau else None
+            if config.reduce_on_plateau and metric is None:
+                continue
+            pl_module.lr_scheduler_step(config.scheduler, metric)
 
     # --- every batch ---
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -341,6 +367,7 @@ class LogicalBatch(pl.Callback):
         stop = (self.max_samples is not None and opt.samples_seen >= self.max_samples) or \
             (self.max_tokens is not None and opt.tokens_seen >= self.max_tokens)
         if not in_batch:  # self.log(on_step) is not allowed at epoch end: straight to the logger
+            self._step_schedulers(trainer, pl_module)
             if trainer.logger is not None and trainer.is_global_zero:
                 trainer.logger.log_metrics(self._metrics(), step=trainer.global_step)
         elif self._log_cadence.due(trainer, final=stop):
@@ -417,6 +444,22 @@ class LogicalBatch(pl.Callback):
         self._ema_state = state_dict.get("ema")
         self._sdebatch_state = state_dict.get("sdebatch")
         self._flush_on_resume = bool(state_dict.get("flush_on_resume", False))
+
+
+class _EveryUpdates(PerUpdateScheduler):
+    """A torch scheduler stepped at most once per update of the wrapper, at every ``every``-th: step() may be called
+    after every batch and after a flushed window; it acts when the update count moved since the last call."""
+
+    def __init__(self, scheduler: Any, optimizer: LogicalBatchOptimizer, every: int) -> None:
+        super().__init__(scheduler, optimizer)
+        self.__dict__["every"], self.__dict__["seen"] = int(every), optimizer.updates
+
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        updates = self.__dict__["_logical"].updates
+        if updates != self.__dict__["seen"]:
+            self.__dict__["seen"] = updates
+            if updates % self.__dict__["every"] == 0:
+                self.scheduler.step(*args, **kwargs)
 
 
 def _checkpoints_through_dcp(trainer: pl.Trainer) -> bool:

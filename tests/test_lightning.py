@@ -179,10 +179,47 @@ def test_schedules_follow_samples_whatever_the_split():
     assert [r[2] for r in c.lrs] == pytest.approx([0.01 * 0.9 ** i for i in range(6)], rel=1e-12)  # used lr
 
 
+class StepSchedulerRegression(Regression):
+    """StepLR(step_size=1, gamma=0.9) with interval="step" and the given frequency; records the reference lr each
+    update used (a pre-update hook, so the window flushed at an epoch's end counts too)."""
+
+    def __init__(self, frequency):
+        super().__init__(scheduler="step")
+        self.frequency, self.used = frequency, []
+
+    def configure_optimizers(self):
+        out = super().configure_optimizers()
+        out["lr_scheduler"]["frequency"] = self.frequency
+        return out
+
+    def on_fit_start(self):  # before a resumed run's pending flush (in the callback's on_train_start)
+        sl.find_optimizer(self).register_pre_update_hook(lambda opt, w: self.used.append(opt.param_groups[0]["lr"]))
+
+
+@pytest.mark.parametrize("frequency", [1, 2])
+def test_step_schedulers_step_once_per_update_through_ragged_epochs(tmp_path, frequency):
+    """40 samples in batches of 4 at logical 16: each epoch is 2 full windows and 2 batches flushed at its end, 9
+    updates in 3 epochs. Update k (from 0) uses StepLR's closed form 0.01 x 0.9**(k // frequency); a run resumed
+    from a checkpoint at an epoch's last batch (before its flush) or mid-window goes on with the same lrs."""
+    module = StepSchedulerRegression(frequency)
+    cb = sl.LogicalBatch(16, verbose=False)
+    trainer(cb, epochs=3, ckpt_dir=tmp_path, every=5).fit(module, train_dataloaders=loader(40, 4))
+    assert cb.optimizer.updates == 9
+    assert module.used == pytest.approx([0.01 * 0.9 ** (k // frequency) for k in range(9)], rel=1e-12, abs=0)
+    for step in (10, 15):  # epoch 1's last batch; epoch 2's first window after one batch
+        ckpt = tmp_path / f"step={step}.ckpt"
+        done = torch.load(ckpt, weights_only=False)["optimizer_states"][0]["sdebatch"]["clock"]["updates"]
+        resumed = StepSchedulerRegression(frequency)
+        trainer(sl.LogicalBatch(16, verbose=False), epochs=3).fit(
+            resumed, train_dataloaders=loader(40, 4), ckpt_path=str(ckpt))
+        assert resumed.used == pytest.approx(module.used[done:], rel=1e-12, abs=0) and done == {10: 2, 15: 4}[step]
+
+
 @pytest.mark.parametrize("cb_kw,trainer_kw,needle", [
     ({}, {"accumulate_grad_batches": 2}, "accumulate_grad_batches"),
     ({}, {"gradient_clip_val": 1.0}, "max_grad_norm"),
     ({"rule": "lamb"}, {}, "rule"),
+    ({}, {"max_steps": 16}, r"max_steps=16\) counts optimizer.step\(\) calls, .* once per batch.*max_samples"),
 ])
 def test_invalid_configuration_fails_before_training(cb_kw, trainer_kw, needle):
     module = Regression()
