@@ -284,8 +284,6 @@ def test_train_config_is_one_typed_dataclass_with_a_docstring_per_field():
 
 
 def test_mdm_batch_ramp_config_and_its_three_ways(micro_data):
-    import math
-
     import sdebatch
     from sdebatch.mdm.train import build, load_config
 
@@ -306,9 +304,8 @@ def test_mdm_batch_ramp_config_and_its_three_ways(micro_data):
         assert cb.optimizer_options["rule"] == rule and cb.optimizer_options["batch_schedule"].points == [(0, 4),
                                                                                                        (1000, 8)]
         assert cb.optimizer_options["second_moment_rescale"] is False
-        for t in (0.0, 500.0, 1500.0):
-            expect = cosine(t) * (math.sqrt((4 if t < 1000 else 8) / 4) if ramp == "lr_only" else 1.0)
-            assert cb.lr_schedule(t) == pytest.approx(expect, rel=1e-12)
+        for t in (0.0, 500.0, 1500.0):  # the clock's schedule; lr_only's factor is the update's own (below)
+            assert cb.lr_schedule(t) == pytest.approx(cosine(t), rel=1e-12)
     _, _, cb = build(load_config(None, second_moment_rescale=True, **base))
     assert cb.optimizer_options["second_moment_rescale"] is True
     from sdebatch.batch_schedules import seesaw
@@ -316,6 +313,53 @@ def test_mdm_batch_ramp_config_and_its_three_ways(micro_data):
     _, _, cb = build(load_config(None, **{**base, "batch_schedule": "seesaw", "max_batch_size": 16}))
     assert cb.optimizer_options["batch_schedule"].points == seesaw(cosine, 4, 16, 4000, unit="tokens").points
     assert [b for _, b in cb.optimizer_options["batch_schedule"].points] == [4, 8, 16]
+
+
+def test_mdm_lr_only_ramp_scales_each_update_by_its_own_batch(micro_data):
+    """The lr-only arm of a batch ramp ("0:4, 1K:8" tokens, logical 4): every update's lr is the cosine at the clock
+    after its window times sqrt(that window's batch / 4), the batch being the ramp's at the clock before the window,
+    also at the update whose window crosses 1K tokens (where the ramp at the clock after it already says 8)."""
+    import math
+
+    import lightning.pytorch as pl
+
+    import sdebatch
+    import sdebatch.lightning as sl
+    from sdebatch.mdm.model import build_model, param_groups, train_model_config
+    from sdebatch.mdm.train import MDMDataModule, load_config, train
+
+    config = load_config(None, data=str(micro_data[0]), model="tiny", logical_batch_size=4, physical_batch_size=2,
+                         rule="accumulate", batch_schedule="0:4, 1K:8", ramp="lr_only",
+                         model_overrides={"d_model": 32, "n_layers": 1, "n_heads": 2, "base_width": 32,
+                                          "base_depth": 1},
+                         tokens=2500, lr=3e-3, val_sequences=0, estimate_noise_scale=False, out="")
+
+    class Record(pl.Callback):
+        def __init__(self):
+            self.rows = []  # (tokens before the window, tokens after, samples, lr of each group) per update
+
+        def on_fit_start(self, trainer, module):
+            opt = sl.find_optimizer(module)
+            self.before = 0
+
+            def after(o):
+                self.rows.append((self.before, o.tokens_seen, o.last_batch_size,
+                                  [g["lr"] for g in o.effective_hyperparameters()]))
+                self.before = o.tokens_seen
+            opt.register_post_update_hook(after)
+
+    rec = Record()
+    train(config, progress=False, callbacks=[rec])
+    vocab = MDMDataModule(config).vocab.size
+    base = [g["lr"] for g in param_groups(build_model(train_model_config(config, vocab)), config["lr"],
+                                          config["weight_decay"])]
+    cosine = sdebatch.warmup_cosine(total=2500, warmup=0.05 * 2500, final=0.1)
+    crossing = [i for i, (t0, t1, _, _) in enumerate(rec.rows) if t0 < 1000 <= t1]
+    assert len(crossing) == 1 and rec.rows[crossing[0]][1] > 1000 and len(rec.rows) > crossing[0] + 2
+    for t0, t1, batch, lrs in rec.rows:
+        assert batch == (4 if t0 < 1000 else 8)
+        for lr, b in zip(lrs, base):
+            assert lr == pytest.approx(b * cosine(t1) * math.sqrt(batch / 4), rel=1e-12)
 
 
 def test_compile_and_strategy_config(micro_data):

@@ -114,6 +114,12 @@ class MDMModule(pl.LightningModule):
         """The last training micro-batch's ELBO in bits per item (reading it waits for the device); nan before any."""
         return float("nan") if self._last_elbo is None else float(self._last_elbo)
 
+    def on_fit_start(self) -> None:
+        # after the callback's ClockSchedule hook (registered when the optimizer was wrapped), before any update (a
+        # resumed run may flush a window in the callback's on_train_start)
+        if self.config["batch_schedule"] and self.config["ramp"] == "lr_only":
+            sl.find_optimizer(self).register_pre_update_hook(_lr_times_sqrt_kappa)
+
     def on_train_start(self) -> None:
         self._window = []  # training starts a window: not rows of passes before it (physical_batch_size="auto")
 
@@ -134,6 +140,14 @@ class MDMModule(pl.LightningModule):
         c = self.config
         groups = param_groups(self.model, c["lr"], c["weight_decay"])
         return torch.optim.AdamW(groups, lr=c["lr"], betas=tuple(c["betas"]), eps=c["eps"])
+
+
+def _lr_times_sqrt_kappa(opt, window: dict) -> None:
+    """The lr-only ramp arm (rule "none"): the lr the clock's schedule just set, times sqrt(kappa) of this update's own
+    window (its batch / the logical batch), set afresh by the schedule before every update, so never compounded."""
+    factor = math.sqrt(window["kappa"])
+    for group in opt.param_groups:
+        group["lr"] = group["lr"] * factor
 
 
 class MDMDataModule(pl.LightningDataModule):
@@ -195,12 +209,7 @@ def build(config: dict) -> tuple[MDMModule, MDMDataModule, sl.LogicalBatch]:
     elif config["batch_schedule"]:
         ramp = sdebatch.batch_schedule(config["batch_schedule"], unit="tokens")
     if ramp is not None and config["ramp"] != "rules":  # the baselines: nothing rescaled, or the lr alone
-        rule["rule"] = "none"
-        if config["ramp"] == "lr_only":
-            cosine, lb = lr_schedule, config["logical_batch_size"]
-
-            def lr_schedule(t: float) -> float:  # lr x sqrt(batch / logical) of the ramp at this clock
-                return cosine(t) * math.sqrt(ramp(t) / lb)
+        rule["rule"] = "none"  # lr_only: the module multiplies each update's lr by its own sqrt(kappa)
     callback = sl.LogicalBatch(
         config["logical_batch_size"], physical_batch_size=config["physical_batch_size"], lr_schedule=lr_schedule,
         schedule_unit="tokens", max_tokens=config["tokens"], ema_rho=config["ema"] or None,
