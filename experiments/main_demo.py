@@ -44,13 +44,24 @@ def report(title: str, summary: dict) -> None:
 
 def main() -> None:
     start = time.time()
+    phases = []
+
+    def phase(name: str, t0: float) -> None:
+        phases.append((name, time.time() - t0))
+        print(f"[demo] {name}: {phases[-1][1]:.0f} s", flush=True)
+
+    t0 = time.time()
     if not Path("data/tiny/index.json").exists():
         prepare("data/tiny", preset="tiny")
+    phase("data preparation (data/tiny)", t0)
     panels = []
     for sweep, title in (("demo_mlp", "MLP regression (Adam), logical batch 32: held-out excess MSE"),
                          ("demo", "tri-modal MDM (micro), logical batch 4: held-out ELBO")):
+        t0 = time.time()
         run_sweep(Path("experiments/sweeps") / f"{sweep}.toml", "runs", jobs=1 if sweep == "demo_mlp" else 2,
                   progress=False)
+        phase(f"sweep {sweep}", t0)
+        t0 = time.time()
         folder = Path("runs") / sweep
         rows = collect(folder, folder / "results.csv")
         summary = batch_ablation.summarise(rows, folder=folder)
@@ -58,9 +69,15 @@ def main() -> None:
         batch_ablation.loss_vs_tokens(folder, OUT, sweep, "tokens" if sweep == "demo" else "samples")
         report(title, summary)
         panels.append((title.split(":")[0], summary))
+        phase(f"summary and figures of {sweep}", t0)
     paths = batch_ablation.paired_vs_batch(panels, OUT, "demo")
     print(f"\nwrote {', '.join(str(p) for p in paths)} and the per-sweep figures in {OUT}")
-    print(f"demo done in {time.time() - start:.0f}s")
+    print("Three seeds resolve kappa 16 on the MDM; kappa 4 needs more: experiments/results/mdm_seeds.csv (40 seeds, "
+          "sdebatch sweep run experiments/sweeps/mdm_seeds.toml --jobs 2) and docs/results/mdm.md give it resolved.")
+    total = time.time() - start
+    prep = phases[0][1]
+    print(f"demo done in {total:.0f} s: data preparation {prep:.0f} s, sweeps and figures {total - prep:.0f} s "
+          f"({', '.join(f'{n} {t:.0f} s' for n, t in phases[1:])})")
 
 
 if __name__ == "__main__":
