@@ -146,7 +146,7 @@ class LogicalBatchTrainer(transformers.Trainer):
         if getattr(args, "fsdp", None) or getattr(args, "fsdp_config", None):
             raise ValueError("FSDP through transformers.Trainer is not supported by LogicalBatchTrainer; FSDP2 "
                              "(torch.distributed.fsdp.fully_shard) with sdebatch.LogicalBatchOptimizer in your own "
-                             "loop is (see examples/fsdp2_logical_batch.py)")
+                             "loop is (see examples/fsdp2_two_processes.py)")
         if getattr(args, "auto_find_batch_size", False):
             raise ValueError("auto_find_batch_size changes the per-device batch during training, and with it the "
                              "accumulation the logical batch needs; choose it with sdebatch.choose_physical_batch")
