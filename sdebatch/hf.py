@@ -90,7 +90,7 @@ class LogicalBatchTrainer(transformers.Trainer):
             ``weight_decay_form``, ``ema``, ``ema_rescale``, ``reparameterize``, ``second_moment_rescale``, the
             horizon term). Default None: the defaults. Those Trainer owns (``physical_batch_size``,
             ``accumulation_steps``, ``max_grad_norm``, ...) and those it cannot run (``batch_schedule``,
-            ``noise_scale``) are refused, naming what to use.
+            ``estimate_noise_scale``) are refused, naming what to use.
 
     The batch arithmetic: with ``gradient_accumulation_steps`` left at 1 it becomes ceil(B_L / (per-device batch x
     world size)); set explicitly, it is kept. Samples per update above B_L need ``reparameterize=True`` (kappa > 1).
