@@ -262,8 +262,12 @@ class MicroGradNorms:
     added to ``.grad`` (one scalar per parameter). The hooks are registered the first time ``active`` is set: runs
     that never estimate the noise scale pay nothing per backward."""
 
+    BATCH_NUMEL = 1 << 22  # incoming gradients held for one foreach norm: at most ~4M elements (16 MB in float32)
+
     def __init__(self, params) -> None:
         self._norms: list[torch.Tensor] = []
+        self._pending: list[torch.Tensor] = []  # incoming gradients not yet normed (one foreach launch per batch)
+        self._pending_numel = 0
         self._params = [p for p in params if p.requires_grad]
         self._handles: list = []
         self._active = False
@@ -279,17 +283,31 @@ class MicroGradNorms:
         self._active = on
 
     def _hook(self, grad: torch.Tensor) -> None:
-        if self._active:  # half precision accumulates in float32
-            self._norms.append(torch.linalg.vector_norm(grad.detach(),
-                                                        dtype=torch.promote_types(grad.dtype, torch.float32)))
+        if self._active:
+            # the tensor itself, not a detached view: a held reference keeps autograd from stealing it into .grad,
+            # where DDP's all-reduce or the next micro-step would change it in place before it is normed
+            self._pending.append(grad)
+            self._pending_numel += grad.numel()
+            if self._pending_numel >= self.BATCH_NUMEL:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            groups: dict = {}  # foreach norms take one device and dtype at a time
+            for g in self._pending:
+                groups.setdefault((g.device, g.dtype), []).append(g)
+            for grads in groups.values():  # (half precision accumulates in float32)
+                self._norms.append(_total_sq_norm(grads))
+            self._pending, self._pending_numel = [], 0
 
     def take(self) -> "torch.Tensor | None":
         """The micro-step's squared norm (summed over parameters), and reset."""
+        self._flush()
         if not self._norms:
             return None
         norms, self._norms = self._norms, []
         device = norms[0].device
-        return torch.stack([n.to(device) for n in norms]).double().square().sum()
+        return torch.stack([n.to(device) for n in norms]).sum()
 
 
 def _scale_of(grad_scaler) -> float | torch.Tensor:
