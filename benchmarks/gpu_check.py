@@ -1,4 +1,4 @@
-"""The GPU check (issue 16), run by ``benchmarks/gpu_check.sh``: each step in its own process with a time limit, one
+"""The GPU check, run by ``benchmarks/gpu_check.sh``: each step in its own process with a time limit, one
 JSON of results. Steps: the CUDA tests (the sync test under ``set_sync_debug_mode("error")``, fused / compiled
 steps), the overhead benchmarks on CUDA (``benchmarks.run``), the MFU of the Lightning MDM trainer for the ``320m``
 config with bf16 and torch.compile (``benchmarks.trainer_throughput``), and a 1-device FSDP smoke run of

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (issue 16): a single CUDA GPU runs it end to end from a fresh checkout in at most 8 minutes.
+# The GPU check: a single CUDA GPU runs it end to end from a fresh checkout in at most 8 minutes.
 #   benchmarks/gpu_check.sh [--out FILE]        writes benchmarks/results/gpu_check.json by default
 # It creates .venv-gpu on top of the machine's torch (kept, not replaced), installs sdebatch, prepares the tiny data
 # folder if missing, then runs `python -m benchmarks.gpu_check` (CUDA tests, overhead benchmarks, MFU of the 320m

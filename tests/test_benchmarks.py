@@ -1,4 +1,4 @@
-"""The benchmark tooling (issue 16), not timings: the summary table of `make bench`, the GPU check's orchestration
+"""The benchmark tooling, not timings: the summary table of `make bench`, the GPU check's orchestration
 (every step's command names files and modules that exist; a failing or late step is recorded, the rest still run;
 one JSON), and the GPU check script end to end at its CPU smoke sizes (slow)."""
 import importlib

@@ -1,4 +1,4 @@
-"""Fused, foreach and compiled inner optimizers (issue 16): wrapped, under a batch ramp (kappa 1, 2, 4), they equal a
+"""Fused, foreach and compiled inner optimizers: wrapped, under a batch ramp (kappa 1, 2, 4), they equal a
 hand-written Adam on each update's whole batch to float32 tolerance; lr and betas reach fused steps as 0-dim tensors
 updated in place (the same tensors every update); a compiled step does not recompile when kappa changes."""
 import math

@@ -1,4 +1,4 @@
-"""No host-device synchronisation in the hot path (issue 16): every read of a tensor's value back to the host
+"""No host-device synchronisation in the hot path: every read of a tensor's value back to the host
 (``Tensor.item``, ``__float__``, ``__int__``, ``__bool__``, ``tolist``; on CUDA each one waits for the device) made
 by sdebatch code is counted while a window of micro-steps and its update run. A micro-step reads nothing; an update
 reads at most once (one transfer of everything it needs), and nothing when every count is a host number and no
