@@ -1,5 +1,11 @@
+import os
+
 import pytest
 import torch
+
+# nothing is downloaded at run time: no model or dataset hub
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 @pytest.fixture(autouse=True)
