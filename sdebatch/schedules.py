@@ -130,7 +130,7 @@ class PerUpdateScheduler(torch.optim.lr_scheduler.LRScheduler):
     every other attribute are the wrapped scheduler's.
     """
 
-    def __init__(self, scheduler: Any, optimizer: Any) -> None:  # noqa: D107 (no LRScheduler.__init__: nothing to set)
+    def __init__(self, scheduler: Any, optimizer: Any) -> None:  # (LRScheduler.__init__ would step the scheduler)
         from .optimizer import unwrap
 
         self.__dict__["scheduler"] = scheduler
