@@ -126,8 +126,10 @@ def parallel_rank(rank, world, port, kind, per_device, logical, n, out, options,
         error = str(e)
     params = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in module.parameters()]
     params = torch.cat([p.detach().flatten() for p in params])
+    estimator = cb.optimizer.noise_scale_estimator
     if rank == 0:
-        torch.save({"params": params, "clock": cb.optimizer.clock.state_dict(), "error": error}, out)
+        torch.save({"params": params, "clock": cb.optimizer.clock.state_dict(), "error": error,
+                    "noise": estimator.state_dict() if estimator is not None else None}, out)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     sys.stdout.flush()

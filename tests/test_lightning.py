@@ -341,6 +341,37 @@ def test_fsdp2_model_parallel_strategy_equals_the_big_batch(tmp_path, max_grad_n
     assert got["clock"]["updates"] == 12 and got["clock"]["samples_seen"] == 2 * N
 
 
+def test_fsdp2_model_parallel_strategy_noise_scale_by_hand(tmp_path):
+    """The in-run noise scale under ModelParallelStrategy: the window's first micro-step over both ranks (2 x 2
+    samples, interleaved by the distributed sampler: samples 0-3 of each window of 16) against the window, the
+    two-size formula on token-weighted gradients taken here by hand along the big-batch run."""
+    from reference import OPTIMIZERS, make_model, token_loss_sum
+
+    got = run_ranks(tmp_path, "noise", "fsdp2", {"estimate_noise_scale": True, "noise_scale_warn": None})
+    assert got["error"] is None, got["error"]
+    x, y, mask = make_data(n=N)
+    model = make_model()
+    cls, kw = OPTIMIZERS["adamw"]
+    opt = cls(model.parameters(), **kw)
+
+    def grad(sl):
+        model.zero_grad()
+        s, c = token_loss_sum(model, x[sl], y[sl], mask[sl])
+        (s / c).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    g2_ema = trace_ema = 0.0
+    for _ in range(2):
+        for w in range(0, N, 16):
+            small, whole = grad(slice(w, w + 4)).square().sum(), grad(slice(w, w + 16)).square().sum()
+            g2, trace = (16 * whole - 4 * small) / 12, (small - whole) / (1 / 4 - 1 / 16)
+            g2_ema, trace_ema = 0.95 * g2_ema + 0.05 * float(g2), 0.95 * trace_ema + 0.05 * float(trace)
+            opt.step()
+    assert got["noise"]["count"] == 12
+    assert got["noise"]["g2"] == pytest.approx(g2_ema, rel=1e-9)
+    assert got["noise"]["trace"] == pytest.approx(trace_ema, rel=1e-9)
+
+
 def test_fsdp2_checkpoint_at_a_window_end_resumes_exactly_and_mid_window_is_refused(tmp_path):
     """Under ModelParallelStrategy Lightning saves the optimizer through torch.distributed.checkpoint (torch's keys
     only): the clock travels in the callback's state, the inner state in the sharded checkpoint. A checkpoint at a
