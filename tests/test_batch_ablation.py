@@ -180,5 +180,8 @@ def test_paired_figure_has_a_symmetric_log_axis_linear_within_the_tolerance():
     _paired_panel(ax, s)
     assert ax.get_yscale() == "symlog" and ax.yaxis.get_transform().linthresh == pytest.approx(2.0)  # percent
     lo, hi = ax.get_ylim()
-    assert hi > 500  # the naive arm is on the axis
+    tops = [100 * (m + se) for m, se, _ in s["paired"].values()]
+    bottoms = [100 * (m - se) for m, se, _ in s["paired"].values()]
+    assert hi > max(tops) > 500 and lo < min(-2.0, min(bottoms))  # every error bar and the band on the axis
+    assert ax.get_title() == "3 seeds per point"
     plt.close(fig)

@@ -272,13 +272,14 @@ def _paired_panel(ax, summary: dict, title: str | None = None) -> None:
     ax.axhspan(-100 * tol, 100 * tol, color="grey", alpha=0.15, lw=0, label=f"+-{tol:.0%}")
     ax.axhline(0, color="black", lw=0.8, ls=":")
     rules = sorted({r for r, _ in paired}, key=lambda r: list(COLORS).index(r) if r in COLORS else 99)
+    ends = [-100 * tol, 100 * tol]
     for rule in rules:
         pts = sorted((b, m, se) for (r, b), (m, se, n) in paired.items() if r == rule and math.isfinite(m))
         if pts:
             b, m, se = zip(*pts)
-            n = min(v[2] for (r, _), v in paired.items() if r == rule)
             ax.errorbar(b, [100 * x for x in m], yerr=[100 * (x or 0) for x in se], fmt="o-", ms=3, lw=1.2,
-                        capsize=2, color=COLORS.get(rule, "grey"), label=f"{label(rule)} ({n}+ seeds)")
+                        capsize=2, color=COLORS.get(rule, "grey"), label=label(rule))
+            ends += [100 * (x + sign * (e or 0)) for x, e in zip(m, se) for sign in (-1, 1)]
     knee = summary["knee"].get("sqrt_exact")
     if knee:
         ax.axvline(knee, color=COLORS["sqrt_exact"], lw=0.8, ls="-.", label=f"knee ({label('sqrt_exact')})")
@@ -289,10 +290,16 @@ def _paired_panel(ax, summary: dict, title: str | None = None) -> None:
     # linear within the tolerance, logarithmic beyond: a rescaled arm within a few % stays readable next to a naive
     # arm at +500%
     ax.set_yscale("symlog", linthresh=100 * tol, linscale=1.0)
+    # every error bar inside the axes, with a margin measured on the symmetric log scale
+    scale = ax.yaxis.get_transform()
+    lo, hi = scale.transform([min(ends), max(ends)])
+    pad = 0.06 * (hi - lo)
+    ax.set_ylim(*scale.inverted().transform([lo - pad, hi + pad]))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:+g}" if v else "0"))
     ax.set_xlabel("physical batch per update (samples)")
-    if title:
-        ax.set_title(title)
+    seeds = sorted({n for _, _, n in paired.values()})
+    count = f"{seeds[0]} seeds" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]} seeds"
+    ax.set_title(f"{title}\n({count} per point)" if title else f"{count} per point", fontsize=8)
 
 
 def paired_vs_batch(summary: dict | list[tuple[str, dict]], out: Path, name: str) -> list[Path]:
@@ -304,11 +311,16 @@ def paired_vs_batch(summary: dict | list[tuple[str, dict]], out: Path, name: str
     panels = [(t, s) for t, s in panels if any(v[2] > 1 for v in s["paired"].values())]
     if not panels:
         return []
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 2.9), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.1), squeeze=False)
+    legend: dict[str, object] = {}  # one legend for the figure: the panels share their labels
     for ax, (title, s) in zip(axes[0], panels):
         _paired_panel(ax, s, title)
-        ax.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=6)
+        for handle, text in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(text, handle)
     axes[0][0].set_ylabel("vs the logical run of the same seed (%, symmetric log)")
+    fig.tight_layout()
+    fig.legend(legend.values(), legend.keys(), frameon=False, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=min(len(legend), 3 if len(panels) == 1 else 5), fontsize=6)
     return save_figure(fig, out, f"{name}_paired_vs_batch")
 
 
