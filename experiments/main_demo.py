@@ -72,8 +72,8 @@ def main() -> None:
         phase(f"summary and figures of {sweep}", t0)
     paths = batch_ablation.paired_vs_batch(panels, OUT, "demo")
     print(f"\nwrote {', '.join(str(p) for p in paths)} and the per-sweep figures in {OUT}")
-    print("Three seeds resolve kappa 16 on the MDM; kappa 4 needs more: experiments/results/mdm_seeds.csv (40 seeds, "
-          "sdebatch sweep run experiments/sweeps/mdm_seeds.toml --jobs 2) and docs/results/mdm-ablation.md resolve it.")
+    print("Three seeds resolve kappa 16 on the MDM; kappa 4 needs more: experiments/results/mdm_seeds.csv (80 seeds, "
+          "experiments/sweeps/mdm_seeds*.toml) and docs/results/mdm-ablation.md resolve it.")
     total = time.time() - start
     prep = phases[0][1]
     print(f"demo done in {total:.0f} s: data preparation {prep:.0f} s, sweeps and figures {total - prep:.0f} s "
