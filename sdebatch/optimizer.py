@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import warnings
 import weakref
 from collections import OrderedDict
@@ -68,16 +69,18 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
             ``rule="none"``, so a run without rescaling rescales nothing.
         process_group: data-parallel group for counting samples across ranks. Default: the world, when
             ``torch.distributed`` is initialised.
-        estimate_noise_scale: estimate the gradient noise scale B_simple (``opt.noise_scale``, in samples) from the
-            window's first micro-batch and its whole gradient (see :mod:`sdebatch.noise`); needs accumulation or
-            several ranks. Default False. Costs two foreach norms over the gradients per observed window, whatever its
-            accumulation (no hooks; with several ranks and no accumulation, one norm per parameter in hooks).
-        noise_scale_decay: EMA decay of the estimator, per update. Default 0.95.
-        noise_scale_warn: warn once when samples per update exceed this fraction of the estimated B_simple, where
-            the SDE rules stop holding (McCandlish et al.: B_crit ~ B_simple). Default 1.0; None: never warn.
-        noise_scale_every: observe one window in this many (default 1: every window). The two norms cost two passes
-            over the gradients per window; on small models where that is a visible share of the update, observing
-            every 2-4 windows keeps the overhead down at the price of a noisier EMA.
+        estimate_noise_scale: estimate the gradient noise scale B_simple (``opt.noise_scale``, in samples): the
+            small batches are the window's micro-batches, each read by tensor hooks as its backward runs, the big
+            batch the window's whole gradient (see :class:`sdebatch.noise.NoiseScaleMonitor`); needs accumulation
+            or several ranks. Default False. Costs one norm per parameter per backward in observed windows, and
+            one over the window's gradient at the update.
+        noise_scale_decay: EMA decay of the estimator, per observed window. Default 0.95.
+        noise_scale_warn: warn once when samples per update exceed this fraction of the estimated B_simple, a rough
+            estimate of the critical batch (McCandlish et al.: B_crit ~ B_simple; measured ~4x above the loss's
+            knee on the MDM, docs/results/mdm-ablation.md). Default 1.0; None: never warn.
+        noise_scale_every: observe one window in this many (default 1: every window). On small models where the
+            norms are a visible share of the update, observing every 2-4 windows keeps the overhead down at the
+            price of a noisier EMA.
         batch_schedule: a :func:`sdebatch.batch_schedule` of the samples per update over the clock, reached by
             accumulation (each batch a multiple of physical x world size; set at the start of each window), with the
             rules applied at every update from the logical batch's reference values. Default None: the fixed
@@ -87,7 +90,7 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
             RMSprop's ``square_avg``) by B_old / B_new, its noise-dominated limit (v ~ trace / B), so it need not
             relearn its scale over ~1 / (1 - beta2**kappa) updates. Default False; with ``rule="adam"`` (or "auto"
             on an Adam-family optimizer) only. Measured on the noisy quadratic in ``experiments/results/``
-            (``quadratic_ramp.csv``): see the README before turning it on.
+            (``quadratic_ramp.csv``): see the ramps results page (docs/results/ramps.md) before turning it on.
         reparameterize: allow a fixed batch per update (physical x accumulation x world size) above the logical
             batch, taking updates with kappa > 1 (the paper's reparameterization, valid below the critical batch).
             Default False: that is an error, so a physical batch set for the hardware never changes the dynamics
@@ -182,6 +185,7 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         self.did_update = False
         self.sdebatch_state_restored = False  # set by load_sdebatch_state_dict (a resume)
         self._grad_watch = GradWatch()
+        self._built_arithmetic: tuple[int, int] | None = None  # set by a mid-window resume with other arithmetic
         self._lr_marks: list | None = None
         self._first_samples: float | None = None
         self._warned: set[str] = set()
@@ -242,6 +246,7 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
             if still_open and new != (self.physical_batch_size, self.accumulation_steps):
                 raise RuntimeError(f"configure_batch{new} inside an unfinished window of "
                                    f"{(self.physical_batch_size, self.accumulation_steps)}; change it between updates")
+        self._built_arithmetic = None  # the arithmetic is now the caller's
         flushed = False
         if will_flush:
             flushed = self.flush()
@@ -385,6 +390,7 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
             The closure's loss, or None.
         """
         self._check_counts(num_samples, num_tokens)
+        self._check_caller()
         for hook in list(self._optimizer_step_pre_hooks.values()):  # torch's step hooks: once per step() call
             hook(self, (), {})
         loss = None
@@ -423,6 +429,10 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
             self._update()
             self._grad_watch.record(self._params())
             self._unflushed.micro_steps = 0
+        if self._built_arithmetic is not None:  # a restored window of the checkpoint's arithmetic, now applied
+            self.physical_batch_size, self.accumulation_steps = self._built_arithmetic
+            self._built_arithmetic = None
+            self._reset_window()
         return self.did_update
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -471,12 +481,24 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         self._grad_watch.forget()
         self._unflushed.micro_steps = 0
 
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's ``add_param_group``, between updates only (a group added inside a window would join it part-way).
+        """
+        if self.in_window:
+            raise RuntimeError(_GROUP_INSIDE_WINDOW)
+        super().add_param_group(param_group)
+
     # --- what would silently corrupt a window: refused or warned, naming the fix ---
     _GRAD_FAULTS = {
         "cleared": "the open window's gradients were cleared or replaced between its micro-steps (micro-step {k} of "
                    "{n}): something called zero_grad() on the model or on the inner optimizer inside the window. "
                    "transformers.Trainer does after every optimizer.step(): use sdebatch.hf.LogicalBatchTrainer. In "
                    "your own loop call opt.zero_grad() on the wrapper, which waits for the update.",
+        "edited": "the open window's partial gradient was changed in place between its micro-steps (micro-step {k} of "
+                  "{n}): clip_grad_norm_, GradScaler.unscale_ / scaler.step(opt), accelerator.clip_grad_norm_ or a "
+                  "zero_grad() on the inner optimizer, once per micro-batch, act on a partial sum. Clip once per "
+                  "update with LogicalBatchOptimizer(max_grad_norm=...); scale with grad_scaler=scaler, "
+                  "opt.backward(loss) and opt.step() (it unscales once per update); clear with opt.zero_grad().",
         "nothing": "step() with nothing backpropagated since the last step(): call loss.backward() (or "
                    "opt.backward(loss, ...)) once per micro-batch before opt.step(). Under FSDP2 leave gradient sync "
                    "on (set_requires_gradient_sync(False) keeps gradients out of .grad until a synced backward): "
@@ -485,8 +507,45 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
                  "call opt.zero_grad() after every opt.step() (it clears only between windows).",
     }
 
+    # GradScaler.step(opt) calls step() directly on an optimizer that says it handles scaling, with the scale and
+    # found_inf set on it (torch's contract): the wrapper refuses there, before any unscale, naming the fix.
+    _step_supports_amp_scaling = True
+
+    def _check_caller(self) -> None:
+        """Refuse the loops that would call step() on something other than one micro-batch (before any change)."""
+        if "found_inf" in self.__dict__ or "grad_scale" in self.__dict__:
+            raise RuntimeError(
+                "scaler.step(opt) on a LogicalBatchOptimizer: a GradScaler stepped and updated once per micro-batch "
+                "unscales each partial sum of the window and may change the scale inside it. Pass the scaler to "
+                "the wrapper, LogicalBatchOptimizer(..., grad_scaler=scaler), backward with opt.backward(loss) "
+                "(it scales) and call opt.step() itself (it unscales, checks for inf/nan and updates the scale "
+                "once per update; no scaler.update()). Under accelerate, whose fp16 steps through its GradScaler, "
+                "use mixed_precision='bf16' or 'no'.")
+        state = sys.modules.get("accelerate.state")
+        gradient_state = getattr(state, "GradientState", None)
+        if gradient_state is not None and gradient_state._shared_state:
+            steps = gradient_state().num_steps
+            if steps > 1:
+                raise RuntimeError(
+                    f"accelerate.Accelerator(gradient_accumulation_steps={steps}) with a LogicalBatchOptimizer: "
+                    f"accelerate calls step() once per {steps} micro-batches, which the wrapper would count as one "
+                    "and accumulate again. Let the wrapper accumulate: Accelerator(gradient_accumulation_steps=1) "
+                    "and `with sdebatch.unwrap(opt).accumulate(model):` around each micro-batch's forward and "
+                    "backward (docs: tutorials/huggingface-accelerate).")
+        if self._built_arithmetic is not None and self.window.saved_grads is not None:
+            (physical, accumulation), (saved_p, saved_a) = self._built_arithmetic, (self.physical_batch_size,
+                                                                                   self.accumulation_steps)
+            raise RuntimeError(
+                f"this optimizer was built for physical_batch_size={physical} x accumulation {accumulation}, and the "
+                f"checkpoint stopped inside a window of {saved_p} x {saved_a}: call opt.configure_batch({physical}) "
+                "after load_state_dict and before the first backward (it applies the restored window as a short "
+                f"update with its own kappa, then continues with {physical} x {accumulation}), or build the "
+                f"optimizer with physical_batch_size={saved_p} to continue the checkpoint's arithmetic.")
+
     def _check_grads(self, params: list[torch.Tensor]) -> None:
-        fault = self._grad_watch.check(params, self.window.open)
+        # a backward that all-reduces (DDP outside no_sync) writes the gradients itself: no edit check then
+        all_reduced = dist.is_available() and dist.is_initialized() and self._backward_synced
+        fault = self._grad_watch.check(params, self.window.open, watch_edits=not all_reduced)
         if fault is not None:
             raise RuntimeError(self._GRAD_FAULTS[fault].format(k=self.window.micro_steps + 1,
                                                               n=self.accumulation_steps))
@@ -496,6 +555,8 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         marks = [_lr_mark(g.get("lr")) for g in self.param_groups]
         if not window_open or self._lr_marks is None:
             self._lr_marks = marks
+        elif len(marks) != len(self._lr_marks):
+            raise RuntimeError(_GROUP_INSIDE_WINDOW)
         elif marks != self._lr_marks and "lr" not in self._warned:
             self._warned.add("lr")
             warnings.warn("the lr changed inside an accumulation window: a torch scheduler stepped once per "
@@ -716,10 +777,21 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         self.window.load_state_dict(window)
         if self._noise is not None:
             self._noise.load_window_state(window)
+        config = ours.get("config", {})
+        saved_logical = config.get("logical_batch_size", self.logical_batch_size)
+        if saved_logical != self.logical_batch_size:
+            warnings.warn(f"the checkpoint was trained at logical_batch_size={saved_logical} and is resumed at "
+                          f"{self.logical_batch_size}: the hyperparameters now belong to {self.logical_batch_size}, "
+                          "so the dynamics change (build the optimizer with the checkpoint's logical batch to "
+                          "continue the same run)", stacklevel=2)
+        self._built_arithmetic = None
         if self.in_window:  # the saved window only makes sense with the arithmetic it was saved with
-            config = ours.get("config", {})
+            built = (self.physical_batch_size, self.accumulation_steps)
             self.physical_batch_size = config.get("physical_batch_size", self.physical_batch_size)
             self.accumulation_steps = config.get("accumulation_steps", self.accumulation_steps)
+            # other arithmetic than this optimizer was built with: configure_batch decides (else step() refuses)
+            if (self.physical_batch_size, self.accumulation_steps) != built and self.batch_schedule is None:
+                self._built_arithmetic = built
         # The window's gradients are added at the next micro-step, not now: trainers clear .grad when they start
         # (Lightning's fit does), and a sum does not care about order.
         grads = ours.get("window_grads")
@@ -738,6 +810,11 @@ def check_options(options: dict, owned: dict[str, str]) -> dict:
     """LogicalBatchOptimizer keyword arguments given to an integration, checked before the optimizer exists (unknown
     names, those the integration sets (``owned``: name -> what to use instead), and bad values are ValueErrors)."""
     return checks.optimizer_options(options, owned=owned, accepted=_keyword_options())
+
+
+_GROUP_INSIDE_WINDOW = ("a param group was added inside an unfinished accumulation window: its parameters would "
+                        "join the window part-way. Add it between updates (when opt.in_window is False: right "
+                        "after an update, or after opt.flush()).")
 
 
 class _UnflushedWindow:

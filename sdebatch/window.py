@@ -141,24 +141,42 @@ class GradWatch:
 
     - the window's gradients replaced or cleared between its micro-steps (``model.zero_grad()`` inside a window, as
       ``transformers.Trainer`` does after every ``optimizer.step()``);
+    - the window's partial gradient edited in place between its micro-steps (``clip_grad_norm_`` or
+      ``GradScaler.unscale_`` / ``scaler.step(opt)`` per micro-batch, a zero_grad(set_to_none=False) on the inner
+      optimizer): a backward adds to ``.grad`` in place, one version per backward; one probe parameter counts its
+      backwards with a hook, and a version that moved further was edited;
     - a ``step()`` with nothing backpropagated since the last one;
     - a new window added onto the last update's gradient (no ``zero_grad()`` after an update).
 
-    One reference and one version read per parameter per micro-step, nothing copied, nothing read from the device.
+    One reference and one version read per parameter per micro-step, one counter hook, nothing copied, nothing read
+    from the device.
     """
 
     def __init__(self) -> None:
         self.marks: list | None = None  # per parameter: (grad, version) or None; None: nothing recorded yet
+        self.probe: torch.Tensor | None = None  # the parameter whose accumulations are counted
+        self.backwards = 0  # backwards that accumulated into the probe's gradient since record()
+        self._handle: object | None = None
+
+    def _count(self, _param: torch.Tensor) -> None:
+        self.backwards += 1
 
     def record(self, params: list[torch.Tensor]) -> None:
         self.marks = [None if (g := p.grad) is None else (g, _version(g)) for p in params]
+        self.backwards = 0
+        if self._handle is None:
+            # a plain tensor (a sharded DTensor's gradient arrives through FSDP, not through its own accumulation)
+            self.probe = next((p for p in params if p.requires_grad and type(p.data) is torch.Tensor), None)
+            if self.probe is not None:
+                self._handle = self.probe.register_post_accumulate_grad_hook(self._count)
 
     def forget(self) -> None:
         self.marks = None
 
-    def check(self, params: list[torch.Tensor], window_open: bool) -> str | None:
+    def check(self, params: list[torch.Tensor], window_open: bool, watch_edits: bool = True) -> str | None:
         """None if the gradients moved as a micro-step's backward moves them since :meth:`record`, else the fault:
-        "cleared", "nothing" or "stale"."""
+        "cleared", "edited", "nothing" or "stale". ``watch_edits``: False where something else legitimately writes
+        the gradients between micro-steps (a DDP backward that all-reduces)."""
         if self.marks is None:
             return None if any(p.grad is not None for p in params) else "nothing"
         if len(self.marks) != len(params):
@@ -179,5 +197,9 @@ class GradWatch:
             if v != v0:
                 if not window_open and v == v0 + 1:
                     return "stale"  # one backward added onto the last update's gradient, no zeroing between
+                # (a view's version counter is its base's, shared with other gradients: a DDP bucket view)
+                if (window_open and watch_edits and p is self.probe and self.backwards
+                        and v - v0 > self.backwards and not g._is_view()):
+                    return "edited"
                 changed = True
         return None if changed else "nothing"

@@ -91,3 +91,52 @@ def test_did_update_is_reachable_through_accelerates_wrapper():
     assert sdebatch.unwrap(prepared) is opt
     with pytest.raises(TypeError, match="no LogicalBatchOptimizer"):
         sdebatch.unwrap(torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+@pytest.fixture
+def fresh_gradient_state():
+    """accelerate keeps its gradient-accumulation settings in a process-wide singleton: reset it around the test."""
+    accelerate.state.GradientState._reset_state()
+    yield
+    accelerate.state.GradientState._reset_state()
+
+
+def test_accelerates_own_accumulation_around_the_wrapper_is_refused(fresh_gradient_state):
+    """Accelerator(gradient_accumulation_steps=4) calls the wrapper's step() once per 4 micro-batches, so the wrapper
+    would accumulate 4 of its windows into one update counted as one window (3.75e-2 off, a quarter of the samples
+    on the clock). The first step refuses, naming the recipe, before anything moves."""
+    accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=4)
+    model = make_model()
+    opt = sdebatch.LogicalBatchOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), 16, 4, model=model)
+    x, y, mask = make_data(n=16)
+    model, prepared, dl = accelerator.prepare(model, opt, loader((x, y, mask), 4))
+    before = flat(model).clone()
+    with pytest.raises(RuntimeError, match=r"gradient_accumulation_steps=1\).*unwrap\(opt\)\.accumulate"):
+        for xb, yb, mb in dl:
+            with accelerator.accumulate(model):
+                s, n = token_loss_sum(model, xb, yb, mb)
+                accelerator.backward(s / n)
+                prepared.step()
+                prepared.zero_grad()
+    assert opt.updates == 0 and opt.samples_seen == 0 and torch.equal(flat(model), before)
+    opt.discard_window()
+
+
+def test_clipping_with_accelerate_each_micro_batch_is_refused(fresh_gradient_state):
+    """The usual `if accelerator.sync_gradients: accelerator.clip_grad_norm_(...)` clips every micro-batch when the
+    wrapper accumulates (sync_gradients is always True then): refused, naming max_grad_norm."""
+    accelerator = accelerate.Accelerator(cpu=True)
+    model = make_model()
+    opt = sdebatch.LogicalBatchOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), 16, 4, model=model)
+    model, prepared, dl = accelerator.prepare(model, opt, loader(make_data(n=16), 4))
+    with pytest.raises(RuntimeError, match="max_grad_norm"):
+        for x, y, mask in dl:
+            with opt.accumulate(model):
+                s, n = token_loss_sum(model, x, y, mask)
+                accelerator.backward(s / n)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), 0.05)
+            prepared.step()
+            prepared.zero_grad()
+    assert opt.updates == 0
+    opt.discard_window()

@@ -232,3 +232,142 @@ def test_a_bad_physical_batch_is_refused_before_a_restored_window_is_flushed():
     with pytest.raises(ValueError, match="reparameterize=True"):
         opt.configure_batch(32)  # above the logical batch: refused
     assert torch.equal(flat(model), before) and opt.updates == 0 and opt.window.saved_grads is not None
+
+
+def _micro_steps(model, opt, x, y, physical, edit=None):
+    """Micro-batches of ``physical`` samples through the wrapper; ``edit(model)`` between backward and step."""
+    for i in range(0, len(x), physical):
+        sample_loss_mean(model, x[i:i + physical], y[i:i + physical]).backward()
+        if edit is not None:
+            edit(model)
+        opt.step()
+        opt.zero_grad()
+
+
+def test_clipping_each_micro_batch_is_an_error_and_max_grad_norm_is_exact():
+    """clip_grad_norm_ between backward and step clips each partial sum of the window (3e-3 off the big batch,
+    silently): refused at the window's second micro-step, before its update. max_grad_norm= clips the window's
+    gradient once, as SGD clipped once per batch of 16, written here."""
+    x, y, _ = make_data(n=64)
+    model = make_model()
+    opt = sdebatch.LogicalBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 16, 4)
+    before = flat(model).clone()
+    with pytest.raises(RuntimeError, match=r"changed in place.*max_grad_norm"):
+        _micro_steps(model, opt, x, y, 4, edit=lambda m: torch.nn.utils.clip_grad_norm_(m.parameters(), 0.05))
+    assert opt.updates == 0 and torch.equal(flat(model), before)
+    opt.discard_window()
+
+    model = make_model()
+    opt = sdebatch.LogicalBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 16, 4, max_grad_norm=0.05)
+    _micro_steps(model, opt, x, y, 4)
+    ref = make_model()
+    for i in range(0, 64, 16):
+        ref.zero_grad()
+        sample_loss_mean(ref, x[i:i + 16], y[i:i + 16]).backward()
+        norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
+        assert norm > 0.05  # the clipping acts
+        with torch.no_grad():
+            for p in ref.parameters():
+                p -= 0.1 * p.grad
+    assert torch.allclose(flat(model), flat(ref), atol=1e-12, rtol=0)
+
+
+def test_zeroing_the_inner_optimizer_in_place_inside_a_window_is_an_error():
+    x, y, _ = make_data(n=16)
+    model = make_model()
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = sdebatch.LogicalBatchOptimizer(inner, 16, 4)
+    with pytest.raises(RuntimeError, match="changed in place"):
+        _micro_steps(model, opt, x, y, 4, edit=lambda m: inner.zero_grad(set_to_none=False))
+    opt.discard_window()
+
+
+def test_scaler_step_on_the_wrapper_is_refused_and_grad_scaler_is_exact():
+    """scaler.step(opt) unscales each partial sum of the window at every micro-step (9e-2 off, silently): refused
+    at its first call, before anything moves. grad_scaler= with opt.backward / opt.step equals SGD on the window's
+    mean gradient, written here (the scale is a power of two: unscaling is exact)."""
+    x, y, _ = make_data(n=32)
+    model = make_model()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    opt = sdebatch.LogicalBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 16, 4)
+    before = flat(model).clone()
+    scaler.scale(sample_loss_mean(model, x[:4], y[:4])).backward()
+    with pytest.raises(RuntimeError, match=r"grad_scaler=scaler"):
+        scaler.step(opt)
+    assert opt.updates == 0 and opt.window.micro_steps == 0 and torch.equal(flat(model), before)
+
+    model = make_model()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    opt = sdebatch.LogicalBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 16, 4, grad_scaler=scaler)
+    for i in range(0, 32, 4):
+        opt.backward(sample_loss_mean(model, x[i:i + 4], y[i:i + 4]))
+        opt.step()
+        opt.zero_grad()
+    ref = make_model()
+    for i in range(0, 32, 16):
+        ref.zero_grad()
+        sample_loss_mean(ref, x[i:i + 16], y[i:i + 16]).backward()
+        with torch.no_grad():
+            for p in ref.parameters():
+                p -= 0.1 * p.grad
+    assert opt.updates == 2 and torch.allclose(flat(model), flat(ref), atol=1e-12, rtol=0)
+
+
+def test_a_param_group_is_added_between_updates_only():
+    """Unfreezing a layer with add_param_group after the first update equals AdamW written plainly with the group
+    added at the same update; added inside a window (part of the window's gradient missing) it is an error."""
+    x, y, _ = make_data(n=48)
+
+    def run(add_at_micro_step):
+        model = make_model()
+        model[2].requires_grad_(False)
+        opt = sdebatch.LogicalBatchOptimizer(torch.optim.AdamW(model[0].parameters(), lr=1e-2), 16, 4)
+        for k, i in enumerate(range(0, 48, 4)):
+            if k == add_at_micro_step:
+                model[2].requires_grad_(True)
+                opt.add_param_group({"params": list(model[2].parameters()), "lr": 5e-3})
+            sample_loss_mean(model, x[i:i + 4], y[i:i + 4]).backward()
+            opt.step()
+            opt.zero_grad()
+        return model
+
+    ref = make_model()
+    ref[2].requires_grad_(False)
+    inner = torch.optim.AdamW(ref[0].parameters(), lr=1e-2)
+    for u, i in enumerate(range(0, 48, 16)):
+        if u == 1:
+            ref[2].requires_grad_(True)
+            inner.add_param_group({"params": list(ref[2].parameters()), "lr": 5e-3})
+        inner.zero_grad()
+        sample_loss_mean(ref, x[i:i + 16], y[i:i + 16]).backward()
+        inner.step()
+    assert torch.allclose(flat(run(4)), flat(ref), atol=1e-12, rtol=0)
+    with pytest.raises(RuntimeError, match="param group was added inside"):
+        run(5)
+
+
+def test_a_mid_window_resume_into_other_arithmetic_is_refused_until_configured():
+    """A checkpoint taken inside a window of 4 x 4, resumed into an optimizer built for 8 x 2: continuing the
+    checkpoint's arithmetic would count each batch of 8 as 4 for the rest of the run. The first step refuses, naming
+    configure_batch, before anything changes; configure_batch gives the elastic resume (tested above); flush()
+    applies the restored window and returns to the built arithmetic."""
+    x, y, _ = make_data(n=32)
+    model = make_model()
+    opt = sdebatch.LogicalBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 16, 4)
+    _micro_steps(model, opt, x[:24], y[:24], 4)
+    state = opt.state_dict()
+    for p in model.parameters():
+        p.grad = None
+    opt = sdebatch.LogicalBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 16, 8)
+    opt.load_state_dict(state)
+    before, clock = flat(model).clone(), opt.clock.state_dict()
+    with pytest.raises(RuntimeError, match=r"configure_batch\(8\)"):
+        _micro_steps(model, opt, x[24:32], y[24:32], 8)
+    assert torch.equal(flat(model), before) and opt.clock.state_dict() == clock
+    for p in model.parameters():
+        p.grad = None
+    assert opt.flush() and opt.last_kappa == pytest.approx(8 / 16)  # the restored half window, its own kappa
+    assert (opt.physical_batch_size, opt.accumulation_steps) == (8, 2)
+
+    with pytest.warns(UserWarning, match="logical_batch_size=16 and is resumed at 32"):
+        sdebatch.LogicalBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 32, 4).load_state_dict(state)
