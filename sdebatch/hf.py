@@ -77,6 +77,14 @@ def window_counts(batches: list[Any]) -> tuple[list[int], int]:
     return samples, tokens
 
 
+def _label_counts(batches: list[Any], shifted: bool) -> list[int] | None:
+    """Loss-bearing labels (not -100) per micro-batch, counted as Trainer counts them; None without labels."""
+    labels = [b.get("labels") if isinstance(b, dict) else None for b in batches]
+    if not all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in labels):
+        return None
+    return torch.stack([(t[..., 1:] if shifted else t).ne(-100).sum() for t in labels]).tolist()
+
+
 class LogicalBatchTrainer(transformers.Trainer):
     """``transformers.Trainer`` whose hyperparameters belong to ``logical_batch_size`` (see the module docstring).
 
@@ -173,16 +181,42 @@ class LogicalBatchTrainer(transformers.Trainer):
         self.optimizer = self._wrap(self.optimizer)
         return self.optimizer
 
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """``transformers.Trainer.train``, after checking that the loss is normalised the way the window needs."""
+        custom = type(self).compute_loss is not transformers.Trainer.compute_loss or self.compute_loss_func is not None
+        accumulation = self.args.gradient_accumulation_steps
+        if custom and accumulation > 1 and self.loss_is_scaled_for_ga is None:
+            raise ValueError(
+                f"a custom compute_loss or compute_loss_func under {accumulation} micro-batches per update "
+                "(gradient_accumulation_steps, derived from the logical batch): Trainer cannot tell whether its loss "
+                "is normalised over the window, and guesses 'yes' for a model that takes loss kwargs, so a "
+                f"per-micro-batch mean would give a gradient {accumulation}x too large. Say which: "
+                "trainer.loss_is_scaled_for_ga = True if the loss is a sum divided by num_items_in_batch (exact), "
+                "False if it is a mean over its own micro-batch (Trainer divides it by the accumulation; exact "
+                "for equal micro-batches)")
+        return super().train(*args, **kwargs)
+
+    def _loss_is_per_micro_batch(self, num_items: Any) -> bool:
+        """Whether Trainer takes each micro-batch's loss as a mean over that micro-batch (its own rule)."""
+        if self.loss_is_scaled_for_ga is not None:
+            return not self.loss_is_scaled_for_ga
+        return not ((self.model_accepts_loss_kwargs and num_items is not None) or self.compute_loss_func is not None)
+
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
         if batches and self.logical_batch_optimizer is not None:
             samples, tokens = window_counts(batches)
-            if len(set(samples)) > 1 and num_items is None and not self._warned_unequal:
-                self._warned_unequal = True
-                warnings.warn(f"micro-batches of {samples} samples in one window, each loss a mean over its own "
-                              "micro-batch: Trainer weighs them equally, not by size. Use "
-                              "dataloader_drop_last=True, or a model (or compute_loss_func) that takes "
-                              "num_items_in_batch, which normalises over the window", stacklevel=2)
+            if len(batches) > 1 and not self._warned_unequal and self._loss_is_per_micro_batch(num_items):
+                items = _label_counts(batches, getattr(self, "_loss_shifts_labels", False))
+                unequal = (f"{samples} samples" if len(set(samples)) > 1 else
+                           f"{items} loss-bearing labels" if items is not None and len(set(items)) > 1 else None)
+                if unequal is not None:
+                    self._warned_unequal = True
+                    warnings.warn(f"micro-batches of {unequal} in one window, each loss a mean over its own "
+                                  "micro-batch: Trainer weighs them equally, not by size (a mean of means). Use a "
+                                  "model (or compute_loss_func) that takes num_items_in_batch, which normalises "
+                                  "over the window, or equal micro-batches (dataloader_drop_last=True, no "
+                                  "padding)", stacklevel=2)
             # the window is the wrapper's one micro-step: its counts join it now, the update reads them (all ranks)
             self.logical_batch_optimizer.count(num_samples=sum(samples), num_tokens=tokens)
         return batches, num_items

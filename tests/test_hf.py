@@ -2,6 +2,7 @@
 from a config: nothing downloaded)."""
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -200,3 +201,62 @@ def test_two_ranks_equal_the_big_batch_trainer(tmp_path):
     assert got["clock"]["tokens_seen"] == 2 * sum(len(r["input_ids"]) for r in data)
     for g, w in zip(got["logs"], train_logs(ref)):
         assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-9)
+
+
+class TokenMeanLoss:
+    """A custom compute_loss as users write it: the next-token cross-entropy averaged over its own micro-batch."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        out = model(**inputs)
+        loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1),
+                                                 ignore_index=-100)
+        return (loss, out) if return_outputs else loss
+
+
+def test_a_custom_loss_must_say_how_it_is_normalised(tmp_path):
+    """Under the derived accumulation Trainer takes a custom loss of a model with loss kwargs as normalised over the
+    window, so a per-micro-batch mean would give a gradient 4x too large (7e-1 off, silently): train() refuses until
+    loss_is_scaled_for_ga says which. Told False, on micro-batches of equal token counts, it equals the plain Trainer
+    at the big batch with the same compute_loss."""
+    data = [{"input_ids": r["input_ids"][:3]} for r in dataset(32)]  # 3 tokens each: equal micro-batches
+    kw = dict(lr_scheduler_type="constant", warmup_steps=0, num_train_epochs=1)
+
+    class Ours(TokenMeanLoss, LogicalBatchTrainer):
+        pass
+
+    class Plain(TokenMeanLoss, transformers.Trainer):
+        pass
+
+    ours = Ours(model=tiny_llama(), args=arguments(tmp_path / "ours", 2, **kw), train_dataset=data,
+                data_collator=collate, logical_batch_size=8)
+    before = flat(ours.model).clone()
+    with pytest.raises(ValueError, match="loss_is_scaled_for_ga"):
+        ours.train()
+    assert torch.equal(flat(ours.model), before)
+    ours.loss_is_scaled_for_ga = False
+    ours.train()
+    ref = Plain(model=tiny_llama(), args=arguments(tmp_path / "ref", 8, **kw), train_dataset=data,
+                data_collator=collate)
+    ref.train()
+    assert ours.logical_batch_optimizer.updates == 4
+    assert torch.allclose(flat(ours.model), flat(ref.model), atol=1e-10, rtol=0)
+
+
+def test_unequal_token_counts_with_per_micro_batch_means_warn(tmp_path):
+    """A model that takes no loss kwargs averages each micro-batch over its own tokens: with sequences of 3-10
+    tokens the window is a mean of means (4e-2 off the big batch). It warns, naming num_items_in_batch; the default
+    Llama, which normalises over the window's tokens, does not."""
+    def train(model):
+        trainer = LogicalBatchTrainer(model=model, args=arguments(tmp_path, 2, num_train_epochs=1),
+                                      train_dataset=dataset(16), data_collator=collate, logical_batch_size=8)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.train()
+        return [str(w.message) for w in caught if "mean of means" in str(w.message)]
+
+    no_kwargs = tiny_llama()
+    no_kwargs.accepts_loss_kwargs = False
+    got = train(no_kwargs)
+    assert len(got) == 1 and "loss-bearing labels" in got[0] and "num_items_in_batch" in got[0]
+    assert train(tiny_llama()) == []
