@@ -1,4 +1,4 @@
-"""Figures of a batch-size sweep: final loss vs physical batch per rule, and loss vs tokens per batch size.
+"""Figures of a batch-size sweep: final loss vs batch per update per rule, and loss vs tokens per batch size.
 
 Reads a sweep folder (run folders with config.json, metrics.json, curve.csv, as written by ``sdebatch sweep run``);
 trains nothing. ``python -m paper_figures.batch_ablation runs/demo --out paper_figures/out``, or all of it at once:
@@ -260,7 +260,7 @@ def loss_vs_batch(summary: dict, out: Path, name: str, ylabel: str) -> list[Path
         ax.axvline(knee, color=COLORS["sqrt_exact"], lw=0.8, ls="-.",
                    label=f"knee of the {label('sqrt_exact')} ({summary['tolerance']:.0%})")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("physical batch per update (samples)")
+    ax.set_xlabel("batch per update (samples)")
     ax.set_ylabel(ylabel)
     ax.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)  # below: no data hidden
     return save_figure(fig, out, f"{name}_loss_vs_batch")
@@ -296,14 +296,14 @@ def _paired_panel(ax, summary: dict, title: str | None = None) -> None:
     pad = 0.06 * (hi - lo)
     ax.set_ylim(*scale.inverted().transform([lo - pad, hi + pad]))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:+g}" if v else "0"))
-    ax.set_xlabel("physical batch per update (samples)")
+    ax.set_xlabel("batch per update (samples)")
     seeds = sorted({n for _, _, n in paired.values()})
     count = f"{seeds[0]} seeds" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]} seeds"
     ax.set_title(f"{title}\n({count} per point)" if title else f"{count} per point", fontsize=8)
 
 
 def paired_vs_batch(summary: dict | list[tuple[str, dict]], out: Path, name: str) -> list[Path]:
-    """Each rule's deviation from the logical run of its own seed vs physical batch (mean +- se over seeds; a
+    """Each rule's deviation from the logical run of its own seed vs the batch per update (mean +- se over seeds; a
     symmetric log axis, linear within the knee's tolerance), the band of that tolerance: the figure that answers the
     question. ``summary`` may be a list of (title,
     summary) pairs, drawn side by side (e.g. a clean regression next to the MDM)."""

@@ -5,7 +5,7 @@ safe for the common colour-vision deficiencies), ``report.json`` (the numbers) a
 needs nothing else: the figures are embedded as data URIs, the style is inline, there is no script and no link out,
 so it opens offline and can be mailed. Sections, each where the sweep has what it needs:
 
-1. final loss vs physical batch per rule, paired by seed against the logical run (mean +- se over seeds, the
+1. final loss vs batch per update per rule, paired by seed against the logical run (mean +- se over seeds, the
    held-out estimator's own se in brackets), each rule against the square-root rule run for run, and the knee: the
    first batch whose paired deviation is worse (a higher loss) by more than 2 se and the tolerance;
 2. B_simple from the end-of-run probe (or the in-run estimator) next to the knee;
@@ -109,7 +109,7 @@ def _batch_section(rows: list[dict], folder: Path, out: Path, name: str, toleran
     est_line = (f"; one run's held-out estimator se is {100 * s['estimator_se']:.2f}% (median over runs)"
                 if s.get("estimator_se") is not None else "")
     parts = [
-        "<h2>1. Final loss vs physical batch</h2>",
+        "<h2>1. Final loss vs batch per update</h2>",
         f'<p class="note">Logical batch {lb}; loss of the logical run {_fmt(s["reference"])}. Deviations are relative '
         f"to the logical run; <i>paired</i> compares each run with the logical run of its own seed (mean &plusmn; se "
         f"over seeds, [the held-out estimator's own se]); the last column is each rule minus the "
