@@ -426,6 +426,11 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         if self.window.open:
             if self.window.saved_grads is not None:  # a window restored from a checkpoint, flushed before any step
                 self.window.add_saved_grads(self._params())
+            else:  # the window's gradients as its last micro-step left them ("nothing" moved is right here)
+                fault = self._grad_watch.check(self._params(), True)
+                if fault in ("cleared", "edited"):
+                    raise RuntimeError("flush(): " + self._GRAD_FAULTS[fault].format(
+                        k=self.window.micro_steps, n=self.accumulation_steps))
             self._update()
             self._grad_watch.record(self._params())
             self._unflushed.micro_steps = 0
@@ -500,7 +505,9 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
                   "update with LogicalBatchOptimizer(max_grad_norm=...); scale with grad_scaler=scaler, "
                   "opt.backward(loss) and opt.step() (it unscales once per update); clear with opt.zero_grad().",
         "nothing": "step() with nothing backpropagated since the last step(): call loss.backward() (or "
-                   "opt.backward(loss, ...)) once per micro-batch before opt.step(). Under FSDP2 leave gradient sync "
+                   "opt.backward(loss, ...)) once per micro-batch before opt.step(). Under Lightning a training_step "
+                   "that returns None skips the backward but not the step: with LogicalBatch, filter such batches "
+                   "out of the data instead. Under FSDP2 leave gradient sync "
                    "on (set_requires_gradient_sync(False) keeps gradients out of .grad until a synced backward): "
                    "the wrapper accumulates the reduce-scattered shards.",
         "stale": "this micro-batch's gradient was added onto the last update's (no zero_grad() after the update): "
@@ -575,7 +582,8 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
             warnings.warn(f"micro-batches of {self._first_samples:g} and {samples:g} samples in one window with a "
                           "mean-reduced loss (loss.backward()) weigh equally, not by their size: pass "
                           "opt.backward(loss, num_samples=len(batch)) so each weighs by its samples, or a "
-                          "sum-reduced loss with num_items=", stacklevel=3)
+                          "sum-reduced loss with num_items= (under Lightning: return the sum-reduced loss and call "
+                          "sdebatch.lightning.count(self, num_items=len(batch)) in training_step)", stacklevel=3)
 
     # --- the update ---
     def _params(self) -> list[torch.Tensor]:

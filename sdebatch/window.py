@@ -131,6 +131,13 @@ def _sum_or_none(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor
     return a.detach().clone() if b is None else a.detach() + b
 
 
+def _bucket_view_of(g: torch.Tensor | None, g0: torch.Tensor) -> bool:
+    """Whether ``g`` replaced ``g0`` as DDP's ``gradient_as_bucket_view=True`` does: the reducer copies the
+    accumulated gradient into a bucket (rebuilt after the first iteration, so into a new one then) and points
+    ``.grad`` at a view of it, values kept."""
+    return g is not None and g._is_view()
+
+
 def _version(g: torch.Tensor) -> int:
     """The in-place version counter of a gradient (a DTensor's is its local shard's: the wrapper's never moves)."""
     return g._version if type(g) is torch.Tensor else getattr(g, "_local_tensor", g)._version
@@ -189,9 +196,9 @@ class GradWatch:
                 continue
             g0, v0 = mark
             if g is not g0:
-                if window_open:
+                if window_open and not _bucket_view_of(g, g0):
                     return "cleared"
-                changed = True  # a new gradient after zero_grad(set_to_none=True)
+                changed = changed or g is not None  # a new gradient after zero_grad(set_to_none=True)
                 continue
             v = _version(g)
             if v != v0:

@@ -9,7 +9,7 @@ import sdebatch
 from reference import OPTIMIZERS, make_data, make_model, sample_loss_mean, token_loss_sum
 
 
-def run(rank, world, init_file, opt_name, protocol, n, out, per_device=4):
+def run(rank, world, init_file, opt_name, protocol, n, out, per_device=4, bucket_view=False):
     torch.set_default_dtype(torch.float64)
     torch.set_num_threads(1)
     # a file rendezvous: no TCP port to race for with other processes on the machine
@@ -17,7 +17,7 @@ def run(rank, world, init_file, opt_name, protocol, n, out, per_device=4):
     try:
         x, y, mask = make_data(n=n)
         model = make_model()
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=bucket_view)
         cls, kw = OPTIMIZERS[opt_name]
         # a ragged run compares with a short last big batch, so it checks normalisation with no rescaling
         opt = sdebatch.LogicalBatchOptimizer(cls(ddp.parameters(), **kw), 16, per_device, model=ddp,

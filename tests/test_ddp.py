@@ -8,16 +8,19 @@ from reference import (OPTIMIZERS, big_batch_run, flat, make_data, make_model, s
 import ddp_worker
 
 
-@pytest.mark.parametrize("opt_name,protocol,n,per_device", [
-    ("adamw", "sum", 96, 4),
-    ("adamw", "sum", 88, 4),     # ragged last window: 8 samples, one no_sync micro-step per rank, then flush
-    ("sgd_momentum", "mean", 96, 4),
-    ("adamw", "sum", 96, 8),     # no accumulation: the noise scale's small batch comes from the hooks
+@pytest.mark.parametrize("opt_name,protocol,n,per_device,bucket_view", [
+    ("adamw", "sum", 96, 4, False),
+    ("adamw", "sum", 88, 4, False),     # ragged last window: 8 samples, one no_sync micro-step per rank, then flush
+    ("sgd_momentum", "mean", 96, 4, False),
+    ("adamw", "sum", 96, 8, False),     # no accumulation: the noise scale's small batch comes from the hooks
+    # DDP points .grad at views of its buckets at each synced backward (new buckets after the first iteration):
+    # not a window cleared
+    ("adamw", "sum", 88, 4, True),
 ])
-def test_two_process_ddp_equals_big_batch(tmp_path, opt_name, protocol, n, per_device):
+def test_two_process_ddp_equals_big_batch(tmp_path, opt_name, protocol, n, per_device, bucket_view):
     out = tmp_path / "rank0.pt"
     mp.start_processes(ddp_worker.run, args=(2, str(tmp_path / "rendezvous"), opt_name, protocol, n, str(out),
-                                             per_device), nprocs=2, join=True, start_method="spawn")
+                                             per_device, bucket_view), nprocs=2, join=True, start_method="spawn")
     got = torch.load(out)
     data = make_data(n=n)
     ref = big_batch_run(opt_name, data, 16, token_weighted=(protocol == "sum"))

@@ -91,6 +91,22 @@ def test_step_with_nothing_backpropagated_is_an_error():
     assert opt.clock.state_dict() == clock and opt.window.micro_steps == 1  # refused before anything changed
 
 
+def test_a_skipped_backward_at_a_window_start_is_an_error():
+    """After an update and zero_grad() the gradients are None; a step() without a backward there (a batch skipped,
+    Lightning's training_step returning None) counted samples never trained on, silently."""
+    model = make_model()
+    opt = sdebatch.LogicalBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 8, 4)
+    x, y, _ = make_data(n=8)
+    for i in (0, 4):
+        sample_loss_mean(model, x[i:i + 4], y[i:i + 4]).backward()
+        opt.step()
+        opt.zero_grad()
+    clock = opt.clock.state_dict()
+    with pytest.raises(RuntimeError, match="nothing backpropagated.*returns None"):
+        opt.step()
+    assert opt.clock.state_dict() == clock and opt.window.micro_steps == 0
+
+
 def test_gradients_cleared_inside_a_window_are_an_error():
     model = make_model()
     opt = sdebatch.LogicalBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 8, 4)
