@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from typing import Any, Callable, Sequence
 
 import lightning.pytorch as pl
@@ -169,6 +170,7 @@ class LogicalBatch(pl.Callback):
         self._flush_on_resume = False
         self._trainer: pl.Trainer | None = None
         self._log_cadence = LogCadence()
+        self._warned: set[str] = set()
 
     # --- before training: validate, then wrap the optimizer where Lightning makes it ---
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -205,10 +207,21 @@ class LogicalBatch(pl.Callback):
             return self._wrap(original(), trainer, pl_module)
 
         pl_module.configure_optimizers = configure_optimizers  # the instance attribute shadows the method
+        zero_before_validation = pl_module.on_validation_model_zero_grad
+
+        def on_validation_model_zero_grad():
+            # Lightning frees the gradients before a validation run; an open window's must survive it (validation,
+            # under no_grad, adds none): a validation at an epoch's end comes before the flush of its short window,
+            # and a val_check_interval may fall inside a window
+            if self.optimizer is None or not self.optimizer.in_window:
+                zero_before_validation()
+
+        pl_module.on_validation_model_zero_grad = on_validation_model_zero_grad
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._original_configure is not None:
             pl_module.__dict__.pop("configure_optimizers", None)
+            pl_module.__dict__.pop("on_validation_model_zero_grad", None)
             self._original_configure = None
 
     def _wrap(self, out: Any, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
@@ -300,7 +313,7 @@ class LogicalBatch(pl.Callback):
                 self._after_update(trainer, pl_module, in_batch=False)
             opt.zero_grad()
         _align_epoch_progress(trainer)
-        physical = self._fixed_physical() or _loader_batch_size(trainer.train_dataloader)
+        physical = self._physical_batch(trainer)
         if physical is None:
             raise ValueError("cannot read the per-device batch size from the train dataloader; pass "
                              "LogicalBatch(physical_batch_size=...)")
@@ -313,6 +326,27 @@ class LogicalBatch(pl.Callback):
                            f"node(s) x {opt.accumulation_steps} accumulation = {opt.window_batch_size} samples "
                            f"per update (logical batch {self.logical_batch_size}), kappa = {opt.window_kappa:.4g}, "
                            f"rule = {opt.rule}")
+
+    def _physical_batch(self, trainer: pl.Trainer) -> int | None:
+        """The per-device batch: the one given, else the train loader's (they must agree when both are known)."""
+        fixed, loader = self._fixed_physical(), _loader_batch_size(trainer.train_dataloader)
+        if fixed is not None and loader is not None and loader != fixed:
+            raise ValueError(f"LogicalBatch(physical_batch_size={fixed}) but the train dataloader's batch size is "
+                             f"{loader}: the accumulation would be derived from {fixed} and every window would hold "
+                             "other samples. Leave physical_batch_size None (it is read from the loader) or make "
+                             "the two equal")
+        return fixed or loader
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # a loader reloaded with another batch size (reload_dataloaders_every_n_epochs): new arithmetic from here,
+        # between windows, as in an elastic resume
+        opt = self.optimizer
+        physical = self._physical_batch(trainer)
+        if opt is not None and physical is not None and physical != opt.physical_batch_size:
+            if opt.configure_batch(physical, self.optimizer_options.get("accumulation_steps")):
+                self._after_update(trainer, pl_module, in_batch=False)
+            if self.verbose:
+                rank_zero_info(f"sdebatch: the train dataloader's batch is now {physical}: {opt.describe()}")
 
     @staticmethod
     def _gate_schedulers(trainer: pl.Trainer, opt: LogicalBatchOptimizer) -> None:
@@ -343,7 +377,22 @@ class LogicalBatch(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         opt = self.optimizer
-        opt.count(num_samples=int(self.batch_size_fn(batch)))
+        if trainer.accumulate_grad_batches != 1:  # e.g. a GradientAccumulationScheduler, changing it mid-run
+            raise ValueError(f"Trainer's accumulate_grad_batches became {trainer.accumulate_grad_batches} (a "
+                             "GradientAccumulationScheduler?): Lightning would then accumulate too, and each update "
+                             "would hold that many windows. LogicalBatch derives the accumulation from "
+                             "logical_batch_size: leave Lightning's at 1, and ramp the batch with "
+                             "LogicalBatch(batch_schedule=...)")
+        samples = int(self.batch_size_fn(batch))
+        if samples != opt.physical_batch_size and batch_idx + 1 != trainer.num_training_batches \
+                and "batch size" not in self._warned:
+            self._warned.add("batch size")
+            warnings.warn(f"a batch of {samples} samples where the physical batch is {opt.physical_batch_size}: "
+                          f"the accumulation ({opt.accumulation_steps}) was derived from {opt.physical_batch_size}, "
+                          "so each window holds that many batches of whatever size (kappa follows the samples "
+                          "counted). If the loader's batch changed, let LogicalBatch read it (physical_batch_size="
+                          "None), or give batches of the physical size", stacklevel=2)
+        opt.count(num_samples=samples)
         model = trainer.strategy.model
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             sync = opt.next_step_updates

@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 import sdebatch
 import sdebatch.lightning as sl
 from lightning_helpers import Regression, ddp_rank, flat_params, loader, parallel_rank, trainer
-from reference import big_batch_run, flat, make_data
+from reference import big_batch_run, flat, make_data, sample_loss_mean
 
 N = 96
 
@@ -220,6 +220,7 @@ def test_step_schedulers_step_once_per_update_through_ragged_epochs(tmp_path, fr
     ({}, {"gradient_clip_val": 1.0}, "max_grad_norm"),
     ({"rule": "lamb"}, {}, "rule"),
     ({}, {"max_steps": 16}, r"max_steps=16\) counts optimizer.step\(\) calls, .* once per batch.*max_samples"),
+    ({"physical_batch_size": 8}, {}, r"physical_batch_size=8\) but the train dataloader's batch size is 4"),
 ])
 def test_invalid_configuration_fails_before_training(cb_kw, trainer_kw, needle):
     module = Regression()
@@ -396,3 +397,51 @@ def test_ddp_checkpoint_mid_window_resumes_every_rank_exactly(tmp_path):
     assert resumed["clock"] == whole["clock"]
     ref = big_batch_run("adamw", make_data(n=N), 16, token_weighted=True)
     assert torch.allclose(whole["params"], flat(ref), atol=1e-10, rtol=0)
+
+
+class Validated(Regression):
+    def validation_step(self, batch, batch_idx):
+        x, y, _ = batch
+        self.log("val", sample_loss_mean(self.net, x, y))
+
+
+@pytest.mark.parametrize("logical,val_check_interval", [(40, None), (16, 10)])
+def test_validation_keeps_the_open_window(logical, val_check_interval):
+    """Lightning zeroes the gradients before each validation run. At an epoch's end that came before the flush of its
+    short window (logical 40: windows of 40, 40, 16; the 16 were lost, 3e-2 off, silently), and a val_check_interval
+    of 10 batches falls inside a window of 4 (an error). Both equal the big batch now."""
+    module = Validated()
+    cb = sl.LogicalBatch(logical, verbose=False, rule="none")
+    kw = {} if val_check_interval is None else {"val_check_interval": val_check_interval}
+    trainer(cb, num_sanity_val_steps=0, **kw).fit(module, train_dataloaders=loader(N, 4),
+                                                   val_dataloaders=loader(16, 4))
+    ref = big_batch_run("adamw", make_data(n=N), logical, token_weighted=False)
+    assert torch.allclose(flat_params(module.net), flat(ref), atol=1e-10, rtol=0)
+    assert cb.optimizer.updates == 2 * -(-N // logical) and cb.optimizer.samples_seen == 2 * N
+
+
+class ReloadedLarger(Regression):
+    def train_dataloader(self):
+        return loader(N, 4 if self.current_epoch == 0 else 8)
+
+
+def test_a_loader_reloaded_with_another_batch_keeps_the_logical_batch():
+    """reload_dataloaders_every_n_epochs with batches of 4, then 8: the accumulation follows (4, then 2), as in an
+    elastic resume; it counted 8-sample batches as windows of 4 before (kappa 2, 1.3e-2 off, silently)."""
+    module = ReloadedLarger()
+    cb = sl.LogicalBatch(16, verbose=False)
+    trainer(cb, reload_dataloaders_every_n_epochs=1).fit(module)
+    ref = big_batch_run("adamw", make_data(n=N), 16, token_weighted=False)
+    assert torch.allclose(flat_params(module.net), flat(ref), atol=1e-10, rtol=0)
+    assert cb.optimizer.accumulation_steps == 2 and cb.optimizer.updates == 12 and cb.optimizer.last_kappa == 1
+
+
+def test_a_gradient_accumulation_scheduler_is_refused():
+    """Lightning's GradientAccumulationScheduler raises accumulate_grad_batches mid-run, past the set-up check: each
+    update would then hold two windows (kappa 2 without reparameterize). Refused at the first batch it affects."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    t = trainer(sl.LogicalBatch(16, verbose=False))
+    t.callbacks.append(GradientAccumulationScheduler({0: 1, 1: 2}))
+    with pytest.raises(ValueError, match="accumulate_grad_batches became 2"):
+        t.fit(Regression(), train_dataloaders=loader(N, 4))
