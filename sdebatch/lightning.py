@@ -217,11 +217,27 @@ class LogicalBatch(pl.Callback):
                 zero_before_validation()
 
         pl_module.on_validation_model_zero_grad = on_validation_model_zero_grad
+        plain_backward = pl_module.backward
+
+        def backward(loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+            # a loss the training_step did not count (no sdebatch.lightning.count(num_items=...)) is a mean over its
+            # batch: weigh it by its samples, as opt.backward(loss, num_samples=n) does, so a short batch in a
+            # window (an epoch's last) counts by its size, not as a full one
+            opt = self.optimizer
+            pending = None if opt is None else opt.window.pending
+            if pending is not None and not pending.sum and pending.samples is not None \
+                    and opt.window.protocol != "mean":  # (a mean window restored from a checkpoint stays mean)
+                loss = loss * pending.samples
+                opt.count(num_items=pending.samples)
+            plain_backward(loss, *args, **kwargs)
+
+        pl_module.backward = backward
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._original_configure is not None:
             pl_module.__dict__.pop("configure_optimizers", None)
             pl_module.__dict__.pop("on_validation_model_zero_grad", None)
+            pl_module.__dict__.pop("backward", None)
             self._original_configure = None
 
     def _wrap(self, out: Any, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:

@@ -1,5 +1,6 @@
 """The Lightning callback: splits into micro-batches and devices give the same run, to round-off."""
 import socket
+import warnings
 
 import pytest
 import torch
@@ -445,3 +446,18 @@ def test_a_gradient_accumulation_scheduler_is_refused():
     t.callbacks.append(GradientAccumulationScheduler({0: 1, 1: 2}))
     with pytest.raises(ValueError, match="accumulate_grad_batches became 2"):
         t.fit(Regression(), train_dataloaders=loader(N, 4))
+
+
+def test_a_short_last_batch_with_a_mean_loss_weighs_by_its_samples():
+    """90 samples in batches of 4 at logical 16: the epoch's last window holds batches of 4, 4 and 2. Each
+    training_step returns a mean over its batch; the callback weighs it by its samples, so the window is the mean
+    over its 10 samples, as the big batch's short last step (it was a mean of means, 1e-2 off, with a warning that
+    named a plain-loop fix)."""
+    module = Regression()
+    cb = sl.LogicalBatch(16, verbose=False, rule="none")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*weigh equally")
+        trainer(cb).fit(module, train_dataloaders=loader(90, 4))
+    ref = big_batch_run("adamw", make_data(n=90), 16, token_weighted=False)
+    assert torch.allclose(flat_params(module.net), flat(ref), atol=1e-10, rtol=0)
+    assert cb.optimizer.updates == 12 and cb.optimizer.last_batch_size == 10
