@@ -171,6 +171,7 @@ class LogicalBatch(pl.Callback):
         self._trainer: pl.Trainer | None = None
         self._log_cadence = LogCadence()
         self._warned: set[str] = set()
+        self._odd_batch: int | None = None  # the size of the last batch if it was not the physical batch
 
     # --- before training: validate, then wrap the optimizer where Lightning makes it ---
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -346,7 +347,8 @@ class LogicalBatch(pl.Callback):
     def _physical_batch(self, trainer: pl.Trainer) -> int | None:
         """The per-device batch: the one given, else the train loader's (they must agree when both are known)."""
         fixed, loader = self._fixed_physical(), _loader_batch_size(trainer.train_dataloader)
-        if fixed is not None and loader is not None and loader != fixed:
+        # (a batch_size_fn of its own may count other than the loader's items, e.g. two views per item)
+        if fixed is not None and loader is not None and loader != fixed and self.batch_size_fn is extract_batch_size:
             raise ValueError(f"LogicalBatch(physical_batch_size={fixed}) but the train dataloader's batch size is "
                              f"{loader}: the accumulation would be derived from {fixed} and every window would hold "
                              "other samples. Leave physical_batch_size None (it is read from the loader) or make "
@@ -400,14 +402,17 @@ class LogicalBatch(pl.Callback):
                              "logical_batch_size: leave Lightning's at 1, and ramp the batch with "
                              "LogicalBatch(batch_schedule=...)")
         samples = int(self.batch_size_fn(batch))
-        if samples != opt.physical_batch_size and batch_idx + 1 != trainer.num_training_batches \
-                and "batch size" not in self._warned:
+        # a batch of another size, other than an epoch's last (known once the next batch comes: an iterable loader
+        # has no length): warned once
+        if self._odd_batch is not None and "batch size" not in self._warned:
             self._warned.add("batch size")
-            warnings.warn(f"a batch of {samples} samples where the physical batch is {opt.physical_batch_size}: "
-                          f"the accumulation ({opt.accumulation_steps}) was derived from {opt.physical_batch_size}, "
-                          "so each window holds that many batches of whatever size (kappa follows the samples "
-                          "counted). If the loader's batch changed, let LogicalBatch read it (physical_batch_size="
-                          "None), or give batches of the physical size", stacklevel=2)
+            warnings.warn(f"a batch of {self._odd_batch} samples where the physical batch is "
+                          f"{opt.physical_batch_size}: the accumulation ({opt.accumulation_steps}) was derived from "
+                          f"{opt.physical_batch_size}, so each window holds that many batches of whatever size (kappa "
+                          "follows the samples counted). If the loader's batch changed, let LogicalBatch read it "
+                          "(physical_batch_size=None), or give batches of the physical size", stacklevel=2)
+        odd = samples != opt.physical_batch_size and self.batch_size_fn is extract_batch_size
+        self._odd_batch = samples if odd else None
         opt.count(num_samples=samples)
         model = trainer.strategy.model
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
@@ -421,6 +426,7 @@ class LogicalBatch(pl.Callback):
             self._after_update(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._odd_batch = None  # an epoch's last batch may be short
         opt = self.optimizer
         if opt is not None and opt.in_window and opt.flush():
             self._after_update(trainer, pl_module, in_batch=False)

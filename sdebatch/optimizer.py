@@ -428,7 +428,7 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
                 self.window.add_saved_grads(self._params())
             else:  # the window's gradients as its last micro-step left them ("nothing" moved is right here)
                 fault = self._grad_watch.check(self._params(), True)
-                if fault in ("cleared", "edited"):
+                if fault == "cleared":
                     raise RuntimeError("flush(): " + self._GRAD_FAULTS[fault].format(
                         k=self.window.micro_steps, n=self.accumulation_steps))
             self._update()
@@ -500,10 +500,12 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
                    "transformers.Trainer does after every optimizer.step(): use sdebatch.hf.LogicalBatchTrainer. In "
                    "your own loop call opt.zero_grad() on the wrapper, which waits for the update.",
         "edited": "the open window's partial gradient was changed in place between its micro-steps (micro-step {k} of "
-                  "{n}): clip_grad_norm_, GradScaler.unscale_ / scaler.step(opt), accelerator.clip_grad_norm_ or a "
-                  "zero_grad() on the inner optimizer, once per micro-batch, act on a partial sum. Clip once per "
-                  "update with LogicalBatchOptimizer(max_grad_norm=...); scale with grad_scaler=scaler, "
-                  "opt.backward(loss) and opt.step() (it unscales once per update); clear with opt.zero_grad().",
+                  "{n}): an edit per micro-batch acts on the window's partial sum. A linear one (a mask, a term added "
+                  "per micro-batch) is still exact; clip_grad_norm_ to a finite norm, GradScaler.unscale_ and "
+                  "accelerator.clip_grad_norm_ per micro-batch, or a zero_grad() on the inner optimizer, are not. "
+                  "Clip once per update with LogicalBatchOptimizer(max_grad_norm=...); scale with grad_scaler=scaler, "
+                  "opt.backward(loss) and opt.step() (it unscales once per update); clear with opt.zero_grad(). "
+                  "(Warned once; silence a linear edit with warnings.filterwarnings.)",
         "nothing": "step() with nothing backpropagated since the last step(): call loss.backward() (or "
                    "opt.backward(loss, ...)) once per micro-batch before opt.step(). Under Lightning a training_step "
                    "that returns None skips the backward but not the step: with LogicalBatch, filter such batches "
@@ -532,7 +534,7 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         gradient_state = getattr(state, "GradientState", None)
         if gradient_state is not None and gradient_state._shared_state:
             steps = gradient_state().num_steps
-            if steps > 1:
+            if steps > 1 and _called_by_accelerate():
                 raise RuntimeError(
                     f"accelerate.Accelerator(gradient_accumulation_steps={steps}) with a LogicalBatchOptimizer: "
                     f"accelerate calls step() once per {steps} micro-batches, which the wrapper would count as one "
@@ -553,7 +555,12 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         # a backward that all-reduces (DDP outside no_sync) writes the gradients itself: no edit check then
         all_reduced = dist.is_available() and dist.is_initialized() and self._backward_synced
         fault = self._grad_watch.check(params, self.window.open, watch_edits=not all_reduced)
-        if fault is not None:
+        if fault == "edited":  # exact when the edit is linear: loud, not refused
+            if "edited" not in self._warned:
+                self._warned.add("edited")
+                warnings.warn(self._GRAD_FAULTS[fault].format(k=self.window.micro_steps + 1,
+                                                              n=self.accumulation_steps), stacklevel=4)
+        elif fault is not None:
             raise RuntimeError(self._GRAD_FAULTS[fault].format(k=self.window.micro_steps + 1,
                                                               n=self.accumulation_steps))
 
@@ -838,6 +845,19 @@ class _UnflushedWindow:
             warnings.warn(f"a LogicalBatchOptimizer was discarded with {self.micro_steps} micro-step(s) of an "
                           "unfinished window never applied: call opt.flush() after the last micro-batch (the end of "
                           "the data or of training) to apply it with its own kappa", stacklevel=1)
+
+
+def _called_by_accelerate() -> bool:
+    """Whether step() was called by accelerate's AcceleratedOptimizer (read only when accelerate accumulates: the
+    process-wide GradientState may be left over from another Accelerator)."""
+    frame = sys._getframe(2)
+    for _ in range(8):
+        if frame is None:
+            return False
+        if type(frame.f_locals.get("self")).__name__ == "AcceleratedOptimizer":
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _lr_mark(lr: Any) -> Any:

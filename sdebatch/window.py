@@ -8,6 +8,7 @@ one transfer, with whatever else the update reads (:func:`read_sums`).
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -131,6 +132,18 @@ def _sum_or_none(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor
     return a.detach().clone() if b is None else a.detach() + b
 
 
+class _Counter:
+    """A probe parameter's post-accumulate-grad hook: one more backward into its gradient."""
+
+    def __init__(self, watch: "weakref.ref[GradWatch]") -> None:
+        self.watch = watch
+
+    def __call__(self, _param: torch.Tensor) -> None:
+        watch = self.watch()
+        if watch is not None:
+            watch.backwards += 1
+
+
 def _bucket_view_of(g: torch.Tensor | None, g0: torch.Tensor) -> bool:
     """Whether ``g`` replaced ``g0`` as DDP's ``gradient_as_bucket_view=True`` does: the reducer copies the
     accumulated gradient into a bucket (rebuilt after the first iteration, so into a new one then) and points
@@ -165,9 +178,6 @@ class GradWatch:
         self.backwards = 0  # backwards that accumulated into the probe's gradient since record()
         self._handle: object | None = None
 
-    def _count(self, _param: torch.Tensor) -> None:
-        self.backwards += 1
-
     def record(self, params: list[torch.Tensor]) -> None:
         self.marks = [None if (g := p.grad) is None else (g, _version(g)) for p in params]
         self.backwards = 0
@@ -175,7 +185,10 @@ class GradWatch:
             # a plain tensor (a sharded DTensor's gradient arrives through FSDP, not through its own accumulation)
             self.probe = next((p for p in params if p.requires_grad and type(p.data) is torch.Tensor), None)
             if self.probe is not None:
-                self._handle = self.probe.register_post_accumulate_grad_hook(self._count)
+                # the hook holds a weak reference: the parameter must not keep this watch (and the gradients its
+                # marks hold) alive after the optimizer; the hook goes with the watch
+                self._handle = self.probe.register_post_accumulate_grad_hook(_Counter(weakref.ref(self)))
+                weakref.finalize(self, self._handle.remove)
 
     def forget(self) -> None:
         self.marks = None

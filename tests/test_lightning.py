@@ -461,3 +461,35 @@ def test_a_short_last_batch_with_a_mean_loss_weighs_by_its_samples():
     ref = big_batch_run("adamw", make_data(n=90), 16, token_weighted=False)
     assert torch.allclose(flat_params(module.net), flat(ref), atol=1e-10, rtol=0)
     assert cb.optimizer.updates == 12 and cb.optimizer.last_batch_size == 10
+
+
+def test_a_batch_size_fn_of_its_own_may_count_other_than_the_loader():
+    """Two views per item: batch_size_fn counts 8 samples in each loader batch of 4, and physical_batch_size=8 says
+    so; not refused as a mismatch with the loader. Logical 16 = two batches: the big batch of 8 items per update."""
+    module = Regression()
+    cb = sl.LogicalBatch(16, physical_batch_size=8, batch_size_fn=lambda b: 2 * len(b[0]), verbose=False)
+    trainer(cb).fit(module, train_dataloaders=loader(N, 4))
+    ref = big_batch_run("adamw", make_data(n=N), 8, token_weighted=False)
+    assert torch.allclose(flat_params(module.net), flat(ref), atol=1e-10, rtol=0)
+    assert cb.optimizer.accumulation_steps == 2 and cb.optimizer.samples_seen == 2 * 2 * N
+
+
+class Stream(torch.utils.data.IterableDataset):
+    def __init__(self, n):
+        self.data = make_data(n=n)
+
+    def __iter__(self):
+        return iter(zip(*self.data))
+
+
+def test_an_iterable_loader_with_a_short_last_batch_is_exact_and_quiet():
+    """An iterable loader has no length, so its last batch is known only at the epoch's end: a short last batch does
+    not warn, and the window holding it equals the big batch's short last step."""
+    module = Regression()
+    cb = sl.LogicalBatch(16, verbose=False, rule="none")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*where the physical batch is")
+        trainer(cb).fit(module, train_dataloaders=torch.utils.data.DataLoader(Stream(90), batch_size=4))
+    ref = big_batch_run("adamw", make_data(n=90), 16, token_weighted=False)
+    assert torch.allclose(flat_params(module.net), flat(ref), atol=1e-10, rtol=0)
+    assert cb.optimizer.updates == 12
