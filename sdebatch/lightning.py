@@ -241,6 +241,10 @@ class LogicalBatch(pl.Callback):
             pl_module.__dict__.pop("backward", None)
             self._original_configure = None
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning calls no teardown after an exception: restore the module, so it can be fitted again
+        self.teardown(trainer, pl_module, "fit")
+
     def _wrap(self, out: Any, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         optimizers = _optimizers_in(out)
         if len(optimizers) != 1:

@@ -498,7 +498,8 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
         "cleared": "the open window's gradients were cleared or replaced between its micro-steps (micro-step {k} of "
                    "{n}): something called zero_grad() on the model or on the inner optimizer inside the window. "
                    "transformers.Trainer does after every optimizer.step(): use sdebatch.hf.LogicalBatchTrainer. In "
-                   "your own loop call opt.zero_grad() on the wrapper, which waits for the update.",
+                   "your own loop call opt.zero_grad() on the wrapper, which waits for the update. (A backward with "
+                   "create_graph=True also replaces .grad, by the sum: accumulation with it is not supported.)",
         "edited": "the open window's partial gradient was changed in place between its micro-steps (micro-step {k} of "
                   "{n}): an edit per micro-batch acts on the window's partial sum. A linear one (a mask, a term added "
                   "per micro-batch) is still exact; clip_grad_norm_ to a finite norm, GradScaler.unscale_ and "

@@ -493,3 +493,26 @@ def test_an_iterable_loader_with_a_short_last_batch_is_exact_and_quiet():
     ref = big_batch_run("adamw", make_data(n=90), 16, token_weighted=False)
     assert torch.allclose(flat_params(module.net), flat(ref), atol=1e-10, rtol=0)
     assert cb.optimizer.updates == 12
+
+
+class FailsOnce(Regression):
+    failed = False
+
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 5 and not FailsOnce.failed:
+            FailsOnce.failed = True
+            raise RuntimeError("a bad batch")
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_module_is_restored_after_an_exception_and_fits_again():
+    """The callback patches the module's configure_optimizers, backward and validation zero_grad for a fit; after an
+    exception inside fit (no teardown from Lightning) they are removed, so the same module fits again (it was refused
+    as an optimizer already wrapped)."""
+    module = FailsOnce()
+    with pytest.raises(RuntimeError, match="a bad batch"):
+        trainer(sl.LogicalBatch(16, verbose=False)).fit(module, train_dataloaders=loader(N, 4))
+    assert not {"configure_optimizers", "backward", "on_validation_model_zero_grad"} & set(module.__dict__)
+    cb = sl.LogicalBatch(16, verbose=False)
+    trainer(cb).fit(module, train_dataloaders=loader(N, 4))
+    assert cb.optimizer.updates == 12
