@@ -340,8 +340,7 @@ class LogicalBatch(pl.Callback):
                              "LogicalBatch(physical_batch_size=...)")
         # elastic resume: another per-device batch than the checkpoint's; a window restored with other arithmetic is
         # flushed (applied as a short update) and the run continues in samples
-        if opt.configure_batch(physical, self.optimizer_options.get("accumulation_steps")):
-            self._after_update(trainer, pl_module, in_batch=False)
+        self._configure_batch(trainer, pl_module, physical)
         if self.verbose:
             rank_zero_info(f"sdebatch: {physical} per device x {trainer.num_devices} devices x {trainer.num_nodes} "
                            f"node(s) x {opt.accumulation_steps} accumulation = {opt.window_batch_size} samples "
@@ -359,14 +358,18 @@ class LogicalBatch(pl.Callback):
                              "the two equal")
         return fixed or loader
 
+    def _configure_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, physical: int) -> None:
+        """The wrapper's arithmetic for this per-device batch (a window it flushes: an update outside a batch)."""
+        if self.optimizer.configure_batch(physical, self.optimizer_options.get("accumulation_steps")):
+            self._after_update(trainer, pl_module, in_batch=False)
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # a loader reloaded with another batch size (reload_dataloaders_every_n_epochs): new arithmetic from here,
         # between windows, as in an elastic resume
         opt = self.optimizer
         physical = self._physical_batch(trainer)
         if opt is not None and physical is not None and physical != opt.physical_batch_size:
-            if opt.configure_batch(physical, self.optimizer_options.get("accumulation_steps")):
-                self._after_update(trainer, pl_module, in_batch=False)
+            self._configure_batch(trainer, pl_module, physical)
             if self.verbose:
                 rank_zero_info(f"sdebatch: the train dataloader's batch is now {physical}: {opt.describe()}")
 

@@ -253,9 +253,13 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
             self.optimizer.zero_grad(set_to_none=True)  # the checkpoint's gradients, now applied
             self._grad_watch.forget()
         if not self.in_window:
-            self.physical_batch_size, self.accumulation_steps = new
-            self._reset_window()  # the next window with the new arithmetic (and the noise monitor told of it)
+            self._set_arithmetic(new)
         return flushed
+
+    def _set_arithmetic(self, arithmetic: tuple[int, int]) -> None:
+        """(physical batch, accumulation) from the next window on (the noise monitor told of it); between windows."""
+        self.physical_batch_size, self.accumulation_steps = arithmetic
+        self._reset_window()
 
     @property
     def window_batch_size(self) -> int:
@@ -435,9 +439,8 @@ class LogicalBatchOptimizer(InnerOptimizerProxy):
             self._grad_watch.record(self._params())
             self._unflushed.micro_steps = 0
         if self._built_arithmetic is not None:  # a restored window of the checkpoint's arithmetic, now applied
-            self.physical_batch_size, self.accumulation_steps = self._built_arithmetic
+            self._set_arithmetic(self._built_arithmetic)
             self._built_arithmetic = None
-            self._reset_window()
         return self.did_update
 
     def zero_grad(self, set_to_none: bool = True) -> None:

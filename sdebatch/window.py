@@ -144,9 +144,9 @@ class _Counter:
             watch.backwards += 1
 
 
-def _bucket_view_of(g: torch.Tensor | None, g0: torch.Tensor) -> bool:
-    """Whether ``g`` replaced ``g0`` as DDP's ``gradient_as_bucket_view=True`` does: the reducer copies the
-    accumulated gradient into a bucket (rebuilt after the first iteration, so into a new one then) and points
+def _bucket_view(g: torch.Tensor | None) -> bool:
+    """Whether ``g`` replaced a window's gradient as DDP's ``gradient_as_bucket_view=True`` does: the reducer copies
+    the accumulated gradient into a bucket (rebuilt after the first iteration, so into a new one then) and points
     ``.grad`` at a view of it, values kept."""
     return g is not None and g._is_view()
 
@@ -209,7 +209,7 @@ class GradWatch:
                 continue
             g0, v0 = mark
             if g is not g0:
-                if window_open and not _bucket_view_of(g, g0):
+                if window_open and not _bucket_view(g):
                     return "cleared"
                 changed = changed or g is not None  # a new gradient after zero_grad(set_to_none=True)
                 continue
